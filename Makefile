@@ -1,0 +1,53 @@
+# Whole set-up on a fresh Debian/Ubuntu machine: `make demo` (main job) and `make test`.
+# System packages are installed with apt when running as root (or via sudo when available);
+# Python dependencies go into ./.venv.
+
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# fuse3/libfuse3-dev/pkg-config: the mount (pyfuse3 builds from source against libfuse3).
+# age, gocryptfs: peers for bench/. softhsm2: PKCS#11 peer and tests. rsync, attr: mount tests.
+APT_PACKAGES := build-essential python3-dev python3-venv fuse3 libfuse3-dev pkg-config \
+	age gocryptfs rsync attr softhsm2 openssl util-linux procps
+SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null && echo sudo))
+
+.PHONY: all deps apt venv demo test lint bench clean
+
+all: venv
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(BIN)/vhsm: pyproject.toml | apt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+venv: apt $(BIN)/vhsm
+
+deps: venv
+
+demo: venv
+	@bash contrib/demo.sh
+
+test: venv
+	$(BIN)/ruff check vhsmfs keysvc cli tests bench
+	$(BIN)/pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check vhsmfs keysvc cli tests bench
+
+bench: venv
+	$(BIN)/python bench/token_vs_age
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

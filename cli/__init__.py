@@ -1,0 +1,1 @@
+"""cli: click commands only: parse, call a library, print. No crypto here."""

@@ -1,0 +1,1 @@
+"""keysvc: the key service (keystore, lifecycle, signing, audit log, daemon)."""

@@ -1,0 +1,1 @@
+"""vhsmfs: the encrypted, chunked token store and its FUSE mount."""
