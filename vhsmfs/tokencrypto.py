@@ -1,0 +1,134 @@
+"""Per-token keys and the chunk record cipher (AES-256-GCM).
+
+Keys: HKDF-SHA256(ikm, salt, info) with distinct info strings for chunk data, metadata and the
+key-check value, each bound to the token id, so no two tokens and no two purposes share a key.
+Records: nonce(12) || ciphertext || tag(16), nonce random per record (never reused on rewrite).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import uuid
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from vhsmfs.format import (
+    CHUNK_AAD_TAIL,
+    FORMAT_VERSION,
+    NONCE_LEN,
+    RECORD_OVERHEAD,
+    chunk_aad_prefix,
+)
+
+INFO_DATA = b"vhsm token v1 chunk data key"
+INFO_META = b"vhsm token v1 metadata key"
+INFO_CHECK = b"vhsm token v1 key check"
+
+
+def _hkdf(ikm: bytes, salt: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(ikm)
+
+
+class ChunkAuthError(Exception):
+    """A record failed authentication; carries the chunk index (no key material)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+class TokenKeys:
+    """The derived keys of one token. Holds AESGCM objects, never exposes key bytes."""
+
+    __slots__ = ("token_id", "key_check", "_data", "_meta", "_aad_prefix")
+
+    def __init__(self, ikm: bytes, salt: bytes, token_id: uuid.UUID) -> None:
+        bound = token_id.bytes + FORMAT_VERSION.to_bytes(2, "big")
+        self.token_id = token_id
+        self.key_check = _hkdf(ikm, salt, INFO_CHECK + bound)
+        self._data = AESGCM(_hkdf(ikm, salt, INFO_DATA + bound))
+        self._meta = AESGCM(_hkdf(ikm, salt, INFO_META + bound))
+        self._aad_prefix = chunk_aad_prefix(token_id)
+
+    def __repr__(self) -> str:
+        return f"TokenKeys({self.token_id})"
+
+    def key_matches(self, stored_check: bytes) -> bool:
+        return hmac.compare_digest(self.key_check, stored_check)
+
+    # -- metadata -------------------------------------------------------------------------
+    def seal_metadata(self, plaintext: bytes, header_bytes: bytes) -> tuple[bytes, bytes]:
+        nonce = os.urandom(NONCE_LEN)
+        return nonce, self._meta.encrypt(nonce, plaintext, header_bytes)
+
+    def open_metadata(self, nonce: bytes, ciphertext: bytes, header_bytes: bytes) -> bytes | None:
+        try:
+            return self._meta.decrypt(nonce, ciphertext, header_bytes)
+        except InvalidTag:
+            return None
+
+    # -- chunks -----------------------------------------------------------------------------
+    def encrypt_run(
+        self, plaintext: bytes | bytearray | memoryview, first_index: int, chunk_size: int,
+        final_index: int,
+    ) -> tuple[bytearray, list[tuple[int, bytes]]]:
+        """Encrypt consecutive chunks starting at `first_index` into one buffer of records.
+
+        Returns the records and, per chunk, (record length, SHA-256 of the record). The chunk
+        whose index is `final_index` carries the final marker.
+        """
+        src = memoryview(plaintext)
+        n = -(-len(src) // chunk_size) if len(src) else 1
+        out = bytearray(len(src) + n * RECORD_OVERHEAD)
+        dst = memoryview(out)
+        nonces = os.urandom(NONCE_LEN * n)  # one syscall per run, not per chunk
+        prefix, tail, aead, sha = self._aad_prefix, CHUNK_AAD_TAIL.pack, self._data, hashlib.sha256
+        entries: list[tuple[int, bytes]] = []
+        pos = 0
+        for k in range(n):
+            piece = src[k * chunk_size : (k + 1) * chunk_size]
+            index = first_index + k
+            nonce = nonces[k * NONCE_LEN : (k + 1) * NONCE_LEN]
+            rlen = len(piece) + RECORD_OVERHEAD
+            dst[pos : pos + NONCE_LEN] = nonce
+            aead.encrypt_into(
+                nonce, piece, prefix + tail(index, index == final_index),
+                dst[pos + NONCE_LEN : pos + rlen],
+            )
+            entries.append((rlen, sha(dst[pos : pos + rlen]).digest()))
+            pos += rlen
+        return out, entries
+
+    def decrypt_run(
+        self, records: bytes | bytearray | memoryview, lengths: list[int], first_index: int,
+        final_index: int,
+    ) -> bytearray:
+        """Authenticate and decrypt consecutive records; raise ChunkAuthError on the first bad one.
+
+        Nothing is returned unless every record in the run authenticated.
+        """
+        src = memoryview(records)
+        out = bytearray(sum(lengths) - len(lengths) * RECORD_OVERHEAD)
+        dst = memoryview(out)
+        prefix, tail, aead = self._aad_prefix, CHUNK_AAD_TAIL.pack, self._data
+        spos = dpos = 0
+        for k, rlen in enumerate(lengths):
+            index = first_index + k
+            plen = rlen - RECORD_OVERHEAD
+            if plen < 0 or spos + rlen > len(src):
+                raise ChunkAuthError(index)
+            try:
+                aead.decrypt_into(
+                    src[spos : spos + NONCE_LEN], src[spos + NONCE_LEN : spos + rlen],
+                    prefix + tail(index, index == final_index), dst[dpos : dpos + plen],
+                )
+            except InvalidTag:
+                raise ChunkAuthError(index) from None
+            spos += rlen
+            dpos += plen
+        return out
