@@ -148,7 +148,9 @@ def manifest_digest(manifest: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(manifest).digest()
 
 
-def build_file(header: Header, manifest: bytes | bytearray, meta_nonce: bytes, meta_ct: bytes) -> bytes:
+def build_file(
+    header: Header, manifest: bytes | bytearray, meta_nonce: bytes, meta_ct: bytes
+) -> bytes:
     """Serialize: header || manifest || meta length || nonce || ciphertext || SHA-256 trailer."""
     parts = [
         header.pack(),
