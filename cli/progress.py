@@ -1,0 +1,22 @@
+"""A progress bar on stderr (tqdm): shown on a terminal or when asked, silent otherwise."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+from tqdm import tqdm
+
+MIN_BYTES_FOR_BAR = 4 << 20  # small files finish before a bar would help
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, label: str, wanted: bool | None) -> Iterator[Callable[[int], None]]:
+    show = wanted if wanted is not None else (sys.stderr.isatty() and total >= MIN_BYTES_FOR_BAR)
+    if not show:
+        yield lambda _n: None
+        return
+    with tqdm(total=total, desc=label[-30:], unit="B", unit_scale=True, unit_divisor=1024,
+              file=sys.stderr, leave=False) as bar:
+        yield bar.update

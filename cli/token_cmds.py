@@ -1,0 +1,305 @@
+"""`vhsm token ...`: the token store commands (same words and output lines as the original
+`./token/token`, see shared/reference/compat.md). Parsing and printing only."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cli.errors import run_guarded
+from cli.progress import progress_bar
+from cli.tokenaudit import audit_token_event, audited
+from vhsmfs.backend import LocalBackend
+from vhsmfs.errors import InputError, IntegrityError, VhsmError, WrongKeyError
+from vhsmfs.keyfile import KEY_LEN, StaticKeyProvider, generate_key_file, load_key_file
+from vhsmfs.store import TokenStore, parse_token
+
+DEFAULT_STORE = "secure_storage"
+
+store_option = click.option(
+    "--store", "store_dir", envvar="VHSM_STORE", default=DEFAULT_STORE, show_default=True,
+    type=click.Path(file_okay=False), help="Store directory (env VHSM_STORE).",
+)
+key_option = click.option(
+    "--key", "key_file", type=click.Path(dir_okay=False), default=None,
+    help="Key file (32 raw bytes, mode 0600).",
+)
+
+
+def _open_store(store_dir: str, key_file: str | None, *, create: bool = False) -> TokenStore:
+    keys = StaticKeyProvider(load_key_file(key_file)) if key_file else None
+    return TokenStore(LocalBackend(store_dir, create=create), keys)
+
+
+@click.group()
+def token() -> None:
+    """Encrypted file vault: store files as tokens, retrieve them with the key."""
+
+
+@token.command("generate-key")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def generate_key(file: str, force: bool) -> None:
+    """Write a new random 32-byte key to FILE (mode 0600)."""
+    with run_guarded():
+        generate_key_file(file, force=force)
+        click.echo(f"Key saved to: {file}")
+
+
+@token.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@key_option
+@store_option
+@click.option("-r", "--recursive", is_flag=True, help="Store every file under a directory.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the token(s).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr (default: only when stderr is a terminal).")
+def store(paths: tuple[str, ...], key_file: str | None, store_dir: str, recursive: bool,
+          quiet: bool, progress: bool | None) -> None:
+    """Encrypt files into the store; prints one `Token: <uuid>` line per file."""
+    with run_guarded():
+        files = list(_expand_inputs(paths, recursive))
+        generated: bytes | None = None
+        if key_file:
+            keys = StaticKeyProvider(load_key_file(key_file))
+        else:
+            generated = os.urandom(KEY_LEN)
+            keys = StaticKeyProvider(generated)
+        ts = TokenStore(LocalBackend(store_dir), keys)
+        for path, name in files:
+            with progress_bar(os.path.getsize(path), name, progress) as advance:
+                tok = ts.store_file(path, name=name, progress=advance)
+            with audited(lambda tok=tok: ts.delete_any(tok)):
+                audit_token_event("ENCRYPTION", tok, "stored", name)
+            if generated is not None:
+                _save_generated_key(ts, tok, generated, quiet)
+            if quiet:
+                click.echo(str(tok))
+            elif recursive:
+                click.echo(f"Token: {tok} {name}")
+            else:
+                click.echo(f"Token: {tok}")
+        if not quiet:
+            click.echo("Keep this token safe - you'll need it to retrieve your file")
+
+
+def _save_generated_key(ts: TokenStore, tok: uuid.UUID, key: bytes, quiet: bool) -> None:
+    name = f"auto_generated_key_{tok}.key"
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        ts.delete_any(tok)  # a token nobody can decrypt is worse than no token
+        raise VhsmError(f"cannot save generated key {name}: {e.strerror}") from None
+    if not quiet:
+        click.echo(f"Key saved to: {name}")
+
+
+def _expand_inputs(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[str, str]]:
+    """(path, recorded name) pairs. A directory's files keep their path relative to the
+    directory's parent, so retrieving into OUTDIR recreates OUTDIR/<dir>/<...>."""
+    for p in paths:
+        if os.path.isdir(p):
+            if not recursive:
+                raise InputError(f"{p} is a directory (use --recursive to store a tree)")
+            top = Path(p).resolve()
+            base = top.parent
+            found = False
+            for root, dirs, names in os.walk(top):
+                dirs.sort()
+                for n in sorted(names):
+                    full = Path(root) / n
+                    if full.is_symlink() or not full.is_file():
+                        click.echo(f"warning: skipping {full} (not a regular file)", err=True)
+                        continue
+                    found = True
+                    yield str(full), full.relative_to(base).as_posix()
+            if not found:
+                raise InputError(f"{p} holds no regular files")
+        elif os.path.lexists(p):
+            if not os.access(p, os.R_OK):
+                raise InputError(f"cannot read {p}: permission denied")
+            yield p, os.path.basename(p)
+        else:
+            raise InputError(f"{p}: no such file")
+
+
+@token.command()
+@click.argument("token_id", metavar="TOKEN")
+@click.argument("outdir", type=click.Path(file_okay=False))
+@key_option
+@store_option
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--progress/--no-progress", default=None)
+def retrieve(token_id: str, outdir: str, key_file: str | None, store_dir: str, force: bool,
+             progress: bool | None) -> None:
+    """Decrypt TOKEN into OUTDIR/<original name>; prints the path written."""
+    with run_guarded():
+        tok = parse_token(token_id)
+        ts = _open_store(store_dir, key_file)
+        if ts.keys is None:
+            raise VhsmError("retrieve needs the key: --key FILE")
+        try:
+            h = ts.parse(tok).header
+            with progress_bar(h.chunk_count * h.chunk_size, str(tok), progress) as advance:
+                dest = ts.retrieve(tok, outdir, force=force, progress=advance)
+        except WrongKeyError:
+            audit_token_event("AUTH_FAILURE", tok, "wrong key", None, success=False)
+            raise
+        except IntegrityError as e:
+            audit_token_event("SECURITY_VIOLATION", tok, str(e), None, success=False)
+            raise
+        with audited(lambda: dest.unlink()):
+            audit_token_event("DECRYPTION", tok, "retrieved", dest.name)
+        click.echo(str(dest))
+
+
+@token.command("list")
+@key_option
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_cmd(key_file: str | None, store_dir: str, as_json: bool) -> None:
+    """List tokens (with --key: also names and sizes of tokens under that key)."""
+    with run_guarded():
+        ts = _open_store(store_dir, key_file)
+        rows = []
+        for tok in ts.list_tokens():
+            try:
+                rows.append(ts.summary(tok).as_dict())
+            except VhsmError as e:
+                rows.append({"token": str(tok), "error": str(e)})
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        if not rows:
+            click.echo("No tokens.", err=True)
+            return
+        click.echo(f"{'TOKEN':36}  {'SIZE':>12}  {'CHUNKS':>7}  {'MODIFIED':19}  NAME")
+        for r in rows:
+            if "error" in r:
+                click.echo(f"{r['token']:36}  {'?':>12}  {'?':>7}  {'':19}  ({r['error']})")
+                continue
+            size = str(r["size"]) if r["size"] is not None else "?"
+            name = r["name"] if r["readable"] else "(encrypted: other key or no --key)"
+            click.echo(f"{r['token']:36}  {size:>12}  {r['chunk_count']:>7}  "
+                       f"{_fmt_ns(r['mtime_ns'])}  {name}")
+
+
+@token.command()
+@click.argument("token_id", metavar="TOKEN")
+@key_option
+@store_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(token_id: str, key_file: str | None, store_dir: str, as_json: bool) -> None:
+    """Show what is known about TOKEN (names and sizes need its key)."""
+    with run_guarded():
+        tok = parse_token(token_id)
+        ts = _open_store(store_dir, key_file)
+        s = ts.summary(tok)
+        if key_file and not s.readable:
+            raise WrongKeyError(f"wrong key for token {tok}")
+        d = s.as_dict()
+        if as_json:
+            click.echo(json.dumps(d, indent=2))
+            return
+        labels: list[tuple[str, Any]] = [
+            ("Token", d["token"]), ("Name", d["name"]), ("Size", d["size"]),
+            ("SHA-256", d["sha256"]), ("Chunk size", d["chunk_size"]),
+            ("Chunks", d["chunk_count"]), ("Stored bytes", d["stored_bytes"]),
+            ("Generation", d["generation"]), ("Created", _fmt_s(d["created"])),
+            ("Modified", _fmt_ns(d["mtime_ns"])),
+            ("Mode", f"{d['mode']:04o}" if d["mode"] is not None else None),
+        ]
+        for label, value in labels:
+            if value is not None:
+                click.echo(f"{label + ':':14}{value}")
+        if not s.readable:
+            click.echo("(name, size and checksum are encrypted: give --key to see them)")
+
+
+@token.command()
+@click.argument("token_ids", nargs=-1, metavar="[TOKEN]...")
+@key_option
+@store_option
+@click.option("--no-key", is_flag=True,
+              help="Check ciphertext checksums only (for backups; no key needed).")
+def verify(token_ids: tuple[str, ...], key_file: str | None, store_dir: str, no_key: bool) -> None:
+    """Check tokens (all when none named). Exit 1 if any fails."""
+    with run_guarded():
+        if not no_key and not key_file:
+            raise VhsmError("verify needs --key FILE (or --no-key to check checksums only)")
+        if no_key and key_file:
+            raise VhsmError("--no-key and --key exclude each other")
+        ts = _open_store(store_dir, None if no_key else key_file)
+        explicit = bool(token_ids)
+        toks = [parse_token(t) for t in token_ids] if explicit else ts.list_tokens()
+        failed = skipped = 0
+        for tok in toks:
+            try:
+                if no_key:
+                    ts.verify_ciphertext(tok)
+                else:
+                    try:
+                        ts.verify_full(tok)
+                    except WrongKeyError:
+                        if explicit:
+                            raise
+                        ts.verify_ciphertext(tok)  # not ours: still scrub its ciphertext
+                        click.echo(f"SKIP {tok} (other key; ciphertext checksums OK)")
+                        skipped += 1
+                        continue
+                click.echo(f"OK {tok}")
+            except VhsmError as e:
+                failed += 1
+                click.echo(f"FAILED {tok}: {e}")
+        ok = len(toks) - failed - skipped
+        click.echo(f"{ok} ok, {failed} failed, {skipped} skipped", err=True)
+        if failed:
+            sys.exit(1)
+
+
+@token.command()
+@click.argument("token_ids", nargs=-1, required=True, metavar="TOKEN...")
+@store_option
+def delete(token_ids: tuple[str, ...], store_dir: str) -> None:
+    """Securely delete tokens: wipe (overwrite, fsync, unlink) chunks, then metadata."""
+    with run_guarded():
+        ts = _open_store(store_dir, None)
+        for t in token_ids:
+            tok = parse_token(t)
+            ts.delete(tok)
+            audit_token_event("KEY_DELETED", tok, "token deleted", None)
+            click.echo(f"Deleted: {tok}")
+
+
+@token.command()
+@store_option
+def gc(store_dir: str) -> None:
+    """Finish interrupted deletes and remove data of interrupted stores."""
+    with run_guarded():
+        ts = _open_store(store_dir, None)
+        removed = ts.backend.collect_garbage()
+        for line in removed:
+            click.echo(line)
+        click.echo(f"{len(removed)} item(s) cleaned", err=True)
+
+
+def _fmt_ns(ns: int | None) -> str:
+    return _fmt_s(ns / 1e9 if ns else None)
+
+
+def _fmt_s(s: float | None) -> str:
+    if not s:
+        return "-"
+    return datetime.fromtimestamp(s, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
