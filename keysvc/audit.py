@@ -1,0 +1,651 @@
+"""The tamper-evident audit log (`hsm_audit.log`).
+
+Line format (compat.md, with two fields added at the end):
+
+    timestamp|event_type|key_name|user_id|details|success|seq|chain
+
+`seq` counts from 1 without gaps across the life of the log (also across rotated files) and
+`chain` is HMAC-SHA256(audit key, "vhsm-audit-v1\\0" + previous chain (32 bytes) + the line up to
+and including its seq), hex. The audit key is a random 32-byte file beside the log
+(`.hsm_audit.log.key`, 0600): the token CLI, which never has the key service's master key, must be
+able to extend the same chain. The last (seq, chain) is also kept beside the log in
+`.hsm_audit.log.head` so that deleting lines from the end is detected.
+
+Writers in any process serialize on flock(`.hsm_audit.log.lock`); a batch of lines is written
+with one write() and made durable with one fdatasync() before anybody is told it succeeded
+(group commit). If anything fails, the partial write is cut off again and AuditError is raised:
+the caller must then fail the operation (fail-closed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hmac
+import os
+import pwd
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+
+from keysvc import paths
+from keysvc.errors import AuditError, AuditIntegrityError, InvalidInputError
+from keysvc.fsutil import atomic_write, create_private, fsync_dir, read_private
+
+EVENTS = frozenset(
+    {
+        "KEY_CREATED",
+        "KEY_ACCESSED",
+        "KEY_MODIFIED",
+        "KEY_DELETED",
+        "KEY_ROTATED",
+        "AUTH_SUCCESS",
+        "AUTH_FAILURE",
+        "SIGN_OPERATION",
+        "VERIFY_OPERATION",
+        "ENCRYPTION",
+        "DECRYPTION",
+        "CONFIG_CHANGE",
+        "SECURITY_VIOLATION",
+    }
+)
+
+HEADER = (
+    "# Virtual HSM Audit Log\n"
+    "# Format: timestamp|event_type|key_name|user_id|details|success|seq|chain\n"
+)
+TS_FORMAT = "%Y-%m-%d %H:%M:%S"
+_DOMAIN = b"vhsm-audit-v1\0"
+_START_DOMAIN = b"vhsm-audit-v1 chain-start\0"
+_GENESIS = bytes(32)
+_MAX_FIELD = 2048  # characters after escaping; keeps every line well under one page
+_CHAIN_START_RE = re.compile(r"^# Chain-Start: seq=(\d+) prev=([0-9a-f]{64}) mac=([0-9a-f]{64})$")
+_HEAD_FMT = "vhsm-audit-head v1 seq={seq:020d} chain={chain}\n"
+_HEAD_RE = re.compile(r"^vhsm-audit-head v1 seq=(\d{20}) chain=([0-9a-f]{64})$")
+
+
+# --- fields ------------------------------------------------------------------------------------
+
+_ESCAPES = {"%": "%25", "|": "%7C", "\n": "%0A", "\r": "%0D"}
+_ESCAPE_RE = re.compile(r"[%|\n\r]")
+_UNESCAPE_RE = re.compile(r"%(25|7C|0A|0D)")
+_UNESCAPES = {"25": "%", "7C": "|", "0A": "\n", "0D": "\r"}
+
+
+def escape_field(value: str) -> str:
+    """Percent-escape `%`, `|`, CR and LF so a field can never forge a separator or a line."""
+    out = _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group(0)], value)
+    if len(out) > _MAX_FIELD:
+        out = out[: _MAX_FIELD - 3]
+        # never cut an escape sequence in half
+        cut = out.rfind("%", len(out) - 2)
+        if cut != -1:
+            out = out[:cut]
+        out += "..."
+    return out
+
+
+def unescape_field(value: str) -> str:
+    return _UNESCAPE_RE.sub(lambda m: _UNESCAPES[m.group(1)], value)
+
+
+@dataclass(slots=True)
+class AuditRecord:
+    """One event before it is written: the writer adds timestamp, seq and chain."""
+
+    event: str
+    key: str
+    user: str
+    details: str
+    success: bool
+    uid: int | None = None
+
+    def body(self, ts: str, seq: int) -> str:
+        details = self.details if self.uid is None else f"{self.details} [uid={self.uid}]"
+        return "|".join(
+            (
+                ts,
+                self.event,
+                escape_field(self.key or "N/A"),
+                escape_field(self.user),
+                escape_field(details),
+                "SUCCESS" if self.success else "FAILURE",
+                str(seq),
+            )
+        )
+
+
+@dataclass(slots=True, frozen=True)
+class AuditEntry:
+    """One parsed line of the log."""
+
+    lineno: int
+    timestamp: str
+    event: str
+    key: str
+    user: str
+    details: str
+    success: bool
+    seq: int
+    chain: str
+
+    def fields(self) -> list[str]:
+        return [
+            self.timestamp,
+            self.event,
+            self.key,
+            self.user,
+            self.details,
+            "SUCCESS" if self.success else "FAILURE",
+            str(self.seq),
+            self.chain,
+        ]
+
+
+def _mac(key: bytes, prev: bytes, body: bytes) -> bytes:
+    h = crypto_hmac.HMAC(key, hashes.SHA256())
+    h.update(_DOMAIN)
+    h.update(prev)
+    h.update(body)
+    return h.finalize()
+
+
+def _start_mac(key: bytes, seq: int, prev: bytes) -> bytes:
+    h = crypto_hmac.HMAC(key, hashes.SHA256())
+    h.update(_START_DOMAIN + str(seq).encode() + b"\0" + prev)
+    return h.finalize()
+
+
+def _chain_start_line(key: bytes, seq: int, prev: bytes) -> str:
+    return f"# Chain-Start: seq={seq} prev={prev.hex()} mac={_start_mac(key, seq, prev).hex()}\n"
+
+
+# --- user context -----------------------------------------------------------------------------
+
+
+def unix_user(uid: int | None = None) -> str:
+    uid = os.getuid() if uid is None else uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+def validate_user(user: str) -> str:
+    user = user.strip()
+    if not user or len(user) > 256 or any(ord(c) < 32 or ord(c) == 127 for c in user):
+        raise InvalidInputError("a user name must be 1-256 printable characters")
+    return user
+
+
+def current_user(data_dir: str | os.PathLike[str] | None = None) -> str:
+    """The persisted `set_user` context of this data dir, else the Unix login name."""
+    try:
+        with open(paths.user_file(data_dir), encoding="utf-8") as f:
+            user = f.read().strip()
+        if user:
+            return user
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise AuditError(f"cannot read the user context: {e.strerror}") from None
+    return unix_user()
+
+
+def persist_user(user: str, data_dir: str | os.PathLike[str] | None = None) -> None:
+    path = paths.user_file(data_dir)
+    try:
+        atomic_write(path, (validate_user(user) + "\n").encode(), mode=0o600)
+    except OSError as e:
+        raise InvalidInputError(f"cannot save the user context to {path}: {e.strerror}") from None
+
+
+# --- writer -----------------------------------------------------------------------------------
+
+
+class AuditWriter:
+    """Appends chained lines to one log file. Thread-safe; serialized across processes by flock.
+
+    The daemon keeps one writer for its whole life and calls `append` once per batch; it
+    remembers the tail (inode, size, seq, chain) so that the common case needs no read of the
+    log, and re-reads the tail whenever another process (a CLI run, logrotate) changed the file.
+    """
+
+    def __init__(self, log_path: str | os.PathLike[str]) -> None:
+        self.path = Path(log_path)
+        self._key_path = paths.audit_sidecar(self.path, "key")
+        self._head_path = paths.audit_sidecar(self.path, "head")
+        self._lock_path = paths.audit_sidecar(self.path, "lock")
+        self._key: bytes | None = None
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        self._head_fd: int | None = None
+        self._tail: tuple[int, int, int, bytes] | None = None  # (ino, size, seq, chain)
+        self._mutex = threading.Lock()
+
+    # -- public
+
+    def append(self, records: Sequence[AuditRecord]) -> int:
+        """Write all records durably, in order; return the last seq. Raises AuditError."""
+        if not records:
+            return self._tail[2] if self._tail else 0
+        for r in records:
+            if r.event not in EVENTS:
+                raise AuditError(f"unknown audit event type {r.event!r}")
+        with self._mutex:
+            try:
+                return self._append_locked(records)
+            except AuditError:
+                self._tail = None
+                raise
+            except OSError as e:
+                self._tail = None
+                raise AuditError(f"cannot write audit log {self.path}: {e.strerror}") from None
+
+    def close(self) -> None:
+        with self._mutex:
+            for name in ("_fd", "_lock_fd", "_head_fd"):
+                fd = getattr(self, name)
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                    setattr(self, name, None)
+            self._tail = None
+
+    # -- internals
+
+    def _append_locked(self, records: Sequence[AuditRecord]) -> int:
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            fd, st = self._open_log()
+            prefix = ""
+            if (
+                self._tail is not None
+                and self._tail[0] == st.st_ino
+                and self._tail[1] == st.st_size
+            ):
+                _, size, seq, prev = self._tail
+            else:
+                size, seq, prev, prefix, extra = self._recover(fd, st.st_size)
+                records = [*extra, *records]
+            key = self._load_key(allow_create=(size == 0 and seq == 0))
+            if prefix == "" and size == 0:
+                prefix = HEADER
+                if seq:
+                    prefix += _chain_start_line(key, seq, prev)
+            ts = time.strftime(TS_FORMAT, time.localtime())
+            parts = [prefix] if prefix else []
+            for r in records:
+                seq += 1
+                body = r.body(ts, seq)
+                prev = _mac(key, prev, body.encode())
+                parts.append(f"{body}|{prev.hex()}\n")
+            data = "".join(parts).encode()
+            try:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                os.fdatasync(fd)
+            except OSError:
+                # cut off whatever part of the batch reached the file: no half line may stay
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                    os.fdatasync(fd)
+                raise
+            new_size = size + len(data)
+            self._tail = (st.st_ino, new_size, seq, prev)
+            self._write_head(seq, prev)
+            return seq
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _open_log(self) -> tuple[int, os.stat_result]:
+        """The log fd, reopened if the path now names another file (rotation, deletion)."""
+        if self._fd is not None:
+            try:
+                st_path = os.stat(self.path)
+                st_fd = os.fstat(self._fd)
+                if st_path.st_ino == st_fd.st_ino and st_path.st_dev == st_fd.st_dev:
+                    return self._fd, st_fd
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+            self._tail = None
+        created = not self.path.exists()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if created:
+            fsync_dir(self.path.parent)
+        return self._fd, os.fstat(self._fd)
+
+    def _recover(self, fd: int, size: int) -> tuple[int, int, bytes, str, list[AuditRecord]]:
+        """Find the tail of a log some other writer touched: (size, seq, chain, prefix, extra).
+
+        A final line without newline was never acknowledged (acks follow fdatasync of whole
+        lines), so it is cut off and the cut is itself recorded. A log that ends before the
+        head says it should is recorded as a SECURITY_VIOLATION before anything else.
+        """
+        extra: list[AuditRecord] = []
+        head = read_head(self.path)
+        if size == 0:
+            # new or rotated-out log: continue the chain recorded in the head
+            if head is not None:
+                return 0, head[0], head[1], "", extra
+            return 0, 0, _GENESIS, "", extra
+        tail, at_start = _read_tail(self.path, size)
+        if not tail.endswith(b"\n"):
+            cut = tail.rfind(b"\n") + 1
+            torn = len(tail) - cut
+            size -= torn
+            tail = tail[:cut]
+            os.ftruncate(fd, size)
+            os.fdatasync(fd)
+            extra.append(
+                AuditRecord(
+                    "SECURITY_VIOLATION",
+                    "N/A",
+                    "vhsm",
+                    f"torn unacknowledged final line ({torn} bytes) removed",
+                    False,
+                )
+            )
+        seq, prev = 0, _GENESIS
+        found = False
+        for raw in reversed(tail.split(b"\n")):
+            if not raw:
+                continue
+            line = raw.decode("utf-8", "replace")
+            if line.startswith("#"):
+                m = _CHAIN_START_RE.match(line)
+                if m:
+                    seq, prev, found = int(m.group(1)), bytes.fromhex(m.group(2)), True
+                    break
+                continue
+            fields = line.split("|")
+            if len(fields) != 8 or not fields[6].isdigit():
+                raise AuditError(
+                    f"audit log {self.path} ends with a malformed line; run: vhsm audit verify"
+                )
+            seq, prev, found = int(fields[6]), bytes.fromhex(fields[7]), True
+            break
+        if not found and not at_start:
+            raise AuditError(f"cannot find the last entry of audit log {self.path}")
+        if head is not None and head[0] > seq:
+            extra.insert(
+                0,
+                AuditRecord(
+                    "SECURITY_VIOLATION",
+                    "N/A",
+                    "vhsm",
+                    f"audit log truncated: head records seq {head[0]}, log ends at seq {seq}",
+                    False,
+                ),
+            )
+        return size, seq, prev, "", extra
+
+    def _load_key(self, *, allow_create: bool) -> bytes:
+        if self._key is not None:
+            return self._key
+        try:
+            key = read_private(self._key_path, "audit key", AuditError)
+        except FileNotFoundError:
+            if not allow_create:
+                raise AuditError(
+                    f"audit key {self._key_path} is missing but {self.path} has entries"
+                ) from None
+            key = os.urandom(32)
+            create_private(self._key_path, key)
+        if len(key) != 32:
+            raise AuditError(f"audit key {self._key_path} must be 32 bytes")
+        self._key = key
+        return key
+
+    def _write_head(self, seq: int, chain: bytes) -> None:
+        # Written after the log's fdatasync, so on disk the head never runs ahead of the log.
+        # Not fsynced itself: after a power cut it may lag the log, never lead it (see docs).
+        if self._head_fd is None:
+            self._head_fd = os.open(self._head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.pwrite(self._head_fd, _HEAD_FMT.format(seq=seq, chain=chain.hex()).encode(), 0)
+
+
+def _read_tail(path: Path, size: int) -> tuple[bytes, bool]:
+    """The last complete lines of the log (at least one entry line if there is one)."""
+    with open(path, "rb") as f:
+        pos = size
+        buf = b""
+        block = 8192
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step) + buf
+            lines = [x for x in buf.rstrip(b"\n").split(b"\n")]
+            # a complete entry line: not the first fragment unless we reached the start
+            candidates = lines[1:] if pos > 0 else lines
+            if any(c and not c.startswith(b"#") for c in candidates) or any(
+                c.startswith(b"# Chain-Start") for c in candidates
+            ):
+                return (buf if pos == 0 else buf[buf.index(b"\n") + 1 :]), pos == 0
+            block *= 2
+        return buf, True
+
+
+def read_head(log_path: str | os.PathLike[str]) -> tuple[int, bytes] | None:
+    head_path = paths.audit_sidecar(Path(log_path), "head")
+    try:
+        with open(head_path, encoding="ascii") as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise AuditError(f"cannot read audit head {head_path}: {e}") from None
+    m = _HEAD_RE.match(text)
+    if not m:
+        raise AuditError(f"audit head {head_path} is malformed")
+    return int(m.group(1)), bytes.fromhex(m.group(2))
+
+
+# --- the API used by other components ---------------------------------------------------------
+
+_writers: dict[Path, AuditWriter] = {}
+_writers_lock = threading.Lock()
+
+
+def writer_for(log_path: str | os.PathLike[str] | None = None) -> AuditWriter:
+    path = paths.audit_log_path(log_path).absolute()
+    with _writers_lock:
+        w = _writers.get(path)
+        if w is None:
+            w = _writers[path] = AuditWriter(path)
+        return w
+
+
+def audit_event(
+    event_type: str,
+    key_name: str,
+    details: str,
+    success: bool,
+    *,
+    user: str | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+) -> None:
+    """Append one chained, sequenced, fsync'd line; raise AuditError if it cannot be written.
+
+    The log is `log_path`, else $HSM_AUDIT_LOG, else <$HSM_DATA_DIR or cwd>/hsm_audit.log.
+    `user` defaults to the persisted `set_user` context (else the Unix login name); the real
+    uid of the process is always recorded in the details as `[uid=N]`.
+    """
+    if event_type not in EVENTS:
+        raise AuditError(f"unknown audit event type {event_type!r}")
+    who = user if user is not None else current_user()
+    writer_for(log_path).append(
+        [AuditRecord(event_type, key_name or "N/A", who, details, success, os.getuid())]
+    )
+
+
+# --- reading and verifying --------------------------------------------------------------------
+
+
+def parse_line(line: str, lineno: int) -> AuditEntry | None:
+    fields = line.split("|")
+    if len(fields) != 8 or fields[5] not in ("SUCCESS", "FAILURE") or not fields[6].isdigit():
+        return None
+    return AuditEntry(
+        lineno,
+        fields[0],
+        fields[1],
+        unescape_field(fields[2]),
+        unescape_field(fields[3]),
+        unescape_field(fields[4]),
+        fields[5] == "SUCCESS",
+        int(fields[6]),
+        fields[7],
+    )
+
+
+def read_entries(log_path: str | os.PathLike[str]) -> Iterator[AuditEntry]:
+    """Entries of one log (comment lines skipped, malformed lines skipped)."""
+    try:
+        f = open(log_path, encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise AuditError(f"cannot read audit log {log_path}: {e.strerror}") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if line and not line.startswith("#"):
+                e = parse_line(line, n)
+                if e is not None:
+                    yield e
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    entries: int
+    last_seq: int
+    message: str
+
+
+def verify(log_paths: Iterable[str | os.PathLike[str]], *, check_head: bool = True) -> VerifyResult:
+    """Check one log (or rotated logs oldest first) against its chain and head.
+
+    Reports the first bad line: an edited line breaks its chain value, an inserted, deleted or
+    reordered line breaks the sequence (or the chain), and a log that ends before the head
+    says it should has lost its tail.
+    """
+    files = [Path(p) for p in log_paths]
+    if not files:
+        raise InvalidInputError("no audit log given")
+    key_path = paths.audit_sidecar(files[-1], "key")
+    try:
+        key = read_private(key_path, "audit key", AuditIntegrityError)
+    except FileNotFoundError:
+        raise AuditIntegrityError(f"audit key {key_path} not found") from None
+    seq: int | None = None
+    prev = _GENESIS
+    count = 0
+    chains: dict[int, bytes] = {}
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise AuditIntegrityError(f"{path}: audit log not found") from None
+        if data and not data.endswith(b"\n"):
+            n = data.count(b"\n") + 1
+            return VerifyResult(False, count, seq or 0, f"{path}:{n}: incomplete final line")
+        in_header = True
+        for n, raw in enumerate(data.split(b"\n")[:-1] if data else [], 1):
+            line = raw.decode("utf-8", "replace")
+            where = f"{path}:{n}"
+            if line.startswith("#"):
+                if not in_header:
+                    return VerifyResult(
+                        False, count, seq or 0, f"{where}: comment line inside the log (inserted)"
+                    )
+                m = _CHAIN_START_RE.match(line)
+                if m:
+                    s, p = int(m.group(1)), bytes.fromhex(m.group(2))
+                    if not _ct_eq(_start_mac(key, s, p).hex(), m.group(3)):
+                        return VerifyResult(
+                            False, count, seq or 0, f"{where}: forged chain-start line"
+                        )
+                    if seq is not None and (s != seq or p != prev):
+                        return VerifyResult(
+                            False,
+                            count,
+                            seq,
+                            f"{where}: file does not continue the previous one "
+                            f"(expected seq {seq})",
+                        )
+                    seq, prev = s, p
+                continue
+            in_header = False
+            entry = parse_line(line, n)
+            if entry is None or len(entry.chain) != 64:
+                return VerifyResult(
+                    False, count, seq or 0, f"{where}: malformed line (edited or inserted)"
+                )
+            expected = (seq or 0) + 1
+            if entry.seq != expected:
+                return VerifyResult(
+                    False,
+                    count,
+                    seq or 0,
+                    f"{where}: sequence {entry.seq} where {expected} was expected "
+                    "(a line was deleted, inserted or reordered)",
+                )
+            body = line.rsplit("|", 1)[0].encode()
+            mac = _mac(key, prev, body)
+            if not _ct_eq(mac.hex(), entry.chain):
+                return VerifyResult(
+                    False,
+                    count,
+                    seq or 0,
+                    f"{where}: chain value does not match (seq {entry.seq} edited or forged)",
+                )
+            seq, prev = entry.seq, mac
+            chains[entry.seq] = mac
+            count += 1
+    last = seq or 0
+    if check_head:
+        head = read_head(files[-1])
+        if head is not None:
+            hseq, hchain = head
+            if hseq > last:
+                return VerifyResult(
+                    False,
+                    count,
+                    last,
+                    f"{files[-1]}: log ends at seq {last} but the head records seq {hseq} "
+                    "(tail truncated)",
+                )
+            if hseq in chains and not _ct_eq(chains[hseq].hex(), hchain.hex()):
+                return VerifyResult(
+                    False,
+                    count,
+                    last,
+                    f"{files[-1]}: entry seq {hseq} differs from the head (log rewritten)",
+                )
+    return VerifyResult(True, count, last, f"OK: {count} entries, chain intact, last seq {last}")
+
+
+def _ct_eq(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def verify_or_raise(log_paths: Iterable[str | os.PathLike[str]]) -> VerifyResult:
+    res = verify(log_paths)
+    if not res.ok:
+        raise AuditIntegrityError(res.message)
+    return res
