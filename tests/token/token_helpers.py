@@ -1,0 +1,224 @@
+"""Helpers shared by the token store tests (imported by the test modules and conftest.py).
+
+Named token_helpers (not helpers/util) so it cannot clash with another area's test helpers on
+sys.path; tests/token deliberately has no __init__.py, since a package named `token` would
+shadow the standard library module of that name.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vhsmfs.format import MANIFEST_ENTRY, build_file, manifest_digest, parse_file
+
+VENV_BIN = Path(sys.executable).parent
+TOKEN_RE = re.compile(r"^Token: ([0-9a-f-]{36})\b", re.M)
+KEEP_LINE = "Keep this token safe - you'll need it to retrieve your file"
+
+# Root ignores file modes. A subprocess that keeps uid 0 (so it can still run the venv's Python
+# under /root) but has CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH removed from its bounding and
+# inheritable sets is held to the owner's mode bits like any unprivileged user.
+UNPRIVILEGED = [
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--",
+]
+
+
+def vhsm_argv() -> list[str]:
+    exe = shutil.which("vhsm", path=str(VENV_BIN))
+    if exe:
+        return [exe]
+    return [sys.executable, "-m", "cli.main"]
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VHSM_STORE", "TOKEN_CHUNK_SIZE", "TOKEN_PARALLEL_CHUNKS")
+           and not k.startswith("PYTEST_")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    rc: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+    @property
+    def err(self) -> str:
+        return self.stderr.decode("utf-8", "replace")
+
+    def tokens(self) -> list[str]:
+        return TOKEN_RE.findall(self.out)
+
+    def __str__(self) -> str:
+        return (f"$ {' '.join(self.argv)}\nexit {self.rc}\n--- stdout\n{self.out}"
+                f"--- stderr\n{self.err}")
+
+
+def key_encodings(key: bytes) -> list[bytes]:
+    """The ways a key could leak into output: raw, hex (both cases), base64 (both alphabets)."""
+    forms = [key, key.hex().encode(), key.hex().upper().encode(), base64.b64encode(key),
+             base64.urlsafe_b64encode(key), base64.b64encode(key).rstrip(b"=")]
+    return forms
+
+
+def assert_no_key_leak(keys: list[bytes], *blobs: bytes, where: str = "output") -> None:
+    for key in keys:
+        for form in key_encodings(key):
+            for blob in blobs:
+                assert form not in blob, f"key material found in {where}"
+
+
+@dataclass
+class Cli:
+    """Runs `vhsm` as a subprocess in a private working directory (the audit log and the default
+    ./secure_storage go there). Every run is checked for key bytes in its stdout and stderr."""
+
+    cwd: Path
+    keys: list[bytes] = field(default_factory=list)
+    history: list[Result] = field(default_factory=list)
+
+    @property
+    def store_dir(self) -> Path:
+        return self.cwd / "secure_storage"
+
+    def known_keys(self, cwd: Path) -> list[bytes]:
+        found = list(self.keys)
+        for p in list(cwd.glob("auto_generated_key_*.key")) + list(self.cwd.glob("*.key")):
+            data = p.read_bytes()
+            if len(data) == 32:
+                found.append(data)
+        return found
+
+    def __call__(self, *args: str | os.PathLike[str], cwd: Path | None = None,
+                 env: dict[str, str] | None = None, timeout: float = 300,
+                 unprivileged: bool = False, stdin: bytes | None = None) -> Result:
+        argv = (UNPRIVILEGED if unprivileged else []) + vhsm_argv() + [os.fspath(a) for a in args]
+        where = cwd or self.cwd
+        p = subprocess.run(argv, cwd=where, env=clean_env(env), input=stdin or b"",
+                           capture_output=True, timeout=timeout)
+        res = Result(argv, p.returncode, p.stdout, p.stderr)
+        self.history.append(res)
+        assert_no_key_leak(self.known_keys(where), res.stdout, res.stderr,
+                           where=f"the output of {' '.join(argv)}")
+        assert b"Traceback" not in res.stderr, str(res)
+        return res
+
+    def ok(self, *args: str | os.PathLike[str], **kw) -> Result:  # type: ignore[no-untyped-def]
+        res = self(*args, **kw)
+        assert res.rc == 0, str(res)
+        return res
+
+    def keygen(self, name: str = "k.key") -> Path:
+        path = self.cwd / name
+        self.ok("token", "generate-key", path)
+        self.keys.append(path.read_bytes())
+        return path
+
+    def store(self, path: str | os.PathLike[str], key: Path, *extra: str, **kw) -> str:  # type: ignore[no-untyped-def]
+        res = self.ok("token", "store", path, "--key", key, *extra, **kw)
+        toks = res.tokens()
+        assert len(toks) == 1, str(res)
+        return toks[0]
+
+
+def assert_one_line_error(res: Result) -> str:
+    """Non-zero exit, exactly one line on stderr starting with `Error: `, no traceback."""
+    assert res.rc != 0, str(res)
+    lines = [ln for ln in res.err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one error line\n{res}"
+    assert lines[0].startswith("Error: "), str(res)
+    assert "Traceback" not in res.err
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and directory under root (hidden ones too) with a content digest."""
+    out: dict[str, str] = {}
+    if not root.exists():
+        return out
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+def random_bytes(n: int, seed: int) -> bytes:
+    """Deterministic incompressible bytes (fast for large n)."""
+    return random.Random(seed).randbytes(n)
+
+
+def write_random(path: Path, n: int, seed: int = 0) -> bytes:
+    data = random_bytes(n, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+# -- raw store manipulation (what an attacker with write access to the store can do) -----------
+
+def meta_path(store: Path, token: str | uuid.UUID) -> Path:
+    return Path(store) / f"{token}.metadata"
+
+
+def object_paths(store: Path, token: str | uuid.UUID) -> list[Path]:
+    return sorted((Path(store) / f"{token}.data").iterdir())
+
+
+def read_manifest(store: Path, token: str | uuid.UUID) -> list[tuple[int, int, int, bytes]]:
+    parsed = parse_file(meta_path(store, token).read_bytes(), uuid.UUID(str(token)))
+    m = parsed.manifest
+    return [MANIFEST_ENTRY.unpack_from(m, i * MANIFEST_ENTRY.size)
+            for i in range(len(m) // MANIFEST_ENTRY.size)]
+
+
+def rewrite_manifest(
+    store: Path, token: str | uuid.UUID,
+    mutate: Callable[[list[tuple[int, int, int, bytes]]], list[tuple[int, int, int, bytes]]],
+    *, fix_header_digest: bool = True,
+) -> None:
+    """Rewrite the plaintext manifest as an attacker without the key would: change entries,
+    optionally recompute the manifest digest in the header, and always recompute the SHA-256
+    trailer. The encrypted metadata is left as it was (it cannot be forged without the key)."""
+    tok = uuid.UUID(str(token))
+    path = meta_path(store, tok)
+    parsed = parse_file(path.read_bytes(), tok)
+    entries = [MANIFEST_ENTRY.unpack_from(parsed.manifest, i * MANIFEST_ENTRY.size)
+               for i in range(len(parsed.manifest) // MANIFEST_ENTRY.size)]
+    new = mutate(entries)
+    manifest = b"".join(MANIFEST_ENTRY.pack(*e) for e in new)
+    header = parsed.header
+    header.chunk_count = len(new)
+    if fix_header_digest:
+        header.manifest_digest = manifest_digest(manifest)
+    path.write_bytes(build_file(header, manifest, parsed.meta_nonce, parsed.meta_ciphertext))
+
+
+def record_digest(record: bytes) -> bytes:
+    return hashlib.sha256(record).digest()
