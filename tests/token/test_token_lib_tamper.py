@@ -1,0 +1,459 @@
+"""Tampering with the raw store, at library level (fast enough to try every byte).
+
+An attacker (or a failing disk) with write access to the store directory can change, truncate,
+delete, swap and reorder anything. For every such change: retrieve must fail without releasing
+any output, and `verify` with the key must fail. `verify --no-key` (verify_ciphertext) must fail
+whenever ciphertext or metadata bytes changed and the plaintext manifest was not rewritten to
+match; see test_nokey_verify_cannot_detect_consistent_manifest_forgery for what it cannot see.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from token_helpers import (
+    meta_path,
+    object_paths,
+    random_bytes,
+    read_manifest,
+    record_digest,
+    rewrite_manifest,
+)
+
+import vhsmfs.store as store_mod
+from vhsmfs.backend import LocalBackend
+from vhsmfs.errors import IntegrityError, TokenNotFoundError, VhsmError, WrongKeyError
+from vhsmfs.format import CHUNK_AAD_MAGIC
+from vhsmfs.keyfile import StaticKeyProvider
+from vhsmfs.store import TokenStore
+from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
+
+CS = 512
+SIZE = 3 * CS - 100  # three chunks: 512, 512, 412
+
+
+def store_one(ts: TokenStore, tmp: Path, name: str = "doc.bin", seed: int = 1,
+              size: int = SIZE) -> tuple[uuid.UUID, bytes]:
+    data = random_bytes(size, seed)
+    src = tmp / "src" / name
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(data)
+    return ts.store_file(src), data
+
+
+def failures(ts: TokenStore, tok: uuid.UUID, out: Path, *, nokey: bool = True) -> list[str]:
+    """Run retrieve, verify_full and (optionally) verify_ciphertext; return what did NOT fail.
+    `out` must not exist beforehand: a failed retrieve must not create it."""
+    missed = []
+    assert not out.exists()
+    try:
+        ts.retrieve(tok, out)
+        missed.append("retrieve")
+    except VhsmError:
+        pass
+    if out.exists():
+        missed.append(f"retrieve left {sorted(os.listdir(out))} in a new output directory")
+        shutil.rmtree(out)
+    try:
+        ts.verify_full(tok)
+        missed.append("verify_full")
+    except VhsmError:
+        pass
+    if nokey:
+        try:
+            ts.verify_ciphertext(tok)
+            missed.append("verify_ciphertext")
+        except VhsmError:
+            pass
+    return missed
+
+
+def assert_intact(ts: TokenStore, tok: uuid.UUID, data: bytes, out: Path) -> None:
+    ts.verify_full(tok)
+    ts.verify_ciphertext(tok)
+    assert ts.retrieve(tok, out).read_bytes() == data
+    shutil.rmtree(out)
+
+
+@pytest.fixture
+def three(make_store, tmp_path: Path):  # type: ignore[no-untyped-def]
+    ts = make_store(chunk_size=CS)
+    tok, data = store_one(ts, tmp_path)
+    return ts, tok, data, Path(ts.backend.root)
+
+
+# -- every single-byte change -------------------------------------------------------------------
+
+def _sweep(ts: TokenStore, tok: uuid.UUID, files: list[Path], out: Path) -> list[str]:
+    undetected = []
+    for path in files:
+        original = path.read_bytes()
+        buf = bytearray(original)
+        for i in range(len(buf)):
+            buf[i] ^= 0x01  # the smallest change: one bit
+            path.write_bytes(buf)
+            missed = failures(ts, tok, out)
+            if missed:
+                undetected.append(f"{path.name}[{i}]: {missed}")
+            buf[i] ^= 0x01
+        path.write_bytes(original)
+    return undetected
+
+
+def test_every_byte_of_metadata_file(three, tmp_path: Path) -> None:
+    ts, tok, data, root = three
+    assert _sweep(ts, tok, [meta_path(root, tok)], tmp_path / "out") == []
+    assert_intact(ts, tok, data, tmp_path / "out")
+
+
+def test_every_byte_of_every_object(three, tmp_path: Path) -> None:
+    ts, tok, data, root = three
+    objs = object_paths(root, tok)
+    assert sum(p.stat().st_size for p in objs) == SIZE + 3 * 28
+    assert _sweep(ts, tok, objs, tmp_path / "out") == []
+    assert_intact(ts, tok, data, tmp_path / "out")
+
+
+def test_every_byte_one_record_per_object(make_store, tmp_path: Path) -> None:
+    """Same sweep when each chunk lives in an object of its own (object roll-over path)."""
+    ts = make_store(chunk_size=CS)
+    with mock.patch.object(store_mod, "RUN_TARGET", CS), \
+         mock.patch.object(store_mod, "OBJECT_TARGET", 1):
+        tok, data = store_one(ts, tmp_path)
+    root = Path(ts.backend.root)
+    objs = object_paths(root, tok)
+    assert len(objs) == 3
+    assert _sweep(ts, tok, [meta_path(root, tok), *objs], tmp_path / "out") == []
+    assert_intact(ts, tok, data, tmp_path / "out")
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(which=st.integers(0, 1), pos=st.integers(0, 10**6), xor=st.integers(1, 255),
+       size=st.sampled_from([1, CS - 1, CS, CS + 1, SIZE]))
+def test_any_byte_value_change(which: int, pos: int, xor: int, size: int) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        ts = TokenStore(LocalBackend(tmp / "store"), StaticKeyProvider(os.urandom(32)),
+                        chunk_size=CS, parallel=1)
+        tok, _ = store_one(ts, tmp, size=size)
+        path = [meta_path(tmp / "store", tok), *object_paths(tmp / "store", tok)][which]
+        buf = bytearray(path.read_bytes())
+        buf[pos % len(buf)] ^= xor
+        path.write_bytes(buf)
+        assert failures(ts, tok, tmp / "out") == []
+
+
+# -- deleted, truncated or extended files ------------------------------------------------------
+
+def test_object_deleted(three, tmp_path: Path) -> None:
+    ts, tok, _, root = three
+    object_paths(root, tok)[0].unlink()
+    assert failures(ts, tok, tmp_path / "out") == []
+
+
+def test_data_directory_deleted(three, tmp_path: Path) -> None:
+    ts, tok, _, root = three
+    shutil.rmtree(root / f"{tok}.data")
+    assert failures(ts, tok, tmp_path / "out") == []
+
+
+def test_metadata_deleted_means_unknown_token(three, tmp_path: Path) -> None:
+    ts, tok, _, root = three
+    meta_path(root, tok).unlink()
+    with pytest.raises(TokenNotFoundError):
+        ts.retrieve(tok, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_object_truncated_at_every_length(three, tmp_path: Path) -> None:
+    ts, tok, data, root = three
+    obj = object_paths(root, tok)[0]
+    original = obj.read_bytes()
+    undetected = []
+    for n in range(len(original)):
+        obj.write_bytes(original[:n])
+        missed = failures(ts, tok, tmp_path / "out")
+        if missed:
+            undetected.append((n, missed))
+    obj.write_bytes(original)
+    assert undetected == []
+    assert_intact(ts, tok, data, tmp_path / "out")
+
+
+def test_metadata_truncated_or_extended(three, tmp_path: Path) -> None:
+    ts, tok, _, root = three
+    meta = meta_path(root, tok)
+    original = meta.read_bytes()
+    undetected = []
+    for variant in [original[:n] for n in range(len(original))] + [original + b"\x00",
+                                                                     original + original[-32:]]:
+        meta.write_bytes(variant)
+        missed = failures(ts, tok, tmp_path / "out")
+        if missed:
+            undetected.append((len(variant), missed))
+    assert undetected == []
+
+
+def test_truncation_by_dropping_final_chunk_and_rewriting_manifest(three, tmp_path: Path) -> None:
+    """Drop the last record and its manifest entry, recompute digest and trailer: the manifest
+    digest is authenticated with the metadata, so retrieve fails."""
+    ts, tok, _, root = three
+    entries = read_manifest(root, tok)
+    obj = object_paths(root, tok)[0]
+    obj.write_bytes(obj.read_bytes()[: entries[-1][1]])
+    rewrite_manifest(root, tok, lambda e: e[:-1])
+    ts.verify_ciphertext(tok)  # consistent to a key-less check (see the forgery test below)
+    assert failures(ts, tok, tmp_path / "out", nokey=False) == []
+
+
+# -- swapping between tokens --------------------------------------------------------------------
+
+@pytest.fixture
+def pair(make_store, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Two tokens of the same shape under the same key."""
+    ts = make_store(chunk_size=CS)
+    a, da = store_one(ts, tmp_path / "a", seed=1)
+    b, db = store_one(ts, tmp_path / "b", seed=2)
+    return ts, Path(ts.backend.root), (a, da), (b, db)
+
+
+def _swap_files(p: Path, q: Path) -> None:
+    x, y = p.read_bytes(), q.read_bytes()
+    p.write_bytes(y)
+    q.write_bytes(x)
+
+
+def test_objects_swapped_between_tokens(pair, tmp_path: Path) -> None:
+    ts, root, (a, _), (b, _) = pair
+    _swap_files(object_paths(root, a)[0], object_paths(root, b)[0])
+    assert failures(ts, a, tmp_path / "oa") == []
+    assert failures(ts, b, tmp_path / "ob") == []
+
+
+def test_data_directories_swapped_between_tokens(pair, tmp_path: Path) -> None:
+    ts, root, (a, _), (b, _) = pair
+    (root / f"{a}.data").rename(root / "tmpdir")
+    (root / f"{b}.data").rename(root / f"{a}.data")
+    (root / "tmpdir").rename(root / f"{b}.data")
+    assert failures(ts, a, tmp_path / "oa") == []
+    assert failures(ts, b, tmp_path / "ob") == []
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_one_record_spliced_from_other_token(pair, tmp_path: Path, index: int) -> None:
+    """Record `index` of B copied over record `index` of A (same length, same key, same position):
+    only the AEAD (per-token key, token id in the AAD) can tell; retrieve checks no digests."""
+    ts, root, (a, _), (b, _) = pair
+    ea, eb = read_manifest(root, a), read_manifest(root, b)
+    _, off_a, len_a, _ = ea[index]
+    _, off_b, len_b, _ = eb[index]
+    assert len_a == len_b
+    oa, ob = object_paths(root, a)[0], object_paths(root, b)[0]
+    buf = bytearray(oa.read_bytes())
+    buf[off_a : off_a + len_a] = ob.read_bytes()[off_b : off_b + len_b]
+    oa.write_bytes(buf)
+    with pytest.raises(IntegrityError, match=f"chunk {index} failed authentication"):
+        ts.retrieve(a, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert failures(ts, a, tmp_path / "out") == []
+
+
+def test_record_spliced_and_manifest_forged(pair, tmp_path: Path) -> None:
+    """As above, and the attacker also rewrites A's manifest digest, header digest and trailer."""
+    ts, root, (a, _), (b, _) = pair
+    ea, eb = read_manifest(root, a), read_manifest(root, b)
+    oa, ob = object_paths(root, a)[0], object_paths(root, b)[0]
+    rec = ob.read_bytes()[eb[1][1] : eb[1][1] + eb[1][2]]
+    buf = bytearray(oa.read_bytes())
+    buf[ea[1][1] : ea[1][1] + ea[1][2]] = rec
+    oa.write_bytes(buf)
+
+    def fix(entries):  # type: ignore[no-untyped-def]
+        entries[1] = (*entries[1][:3], record_digest(rec))
+        return entries
+
+    rewrite_manifest(root, a, fix)
+    with pytest.raises(IntegrityError, match="metadata failed authentication"):
+        ts.retrieve(a, tmp_path / "out")
+    assert failures(ts, a, tmp_path / "out", nokey=False) == []
+
+
+def test_metadata_swapped_between_tokens(pair, tmp_path: Path) -> None:
+    ts, root, (a, _), (b, _) = pair
+    _swap_files(meta_path(root, a), meta_path(root, b))
+    assert failures(ts, a, tmp_path / "oa") == []
+    assert failures(ts, b, tmp_path / "ob") == []
+
+
+def test_metadata_copied_with_token_id_patched(pair, tmp_path: Path) -> None:
+    """B's metadata placed under A's name with the token id field rewritten to A's and the
+    trailer recomputed: the token id is bound into the key derivation and the metadata AAD."""
+    ts, root, (a, _), (b, _) = pair
+    from vhsmfs.format import build_file, parse_file
+
+    parsed = parse_file(meta_path(root, b).read_bytes(), b)
+    parsed.header.token_id = a
+    meta_path(root, a).write_bytes(
+        build_file(parsed.header, parsed.manifest, parsed.meta_nonce, parsed.meta_ciphertext))
+    with pytest.raises((IntegrityError, WrongKeyError)):
+        ts.retrieve(a, tmp_path / "out")
+    assert failures(ts, a, tmp_path / "out", nokey=False) == []
+
+
+def test_whole_token_renamed_never_yields_other_content(pair, tmp_path: Path) -> None:
+    """B's metadata and data renamed to A (token id patched too): retrieving A must never
+    give B's plaintext."""
+    ts, root, (a, _), (b, db) = pair
+    from vhsmfs.format import build_file, parse_file
+
+    shutil.rmtree(root / f"{a}.data")
+    (root / f"{b}.data").rename(root / f"{a}.data")
+    parsed = parse_file(meta_path(root, b).read_bytes(), b)
+    parsed.header.token_id = a
+    meta_path(root, a).write_bytes(
+        build_file(parsed.header, parsed.manifest, parsed.meta_nonce, parsed.meta_ciphertext))
+    meta_path(root, b).unlink()
+    assert failures(ts, a, tmp_path / "out", nokey=False) == []
+    for dirpath, _, files in os.walk(tmp_path):
+        for f in files:
+            p = Path(dirpath) / f
+            if "store" not in p.parts and "src" not in p.parts:
+                assert p.read_bytes() != db
+
+
+# -- reordering within a token ------------------------------------------------------------------
+
+def _swap_records(root: Path, tok: uuid.UUID, i: int, j: int) -> None:
+    e = read_manifest(root, tok)
+    assert e[i][2] == e[j][2]
+    obj = object_paths(root, tok)[0]
+    buf = bytearray(obj.read_bytes())
+    ri = bytes(buf[e[i][1] : e[i][1] + e[i][2]])
+    rj = bytes(buf[e[j][1] : e[j][1] + e[j][2]])
+    buf[e[i][1] : e[i][1] + e[i][2]] = rj
+    buf[e[j][1] : e[j][1] + e[j][2]] = ri
+    obj.write_bytes(buf)
+
+
+def test_records_reordered_manifest_untouched(three, tmp_path: Path) -> None:
+    """Records 0 and 1 swapped in the object, manifest left alone: retrieve (which does not
+    check the plaintext digests) is stopped by the AEAD (chunk index in the AAD); verify
+    --no-key by the digests."""
+    ts, tok, _, root = three
+    _swap_records(root, tok, 0, 1)
+    with pytest.raises(IntegrityError, match="chunk 0 failed authentication"):
+        ts.retrieve(tok, tmp_path / "out")
+    assert failures(ts, tok, tmp_path / "out") == []
+
+
+def test_records_reordered_and_manifest_digests_fixed(three, tmp_path: Path) -> None:
+    """Records swapped and the manifest's digests swapped to match, header digest and trailer
+    recomputed: the manifest digest is authenticated with the metadata, so that fails."""
+    ts, tok, _, root = three
+    _swap_records(root, tok, 0, 1)
+
+    def fix(e):  # type: ignore[no-untyped-def]
+        e[0], e[1] = (*e[0][:3], e[1][3]), (*e[1][:3], e[0][3])
+        return e
+
+    rewrite_manifest(root, tok, fix)
+    with pytest.raises(IntegrityError, match="metadata failed authentication"):
+        ts.retrieve(tok, tmp_path / "out")
+    assert failures(ts, tok, tmp_path / "out", nokey=False) == []
+
+
+def test_records_reordered_digests_fixed_header_digest_stale(three, tmp_path: Path) -> None:
+    ts, tok, _, root = three
+    _swap_records(root, tok, 0, 1)
+
+    def fix(e):  # type: ignore[no-untyped-def]
+        e[0], e[1] = (*e[0][:3], e[1][3]), (*e[1][:3], e[0][3])
+        return e
+
+    rewrite_manifest(root, tok, fix, fix_header_digest=False)
+    assert failures(ts, tok, tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("fix_header", [True, False])
+def test_manifest_entries_reordered(three, tmp_path: Path, fix_header: bool) -> None:
+    """Objects untouched; manifest entries 0 and 1 swapped (each still points at a record whose
+    digest matches), so chunks would be read in the wrong order."""
+    ts, tok, _, root = three
+
+    def swap(e):  # type: ignore[no-untyped-def]
+        e[0], e[1] = e[1], e[0]
+        return e
+
+    rewrite_manifest(root, tok, swap, fix_header_digest=fix_header)
+    assert failures(ts, tok, tmp_path / "out", nokey=not fix_header) == []
+
+
+def test_nokey_verify_cannot_detect_consistent_manifest_forgery(three, tmp_path: Path) -> None:
+    """What `verify --no-key` cannot detect, by design.
+
+    Without the key only the plaintext manifest (per-record SHA-256), the manifest digest in the
+    header and the SHA-256 trailer can be checked, and an attacker can recompute all three. So a
+    *consistent* forgery -- records reordered, spliced or dropped, with the manifest entries,
+    the header's manifest digest and the trailer rewritten to match -- passes `--no-key`. It
+    cannot pass the keyed checks: the header (with the manifest digest) is the AAD of the
+    encrypted metadata, which only the key holder can produce. `--no-key` is a scrub for
+    accidental damage (bit rot, truncation, lost files), not an authenticity check.
+    """
+    ts, tok, _, root = three
+    _swap_records(root, tok, 0, 1)
+
+    def fix(e):  # type: ignore[no-untyped-def]
+        e[0], e[1] = (*e[0][:3], e[1][3]), (*e[1][:3], e[0][3])
+        return e
+
+    rewrite_manifest(root, tok, fix)
+    ts.verify_ciphertext(tok)  # passes: the documented limitation
+    with pytest.raises(IntegrityError):
+        ts.verify_full(tok)
+    assert failures(ts, tok, tmp_path / "out", nokey=False) == []
+
+
+# -- the AEAD binding itself (independent of metadata and digests) -------------------------------
+
+def test_aead_binds_index_final_marker_and_token(master_key: bytes) -> None:
+    t1, t2 = uuid.uuid4(), uuid.uuid4()
+    salt = os.urandom(32)
+    k1 = TokenKeys(master_key, salt, t1)
+    plain = random_bytes(3 * CS, 5)
+    recs, entries = k1.encrypt_run(plain, 0, CS, 2)
+    lens = [n for n, _ in entries]
+    assert bytes(k1.decrypt_run(recs, lens, 0, 2)) == plain
+    r = [bytes(recs[i * lens[0] : (i + 1) * lens[0]]) for i in range(3)]
+    with pytest.raises(ChunkAuthError):  # reordered
+        k1.decrypt_run(r[1] + r[0] + r[2], lens, 0, 2)
+    with pytest.raises(ChunkAuthError):  # truncated: chunk 1 presented as the final one
+        k1.decrypt_run(r[0] + r[1], lens[:2], 0, 1)
+    with pytest.raises(ChunkAuthError):  # extended: final chunk presented as non-final
+        k1.decrypt_run(recs + recs[:lens[0]], lens + lens[:1], 0, 3)
+    with pytest.raises(ChunkAuthError):  # other token, same key and salt
+        TokenKeys(master_key, salt, t2).decrypt_run(recs, lens, 0, 2)
+    with pytest.raises(ChunkAuthError):  # other salt
+        TokenKeys(master_key, os.urandom(32), t1).decrypt_run(recs, lens, 0, 2)
+    assert CHUNK_AAD_MAGIC and "TokenKeys(" in repr(k1) and master_key.hex() not in repr(k1)
+
+
+# -- wrong key ----------------------------------------------------------------------------------
+
+def test_wrong_key(three, make_store, tmp_path: Path) -> None:
+    ts, tok, _, root = three
+    other = make_store(root, key=os.urandom(32))
+    with pytest.raises(WrongKeyError):
+        other.retrieve(tok, tmp_path / "out")
+    with pytest.raises(WrongKeyError):
+        other.verify_full(tok)
+    assert not (tmp_path / "out").exists()
+    assert other.summary(tok).readable is False
+    assert other.summary(tok).name is None
