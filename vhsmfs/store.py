@@ -479,7 +479,7 @@ class TokenStore:
                     try:
                         out.flush()
                         os.fsync(out.fileno())
-                        os.fchmod(out.fileno(), t.meta.mode & 0o7777)
+                        os.fchmod(out.fileno(), t.meta.mode & 0o777)  # never setuid/setgid
                     except OSError as e:
                         raise OutputError(f"cannot write {dest}: {e.strerror}") from None
                 if t.meta.mtime_ns:
