@@ -17,10 +17,12 @@ import fcntl
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from vhsmfs.errors import StoreError, TokenNotFoundError
+
+Buffer = bytes | bytearray | memoryview
 
 STORE_MARKER = "VHSM-STORE"
 STORE_MARKER_TEXT = b"vhsm-store 1\n"
@@ -42,7 +44,7 @@ class ObjectReader(Protocol):
 class Backend(Protocol):
     def token_ids(self) -> list[uuid.UUID]: ...
     def read_metadata(self, token: uuid.UUID) -> bytes: ...
-    def commit_metadata(self, token: uuid.UUID, data: bytes) -> None: ...
+    def commit_metadata(self, token: uuid.UUID, data: bytes | Sequence[Buffer]) -> None: ...
     def new_object(self, token: uuid.UUID, object_id: int) -> ObjectWriter: ...
     def open_object(self, token: uuid.UUID, object_id: int) -> ObjectReader: ...
     def object_sizes(self, token: uuid.UUID) -> dict[int, int]: ...
@@ -182,7 +184,7 @@ class LocalBackend:
         except FileNotFoundError:
             raise TokenNotFoundError(f"token {token} not found in {self.root}") from None
 
-    def commit_metadata(self, token: uuid.UUID, data: bytes) -> None:
+    def commit_metadata(self, token: uuid.UUID, data: bytes | Sequence[Buffer]) -> None:
         """Publish a new metadata file atomically: objects it names must be durable first, so the
         data directory is fsynced, then temp file written + fsynced, renamed, root fsynced."""
         data_dir = self._data_dir(token)
@@ -191,9 +193,10 @@ class LocalBackend:
         tmp = os.path.join(self.root, f".{token}.metadata.{os.getpid()}.{os.urandom(4).hex()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for part in [data] if isinstance(data, bytes | bytearray) else data:
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
             os.close(fd)
             fd = -1

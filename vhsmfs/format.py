@@ -148,19 +148,28 @@ def manifest_digest(manifest: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(manifest).digest()
 
 
+def build_parts(
+    header: Header, manifest: bytes | bytearray, meta_nonce: bytes, meta_ct: bytes
+) -> list[bytes | bytearray]:
+    """The metadata file as a list of buffers (header, manifest, meta, trailer), so a large
+    manifest is written without being copied into one big bytes object."""
+    parts: list[bytes | bytearray] = [
+        header.pack(),
+        manifest,
+        META_LEN.pack(len(meta_nonce) + len(meta_ct)) + meta_nonce + meta_ct,
+    ]
+    trailer = hashlib.sha256()
+    for part in parts:
+        trailer.update(part)
+    parts.append(trailer.digest())
+    return parts
+
+
 def build_file(
     header: Header, manifest: bytes | bytearray, meta_nonce: bytes, meta_ct: bytes
 ) -> bytes:
     """Serialize: header || manifest || meta length || nonce || ciphertext || SHA-256 trailer."""
-    parts = [
-        header.pack(),
-        bytes(manifest),
-        META_LEN.pack(len(meta_nonce) + len(meta_ct)),
-        meta_nonce,
-        meta_ct,
-    ]
-    body = b"".join(parts)
-    return body + hashlib.sha256(body).digest()
+    return b"".join(build_parts(header, manifest, meta_nonce, meta_ct))
 
 
 def parse_file(data: bytes, expected_token: uuid.UUID) -> ParsedFile:
@@ -175,20 +184,20 @@ def parse_file(data: bytes, expected_token: uuid.UUID) -> ParsedFile:
     version = struct.unpack_from(">H", data, 8)[0]
     if version != FORMAT_VERSION:
         raise StoreError(f"token {tid}: format version {version} is not supported by this vhsm")
-    body, trailer = data[:-DIGEST_LEN], data[-DIGEST_LEN:]
-    if hashlib.sha256(body).digest() != trailer:
+    body = memoryview(data)[:-DIGEST_LEN]  # a view: no copy of a large manifest
+    if hashlib.sha256(body).digest() != data[-DIGEST_LEN:]:
         raise IntegrityError(f"token {tid}: metadata checksum mismatch (modified or truncated)")
     (_, _, tok, salt, kcv, gen, csize, count, next_obj, mdig, kref_len) = FIXED_HEADER.unpack_from(
         body, 0
     )
     pos = FIXED_HEADER.size
-    key_ref = body[pos : pos + kref_len]
+    key_ref = bytes(body[pos : pos + kref_len])
     pos += kref_len
-    header_bytes = body[:pos]
+    header_bytes = bytes(body[:pos])
     man_len = count * MANIFEST_ENTRY.size
     if not (MIN_CHUNK_SIZE <= csize <= MAX_CHUNK_SIZE) or pos + man_len + META_LEN.size > len(body):
         raise IntegrityError(f"token {tid}: metadata is malformed")
-    manifest = body[pos : pos + man_len]
+    manifest = bytes(body[pos : pos + man_len])
     pos += man_len
     (meta_len,) = META_LEN.unpack_from(body, pos)
     pos += META_LEN.size
@@ -199,8 +208,8 @@ def parse_file(data: bytes, expected_token: uuid.UUID) -> ParsedFile:
     if manifest_digest(manifest) != mdig:
         raise IntegrityError(f"token {tid}: chunk manifest does not match its digest")
     header = Header(uuid.UUID(bytes=tok), salt, kcv, gen, csize, count, next_obj, mdig, key_ref)
-    return ParsedFile(header, header_bytes, manifest, body[pos : pos + NONCE_LEN],
-                      body[pos + NONCE_LEN :])
+    return ParsedFile(header, header_bytes, manifest, bytes(body[pos : pos + NONCE_LEN]),
+                      bytes(body[pos + NONCE_LEN :]))
 
 
 def record_len(chunk_size: int, size: int, index: int, count: int) -> int:

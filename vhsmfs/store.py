@@ -41,7 +41,7 @@ from vhsmfs.format import (
     Header,
     Metadata,
     ParsedFile,
-    build_file,
+    build_parts,
     chunk_count_for,
     manifest_digest,
     parse_file,
@@ -225,10 +225,11 @@ class TokenStore:
 
     # -- metadata ---------------------------------------------------------------------------------
     def seal(self, keys: TokenKeys, header: Header, manifest: bytes | bytearray,
-             meta: Metadata) -> bytes:
+             meta: Metadata) -> list[bytes | bytearray]:
+        """The metadata file's parts (see format.build_parts), ready for commit_metadata."""
         header_bytes = header.pack()
         nonce, ct = keys.seal_metadata(meta.to_json(), header_bytes)
-        return build_file(header, manifest, nonce, ct)
+        return build_parts(header, manifest, nonce, ct)
 
     def parse(self, token: uuid.UUID) -> ParsedFile:
         return parse_file(self.backend.read_metadata(token), token)
