@@ -22,12 +22,9 @@ def _register() -> None:
         key_cmds.register(vhsm)
     except ImportError:
         pass
-    try:
-        from cli import mount_cmds  # the FUSE mount
+    from cli import mount_cmds  # the FUSE mount
 
-        mount_cmds.register(vhsm)
-    except ImportError:
-        pass
+    mount_cmds.register(vhsm)
 
 
 def main() -> None:

@@ -1,0 +1,294 @@
+"""pyfuse3 operations: thin async handlers over the synchronous Vault (vault.py).
+
+Each request that does I/O or crypto makes exactly one hop to a worker thread, bounded by a
+CapacityLimiter; memory-only requests (lookup of known names, getattr, readdir) answer on the
+loop. OSError and store errors become FUSEError(errno) here and only here, with one log line
+that names the operation and inode, never file contents or key material.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from vhsmfs.errors import IntegrityError, TokenNotFoundError, VhsmError
+from vhsmfs.mount.vault import ROOT_INO, UUID_RE, Attr, FileNode, Invalidation, Node, Vault
+
+log = logging.getLogger("vhsm.mount")
+
+T = TypeVar("T")
+ENTRY_TIMEOUT = 10.0  # the kernel may cache names/attributes this long; CLI changes invalidate
+BLKSIZE = 1 << 20  # advertised I/O size: tools like cp size their buffers from it
+QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY}  # expected answers, logged at debug
+
+
+def boundary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Translate errors raised below into FUSEError, with a log line."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: VaultOps, *args: Any) -> T:
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            code = e.errno or errno.EIO
+            level = logging.DEBUG if code in QUIET else logging.WARNING
+            log.log(level, "%s%s: %s", fn.__name__, _brief(args), os.strerror(code))
+            raise pyfuse3.FUSEError(code) from None
+        except TokenNotFoundError as e:
+            log.warning("%s%s: %s", fn.__name__, _brief(args), e)
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except IntegrityError as e:
+            log.error("%s%s: %s", fn.__name__, _brief(args), e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except VhsmError as e:
+            log.error("%s%s: %s", fn.__name__, _brief(args), e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s%s failed", fn.__name__, _brief(args))
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _brief(args: tuple[Any, ...]) -> str:
+    """Inode numbers and names only: never the data of a write."""
+    shown = [repr(a) if isinstance(a, int | bytes) and not (isinstance(a, bytes) and len(a) > 255)
+             else "…" for a in args[:2]]
+    return "(" + ", ".join(shown) + ")"
+
+
+def _entry(a: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = a.ino
+    e.generation = 0
+    e.entry_timeout = ENTRY_TIMEOUT
+    e.attr_timeout = ENTRY_TIMEOUT
+    e.st_mode = a.mode
+    e.st_nlink = a.nlink
+    e.st_uid = a.uid
+    e.st_gid = a.gid
+    e.st_rdev = 0
+    e.st_size = a.size
+    e.st_blksize = BLKSIZE
+    e.st_blocks = a.blocks
+    e.st_atime_ns = a.atime_ns
+    e.st_mtime_ns = a.mtime_ns
+    e.st_ctime_ns = a.ctime_ns
+    return e
+
+
+class VaultOps(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, vault: Vault, *, threads: int = 8) -> None:
+        super().__init__()
+        self.vault = vault
+        # Bounds worker threads (and so memory of requests in flight) across all requests.
+        self.limiter = trio.CapacityLimiter(threads)
+        self._fhs = itertools.count(1)
+        self._files: dict[int, FileNode] = {}
+        self._dirs: dict[int, tuple[int, list[tuple[int, str, Node]]]] = {}
+
+    async def _hop(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw),
+                                             limiter=self.limiter)
+
+    def _invalidate(self, inval: list[Invalidation]) -> None:
+        for parent, name, ino in inval:
+            try:
+                pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=ino,
+                                               ignore_enoent=True)
+            except Exception as e:  # the entry may simply not be cached
+                log.debug("invalidate %d/%s: %s", parent, name, e)
+
+    def _fh(self, fh: int) -> FileNode:
+        node = self._files.get(fh)
+        if node is None:
+            raise OSError(errno.EBADF, "bad file handle")
+        return node
+
+    # -- names and attributes --------------------------------------------------------------------
+    @boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        text = os.fsdecode(name)
+        v = self.vault
+        try:
+            node = v.lookup(parent_inode, text)
+        except FileNotFoundError:
+            if parent_inode != ROOT_INO or not UUID_RE.match(text):
+                raise
+            found = await self._hop(v.lookup_token, text)  # stored by the CLI meanwhile?
+            if found is None:
+                raise
+            node = found
+        v.remember(node)
+        return _entry(v.attr(node))
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.vault.forget(ino, n)
+
+    @boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return _entry(self.vault.attr(self.vault.node(inode)))
+
+    @boundary
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = await self._hop(
+            self.vault.setattr, inode,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return _entry(self.vault.attr(node))
+
+    @boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        st = await self._hop(self.vault.statfs)
+        if st is not None:
+            s.f_bsize, s.f_frsize = st.f_bsize, st.f_frsize
+            s.f_blocks, s.f_bfree, s.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail
+            s.f_files, s.f_ffree, s.f_favail = st.f_files, st.f_ffree, st.f_favail
+        s.f_namemax = 255
+        return s
+
+    # -- directories ------------------------------------------------------------------------------
+    @boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        v = self.vault
+        v.dir(inode)
+        if inode == ROOT_INO:  # listing the top level picks up CLI stores and deletes
+            self._invalidate(await self._hop(v.rescan))
+        fh = next(self._fhs)
+        self._dirs[fh] = (inode, v.listing(inode))
+        return fh
+
+    @boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        inode, entries = self._dirs[fh]
+        v = self.vault
+        k = bisect.bisect_right(entries, start_id, key=lambda e: e[0])
+        for seq, name, node in entries[k:]:
+            if not v.still_there(inode, name, node):
+                continue  # removed since opendir: never listed twice, never shifts the rest
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), _entry(v.attr(node)), seq):
+                break
+            v.remember(node)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        inode, _ = self._dirs[fh]
+        await self._hop(self.vault.fsyncdir, inode)
+
+    @boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        d = await self._hop(self.vault.mkdir, parent_inode, os.fsdecode(name),
+                            mode & ~ctx.umask, ctx.uid, ctx.gid)
+        return _entry(self.vault.attr(d))
+
+    @boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._invalidate(await self._hop(self.vault.rmdir, parent_inode, os.fsdecode(name)))
+
+    @boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._invalidate(await self._hop(self.vault.unlink, parent_inode, os.fsdecode(name)))
+
+    @boundary
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise OSError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
+        self._invalidate(await self._hop(
+            self.vault.rename, parent_inode_old, os.fsdecode(name_old), parent_inode_new,
+            os.fsdecode(name_new), noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE)))
+
+    @boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise OSError(errno.EPERM, "the vault holds regular files and directories only")
+
+    @boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise OSError(errno.EPERM, "hard links are not supported")
+
+    @boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EPERM, "the vault holds regular files and directories only")
+        node = await self._hop(self._mknod, parent_inode, os.fsdecode(name),
+                               mode & ~ctx.umask, ctx.uid, ctx.gid)
+        return _entry(self.vault.attr(node))
+
+    def _mknod(self, parent: int, name: str, mode: int, uid: int, gid: int) -> FileNode:
+        node = self.vault.create(parent, name, mode, uid, gid)
+        self.vault.release(node)  # publishes the empty file
+        return node
+
+    # -- files ------------------------------------------------------------------------------------
+    @boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = await self._hop(self.vault.create, parent_inode, os.fsdecode(name),
+                               mode & ~ctx.umask, ctx.uid, ctx.gid)
+        fh = next(self._fhs)
+        self._files[fh] = node
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), _entry(self.vault.attr(node))
+
+    @boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        node = await self._hop(self.vault.open, inode, bool(flags & os.O_TRUNC))
+        fh = next(self._fhs)
+        self._files[fh] = node
+        # Only this mount changes a token's content, so cached pages stay valid across opens.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self._hop(self.vault.read, self._fh(fh), off, size)
+
+    @boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._hop(self.vault.write, self._fh(fh), off, buf)
+
+    @boundary
+    async def flush(self, fh: int) -> None:
+        await self._hop(self.vault.flush, self._fh(fh))
+
+    @boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._hop(self.vault.fsync, self._fh(fh))
+
+    @boundary
+    async def release(self, fh: int) -> None:
+        node = self._files.pop(fh, None)
+        if node is not None:
+            self._invalidate(await self._hop(self.vault.release, node))

@@ -1,0 +1,508 @@
+"""Random access to one token's plaintext, with copy-on-write commits (docs/MOUNT.md).
+
+A TokenFile is the mount's view of one token. Reads decrypt only the chunks they touch; writes
+go to dirty plaintext chunks held in memory. Nothing on disk is ever modified in place:
+
+* write-back encrypts dirty chunks into a NEW object of the token (fresh nonces), appended;
+* commit finishes (fsyncs) that object and publishes a new metadata file (generation + 1) with the
+  new manifest, then wipes objects no longer referenced. A crash before the metadata rename leaves
+  the previous generation intact; the orphaned object is removed the next time the token is
+  written (or by `collect_garbage` for a token that never committed).
+
+The final-chunk marker is part of every record's AAD, so the chunk that ends the file is always
+kept dirty until commit, and any chunk that stops (or starts) being the last one is re-encrypted.
+
+Not thread-safe by itself: callers hold `lock` (the mount serializes each file's requests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+from vhsmfs.backend import ObjectReader, ObjectWriter
+from vhsmfs.errors import IntegrityError
+from vhsmfs.format import (
+    MANIFEST_ENTRY,
+    RECORD_OVERHEAD,
+    SALT_LEN,
+    Header,
+    Metadata,
+    chunk_count_for,
+    manifest_digest,
+)
+from vhsmfs.store import OpenedToken, TokenStore
+from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
+
+ENTRY = MANIFEST_ENTRY.size
+# A manifest entry for a chunk that has no record yet (a hole from sparse extension, or a chunk
+# only held dirty in memory). Never committed: every such chunk is encrypted before a commit.
+NO_OBJECT = 0xFFFFFFFF
+SENTINEL = MANIFEST_ENTRY.pack(NO_OBJECT, 0, 0, bytes(32))
+
+WRITEBACK_BYTES = 16 << 20  # dirty plaintext per file before full chunks are written back
+RUN_BYTES = 4 << 20  # plaintext per encrypt/decrypt call: amortises per-call overhead
+READAHEAD_BYTES = 1 << 20  # decrypted ahead for sequential reads
+OBJECT_TARGET = 64 << 20  # roll to a new object past this size
+HASH_AT_CLOSE_LIMIT = 1 << 30  # recompute the whole-file SHA-256 at close up to this size
+
+
+class TokenFile:
+    """One token opened for random access. `lock` must be held around every call."""
+
+    def __init__(self, store: TokenStore, token: uuid.UUID, keys: TokenKeys, header: Header,
+                 manifest: bytes | bytearray, meta: Metadata, *, committed: bool) -> None:
+        self.store = store
+        self.backend = store.backend
+        self.token = token
+        self.keys = keys
+        self.lock = threading.RLock()
+        self._salt = header.salt
+        self._key_ref = header.key_ref
+        self.cs = header.chunk_size
+        self.generation = header.generation
+        self.next_object = header.next_object_id
+        self.manifest = bytearray(manifest)
+        self.meta = meta
+        self.size = meta.size
+        self.committed = committed  # a metadata file exists for this token
+        self.meta_dirty = not committed
+        self._dirty: dict[int, bytearray] = {}
+        self._dirty_bytes = 0
+        self._holes: set[int] = set()  # sentinel entries that are not dirty: read as zeros
+        self._writer: ObjectWriter | None = None
+        self._wobj = -1
+        self._woff = 0
+        self._writing = contextlib.ExitStack()  # backend.writing() while uncommitted data exists
+        self._swept = False
+        self._obj_sizes: dict[int, int] | None = None
+        self._readers: dict[int, ObjectReader] = {}
+        self._cache_first = 0
+        self._cache: bytearray | None = None  # decrypted plaintext of chunks from _cache_first
+        self._last_read_end = -1
+        # Whole-file SHA-256 kept while writes are sequential from offset 0 (see docs/MOUNT.md).
+        self._hash: hashlib._Hash | None = hashlib.sha256() if self.size == 0 else None
+        self._hash_pos = 0
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, store: TokenStore, token: uuid.UUID) -> TokenFile:
+        return cls.from_opened(store, store.open_token(token))
+
+    @classmethod
+    def from_opened(cls, store: TokenStore, t: OpenedToken) -> TokenFile:
+        return cls(store, t.token, t.keys, t.header, t.parsed.manifest, t.meta, committed=True)
+
+    @classmethod
+    def create(cls, store: TokenStore, name: str, mode: int, *, extra: dict | None = None,
+               token: uuid.UUID | None = None) -> TokenFile:
+        """A new, empty, not yet committed token."""
+        token = token or uuid.uuid4()
+        provider = store.keys
+        if provider is None:
+            raise IntegrityError("the mount needs a key")
+        ikm, key_ref = provider.new_token_key(token)
+        salt = os.urandom(SALT_LEN)
+        keys = TokenKeys(ikm, salt, token)
+        now = time.time_ns()
+        header = Header(token, salt, keys.key_check, 0, store.chunk_size, 0, 0,
+                        manifest_digest(b""), key_ref)
+        meta = Metadata(name=name, size=0, sha256=hashlib.sha256().hexdigest(), mode=mode,
+                        mtime_ns=now, atime_ns=now, ctime_ns=now, created=now // 10**9,
+                        parallel_chunks=1, extra=dict(extra or {}))
+        return cls(store, token, keys, header, b"", meta, committed=False)
+
+    # -- geometry -------------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return chunk_count_for(self.size, self.cs)
+
+    def _clen(self, i: int) -> int:
+        return min(self.cs, self.size - i * self.cs)
+
+    def _entry(self, i: int) -> tuple[int, int, int, bytes]:
+        return MANIFEST_ENTRY.unpack_from(self.manifest, i * ENTRY)
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._dirty) or bool(self._holes) or self.meta_dirty or self._writer is not None
+
+    # -- reading --------------------------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.size or length <= 0:
+            return b""
+        end = min(self.size, offset + length)
+        cs = self.cs
+        first, last = offset // cs, (end - 1) // cs
+        c = self._cache
+        base = self._cache_first * cs
+        if c is None or offset < base or end > base + len(c):
+            stop = last
+            if offset == self._last_read_end:  # sequential: decrypt ahead
+                stop = min(self.count - 1, max(last, first + READAHEAD_BYTES // cs - 1))
+            c = self._plaintext(first, stop)
+            self._cache, self._cache_first = c, first
+            base = first * cs
+        self._last_read_end = end
+        return bytes(c[offset - base : end - base])
+
+    def _plaintext(self, first: int, last: int) -> bytearray:
+        """Plaintext of chunks first..last (inclusive) as one buffer, each at its logical length."""
+        out = bytearray()
+        run: list[int] = []
+        for i in range(first, last + 1):
+            buf = self._dirty.get(i)
+            if buf is None and i not in self._holes:
+                obj = self._entry(i)[0]
+                if obj != NO_OBJECT:
+                    run.append(i)
+                    continue
+            if run:
+                out += self._decrypt(run[0], run[-1])
+                run = []
+            want = self._clen(i)
+            if buf is None:
+                out += bytes(want)
+            else:
+                out += buf[:want]
+                if len(buf) < want:
+                    out += bytes(want - len(buf))
+        if run:
+            out += self._decrypt(run[0], run[-1])
+        return out
+
+    def _reader(self, obj: int) -> ObjectReader:
+        r = self._readers.get(obj)
+        if r is None:
+            try:
+                r = self._readers[obj] = self.backend.open_object(self.token, obj)
+            except FileNotFoundError:
+                raise IntegrityError(f"token {self.token}: object {obj:08x} is missing") from None
+        return r
+
+    def _decrypt(self, first: int, last: int) -> bytearray:
+        """Authenticate and decrypt stored chunks first..last, one pread per contiguous run."""
+        out = bytearray()
+        final = self.count - 1
+        for obj, off, lengths, start in self._record_runs(first, last):
+            want = sum(lengths)
+            records = self._reader(obj).pread(off, want)
+            if len(records) != want:
+                raise IntegrityError(f"token {self.token}: chunk {start} is truncated or missing")
+            try:
+                out += self.keys.decrypt_run(records, lengths, start, final)
+            except ChunkAuthError as e:
+                raise IntegrityError(
+                    f"token {self.token}: chunk {e.index} failed authentication") from None
+        return out
+
+    def _record_runs(self, first: int, last: int) -> Iterator[tuple[int, int, list[int], int]]:
+        i = first
+        while i <= last:
+            obj, off, rlen, _ = self._entry(i)
+            lengths, start, end = [rlen], i, off + rlen
+            i += 1
+            while i <= last:
+                o2, off2, rlen2, _ = self._entry(i)
+                if o2 != obj or off2 != end or end - off >= RUN_BYTES:
+                    break
+                lengths.append(rlen2)
+                end += rlen2
+                i += 1
+            yield obj, off, lengths, start
+
+    # -- writing --------------------------------------------------------------------------------
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        n = len(data)
+        if n == 0:
+            return 0
+        end = offset + n
+        if end > self.size:
+            self._resize(end)
+        self._cache = None
+        cs = self.cs
+        src = memoryview(data)
+        pos = 0
+        for i in range(offset // cs, (end - 1) // cs + 1):
+            base = i * cs
+            a = max(offset, base) - base
+            b = min(end, base + cs) - base
+            piece = src[pos : pos + b - a]
+            pos += b - a
+            buf = self._dirty.get(i)
+            if buf is None:
+                if a == 0 and b >= self._clen(i):
+                    self._dirty[i] = bytearray(piece)  # whole chunk replaced: nothing to load
+                    self._dirty_bytes += cs
+                    self._holes.discard(i)
+                    continue
+                buf = self._make_dirty(i)
+            if len(buf) < a:
+                buf.extend(bytes(a - len(buf)))
+            buf[a:b] = piece
+        if self._hash is not None:
+            if offset == self._hash_pos:
+                self._hash.update(data)
+                self._hash_pos = end
+            else:
+                self._hash = None  # not sequential any more: recomputed at close if small
+        now = time.time_ns()
+        self.meta.mtime_ns = self.meta.ctime_ns = now
+        self.meta_dirty = True
+        if self._dirty_bytes > WRITEBACK_BYTES:
+            self._write_back(partial=True)
+        return n
+
+    def _make_dirty(self, i: int) -> bytearray:
+        """Bring chunk i into the dirty set with its current plaintext (stored, or zeros)."""
+        buf = self._dirty.get(i)
+        if buf is not None:
+            return buf
+        if i in self._holes or self._entry(i)[0] == NO_OBJECT:
+            buf = bytearray()
+        else:
+            buf = self._decrypt(i, i)
+        self._holes.discard(i)
+        self._dirty[i] = buf
+        self._dirty_bytes += self.cs
+        return buf
+
+    def truncate(self, size: int) -> None:
+        if size == self.size:
+            return
+        self._resize(size)
+        if size == 0:
+            self._hash, self._hash_pos = hashlib.sha256(), 0
+        elif self._hash is not None and size < self._hash_pos:
+            self._hash = None
+        now = time.time_ns()
+        self.meta.mtime_ns = self.meta.ctime_ns = now
+        self.meta_dirty = True
+
+    def _resize(self, new: int) -> None:
+        """Change the size. Chunks whose final marker or length changes are made dirty first,
+        while their records still decrypt under the old chunk count."""
+        old_count, new_count = self.count, chunk_count_for(new, self.cs)
+        self._cache = None
+        if new_count > old_count:
+            if old_count:
+                self._make_dirty(old_count - 1)  # stops being the final chunk
+            self.manifest += SENTINEL * (new_count - old_count)
+            self._holes.update(range(old_count, new_count))
+        else:
+            if new_count:
+                self._make_dirty(new_count - 1)  # becomes (or stays) final with a new length
+            for i in [k for k in self._dirty if k >= new_count]:
+                del self._dirty[i]
+                self._dirty_bytes -= self.cs
+            self._holes.difference_update(range(new_count, old_count))
+            del self.manifest[new_count * ENTRY :]
+        self.size = new
+        # Bytes past the new end of the last chunk must read as zeros if the file grows again.
+        if new_count:
+            last = self._dirty.get(new_count - 1)
+            keep = self._clen(new_count - 1)
+            if last is not None and len(last) > keep:
+                del last[keep:]
+
+    # -- write-back and commit -------------------------------------------------------------------
+    def _append(self, records: bytes | bytearray) -> tuple[int, int]:
+        if self._writer is None or self._woff >= OBJECT_TARGET:
+            self._finish_object()
+            if not self._swept:
+                self._writing.enter_context(self.backend.writing(self.token))
+                self._sweep_orphans()
+            self._wobj = self.next_object
+            self.next_object += 1
+            self._writer = self.backend.new_object(self.token, self._wobj)
+            self._woff = 0
+            self._sizes()[self._wobj] = 0
+        self._writer.write(records)
+        at = self._woff
+        self._woff += len(records)
+        self._sizes()[self._wobj] = self._woff
+        return self._wobj, at
+
+    def _finish_object(self) -> None:
+        if self._writer is not None:
+            self._writer.finish()
+            self._writer = None
+
+    def _sizes(self) -> dict[int, int]:
+        if self._obj_sizes is None:
+            self._obj_sizes = self.backend.object_sizes(self.token)
+        return self._obj_sizes
+
+    def _sweep_orphans(self) -> None:
+        """Objects at or past next_object_id were written by a session that never committed
+        (killed mount): nothing references them, so they are wiped before ids are reused."""
+        self._swept = True
+        for obj in sorted(self._sizes()):
+            if obj >= self.next_object:
+                self._drop_object(obj)
+
+    def _drop_object(self, obj: int) -> None:
+        r = self._readers.pop(obj, None)
+        if r is not None:
+            r.close()
+        self.backend.delete_object(self.token, obj)
+        self._sizes().pop(obj, None)
+
+    def _write_back(self, *, partial: bool) -> None:
+        """Encrypt dirty chunks (and, for a commit, holes) into the current new object.
+        Partial write-back keeps the last chunk dirty: its final marker may still change."""
+        final = self.count - 1
+        if partial:
+            todo = sorted(i for i in self._dirty if i < final)
+        else:
+            todo = sorted(set(self._dirty) | self._holes)
+        cs = self.cs
+        k = 0
+        while k < len(todo):
+            # a run of consecutive indices, at most RUN_BYTES of plaintext
+            j = k + 1
+            while j < len(todo) and todo[j] == todo[j - 1] + 1 and (j - k) * cs < RUN_BYTES:
+                j += 1
+            first = todo[k]
+            plain = bytearray()
+            for i in todo[k:j]:
+                want = self._clen(i)
+                buf = self._dirty.get(i)
+                if buf is None:
+                    plain += bytes(want)
+                else:
+                    plain += buf[:want]
+                    if len(buf) < want:
+                        plain += bytes(want - len(buf))
+            records, entries = self.keys.encrypt_run(plain, first, cs, final)
+            obj, off = self._append(records)
+            pack_into = MANIFEST_ENTRY.pack_into
+            for n, (rlen, digest) in enumerate(entries):
+                pack_into(self.manifest, (first + n) * ENTRY, obj, off, rlen, digest)
+                off += rlen
+            for i in todo[k:j]:
+                if self._dirty.pop(i, None) is not None:
+                    self._dirty_bytes -= cs
+                self._holes.discard(i)
+            k = j
+
+    def _live_bytes(self) -> dict[int, int]:
+        live: dict[int, int] = {}
+        for obj, _off, rlen, _dig in MANIFEST_ENTRY.iter_unpack(self.manifest):
+            live[obj] = live.get(obj, 0) + rlen
+        return live
+
+    def _compact(self) -> None:
+        """Copy the live records of objects that are mostly dead into the current new object.
+        Records are bound to (token, index, final), not to their location: no re-encryption."""
+        live = self._live_bytes()
+        sizes = self._sizes()
+        victims = {obj for obj, size in sizes.items()
+                   if obj in live and obj != self._wobj and live[obj] * 2 < size}
+        if not victims:
+            return
+        i, count = 0, self.count
+        while i < count:
+            obj, off, rlen, dig = self._entry(i)
+            if obj not in victims:
+                i += 1
+                continue
+            run = [(rlen, dig)]
+            end, j = off + rlen, i + 1
+            while j < count and end - off < RUN_BYTES:
+                o2, off2, r2, d2 = self._entry(j)
+                if o2 != obj or off2 != end:
+                    break
+                run.append((r2, d2))
+                end += r2
+                j += 1
+            records = self._reader(obj).pread(off, end - off)
+            if len(records) != end - off:
+                raise IntegrityError(f"token {self.token}: chunk {i} is truncated or missing")
+            view = memoryview(records)
+            pos = 0
+            for rl, dg in run:  # copied bytes must still match the manifest
+                if hashlib.sha256(view[pos : pos + rl]).digest() != dg:
+                    raise IntegrityError(f"token {self.token}: chunk {i} checksum mismatch")
+                pos += rl
+            new_obj, new_off = self._append(records)
+            for k, (rl, dg) in enumerate(run):
+                MANIFEST_ENTRY.pack_into(self.manifest, (i + k) * ENTRY, new_obj, new_off, rl, dg)
+                new_off += rl
+            i = j
+
+    def _whole_hash(self, final: bool) -> str | None:
+        if self._hash is not None and self._hash_pos == self.size:
+            return self._hash.copy().hexdigest()
+        if not final or self.size > HASH_AT_CLOSE_LIMIT:
+            return None
+        h = hashlib.sha256()
+        step = max(1, RUN_BYTES // self.cs)
+        for first in range(0, self.count, step):
+            h.update(self._plaintext(first, min(self.count, first + step) - 1))
+        # Later appends continue from here.
+        self._hash, self._hash_pos = h, self.size
+        return h.hexdigest()
+
+    def commit(self, *, final: bool = True) -> bool:
+        """Publish everything written so far as a new generation. Durable on return.
+        `final` (last close, fsync, unmount) also recomputes a whole-file hash that sequential
+        writing could not keep. Returns False if there was nothing to publish."""
+        if not self.dirty:
+            return False
+        sha = self._whole_hash(final)
+        self._write_back(partial=False)
+        self._compact()
+        self._finish_object()
+        self.meta.size = self.size
+        self.meta.sha256 = sha
+        header = Header(
+            token_id=self.token, salt=self._salt, key_check=self.keys.key_check,
+            generation=self.generation + 1, chunk_size=self.cs, chunk_count=self.count,
+            next_object_id=self.next_object, manifest_digest=manifest_digest(self.manifest),
+            key_ref=self._key_ref,
+        )
+        data = self.store.seal(self.keys, header, self.manifest, self.meta)
+        self.backend.commit_metadata(self.token, data)
+        self.generation += 1
+        self.committed = True
+        self.meta_dirty = False
+        self._writing.close()  # the metadata now references every object written
+        self._swept = False
+        live = self._live_bytes()
+        for obj in [o for o in self._sizes() if o not in live]:
+            self._drop_object(obj)
+        return True
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def delete(self) -> None:
+        """Remove the token and wipe its data (committed or not)."""
+        self.close()
+        if self.committed:
+            with contextlib.suppress(FileNotFoundError):
+                self.backend.delete_token(self.token)
+        else:
+            self.backend.discard_uncommitted(self.token)
+        self.committed = False
+
+    def close(self) -> None:
+        """Drop caches and file descriptors. Uncommitted data is discarded: commit first."""
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._writing.close()
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+        self._cache = None
+        self._dirty.clear()
+        self._dirty_bytes = 0
+
+    def stat_blocks(self) -> int:
+        return (self.count * RECORD_OVERHEAD + self.size + 511) // 512
+

@@ -1,0 +1,270 @@
+"""Mount lifecycle: lock the store, load the vault, mount, serve, unmount cleanly.
+
+Foreground by default. SIGINT/SIGTERM end the FUSE loop; the mount is then detached and every
+file still holding changes is published before the process exits. `--background` re-executes
+this module in a new session and returns once the child reports the mount is ready (or why it
+failed). `python -m vhsmfs.mount.runner` is that child's entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pyfuse3
+import trio
+
+from vhsmfs.backend import LocalBackend
+from vhsmfs.errors import VhsmError
+from vhsmfs.keyfile import KeyProvider, StaticKeyProvider, load_key_file
+from vhsmfs.mount.fs import VaultOps
+from vhsmfs.mount.vault import Vault
+from vhsmfs.store import TokenStore
+
+log = logging.getLogger("vhsm.mount")
+LOCK_NAME = ".vhsm-mount.lock"
+READY_TIMEOUT = 120.0
+
+
+class MountError(VhsmError):
+    """The vault cannot be mounted or unmounted."""
+
+
+def key_provider(key_file: str | None, key_service: bool) -> KeyProvider:
+    if key_service:
+        raise MountError("--key-service is not available yet in this build; use --key FILE")
+    if not key_file:
+        raise MountError("the mount needs a key: --key FILE")
+    return StaticKeyProvider(load_key_file(key_file))
+
+
+@contextlib.contextmanager
+def store_lock(store_dir: str) -> Iterator[None]:
+    """One mount per store: two would publish conflicting generations of the same token."""
+    path = os.path.join(store_dir, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise MountError(f"store {store_dir} is already mounted") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    mnt = os.path.abspath(mountpoint)
+    if not os.path.isdir(mnt):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mnt):
+        raise MountError(f"{mountpoint} is already a mount point")
+    return mnt
+
+
+def mount_options(store_dir: str, allow_other: bool) -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    opts |= {f"fsname=vhsm:{store_dir}", "subtype=vhsm"}
+    if allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+async def _serve(ops: VaultOps) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for sig in signals:
+                    log.info("signal %d: unmounting", sig)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signal)
+        await pyfuse3.main(min_tasks=2, max_tasks=64)
+        nursery.cancel_scope.cancel()
+
+
+def run(store_dir: str, mountpoint: str, keys: KeyProvider, *, allow_other: bool = False,
+        ready: int | None = None) -> None:
+    """Mount and serve until unmounted or signalled. `ready` is a pipe fd the background
+    parent waits on: "ok" or "error: <message>"."""
+    store_dir = os.path.abspath(store_dir)
+    try:
+        mnt = check_mountpoint(mountpoint)
+        backend = LocalBackend(store_dir)
+        with store_lock(store_dir):
+            for line in backend.collect_garbage():
+                log.info("store: %s", line)
+            store = TokenStore(backend, keys)
+            vault = Vault(store)
+            vault.load()
+            ops = VaultOps(vault)
+            try:
+                pyfuse3.init(ops, mnt, mount_options(store_dir, allow_other))
+            except RuntimeError as e:
+                raise MountError(f"cannot mount on {mountpoint}: {e}") from None
+            _report(ready, "ok")
+            print(f"vhsm: mounted {store_dir} at {mnt} (pid {os.getpid()})", flush=True)
+            clean = False
+            try:
+                trio.run(_serve, ops)
+                clean = True
+            finally:
+                # Detach first (MNT_DETACH as root, fusermount3 -u -z otherwise) so no process
+                # blocks on a dead mount, then publish what is still pending.
+                with contextlib.suppress(Exception):
+                    pyfuse3.close(unmount=True)
+                vault.flush_all()
+                log.info("unmounted %s (%s)", mnt, "clean" if clean else "after an error")
+    except VhsmError as e:
+        _report(ready, f"error: {e}")
+        raise
+
+
+def _report(fd: int | None, message: str) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, message.encode() + b"\n")
+        os.close(fd)
+
+
+def start_background(store_dir: str, mountpoint: str, key_file: str | None, key_service: bool,
+                     *, allow_other: bool = False, log_file: str | None = None) -> int:
+    """Start a detached mount process; return its pid once the mount is ready."""
+    key_provider(key_file, key_service)  # fail early, in the caller's terminal
+    check_mountpoint(mountpoint)
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "vhsmfs.mount.runner", "--ready-fd", str(w),
+           "--store", os.path.abspath(store_dir), os.path.abspath(mountpoint)]
+    if key_file:
+        cmd += ["--key", os.path.abspath(key_file)]
+    if allow_other:
+        cmd.append("--allow-other")
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                pass_fds=(w,), start_new_session=True, cwd="/")
+    finally:
+        os.close(w)
+        if log_file:
+            out.close()  # type: ignore[union-attr]
+    with os.fdopen(r, "rb") as pipe:
+        line = pipe.readline().decode(errors="replace").strip()
+    if line == "ok":
+        return proc.pid
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+    raise MountError(line[len("error: "):] if line.startswith("error: ")
+                     else f"mount process exited ({proc.poll()}) before the mount was ready")
+
+
+# -- unmount ---------------------------------------------------------------------------------------
+def _mount_source(mountpoint: str) -> str | None:
+    mnt = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) >= 5 and _unescape(fields[4]) == mnt:
+                parts = right.split()
+                if len(parts) >= 2 and parts[0].startswith("fuse"):
+                    return _unescape(parts[1])
+    return None
+
+
+def _unescape(s: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 3 < len(s) + 0 and s[i + 1 : i + 4].isdigit():
+            out.append(chr(int(s[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def _mount_pid(source: str | None) -> int | None:
+    if not source or not source.startswith("vhsm:"):
+        return None
+    try:
+        with open(os.path.join(source[5:], LOCK_NAME)) as f:
+            return int(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 120.0) -> None:
+    """fusermount3 -u, then wait for the mount process to publish pending data and exit."""
+    source = _mount_source(mountpoint)
+    if source is None:
+        raise MountError(f"{mountpoint} is not a FUSE mount")
+    pid = _mount_pid(source)
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        msg = (res.stderr.strip().splitlines() or ["fusermount3 failed"])[-1]
+        if "busy" in msg.lower():
+            msg += " (close the files using it, or: vhsm umount --lazy)"
+        raise MountError(msg)
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vhsmfs.mount.runner")
+    p.add_argument("mountpoint")
+    p.add_argument("--store", required=True)
+    p.add_argument("--key")
+    p.add_argument("--key-service", action="store_true")
+    p.add_argument("--allow-other", action="store_true")
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--debug", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
+                        format="%(asctime)s vhsm-mount %(levelname)s %(message)s")
+    try:
+        keys = key_provider(a.key, a.key_service)
+        run(a.store, a.mountpoint, keys, allow_other=a.allow_other, ready=a.ready_fd)
+    except VhsmError as e:
+        _report(a.ready_fd, f"error: {e}")
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,780 @@
+"""The mount's namespace over a token store: inodes, directories and open files (docs/MOUNT.md).
+
+Synchronous and FUSE-free, so it can be driven directly by tests. The FUSE layer (fs.py) calls
+the cheap read-only methods (lookup, getattr, listing) on its event loop and everything that does
+I/O or crypto in a worker thread, holding `ns_lock` for namespace changes and a file's
+`TokenFile.lock` for its data. Errors are raised as OSError(errno); fs.py turns them into
+FUSEError at the boundary.
+
+Layout:
+  /<uuid>/<basename>      every file token, under the last component of its recorded name
+  /<relative path>        files and directories created through the mount (recorded "placed")
+A placed file is one inode reachable by both paths. Directories created through the mount are
+persisted as empty "directory marker" tokens (Metadata.extra {"kind": "dir"}), so empty
+directories, their modes and times survive a remount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import re
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from vhsmfs.errors import TokenNotFoundError, VhsmError
+from vhsmfs.format import Metadata
+from vhsmfs.mount.randomaccess import TokenFile
+from vhsmfs.store import TokenStore, safe_relative_path
+
+log = logging.getLogger("vhsm.mount")
+
+ROOT_INO = 1
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+KIND_DIR = "dir"
+DEFAULT_DIR_MODE = 0o755
+NAME_MAX = 255
+
+
+def _err(code: int, what: str = "") -> OSError:
+    return OSError(code, os.strerror(code) + (f": {what}" if what else ""))
+
+
+@dataclass(eq=False)
+class Node:
+    ino: int
+    nlookup: int = 0
+
+
+@dataclass(eq=False)
+class DirNode(Node):
+    name: str = ""
+    parent: DirNode | None = None
+    kind: str = "tree"  # "root", "tree" (user directory) or "tokendir" (/<uuid>)
+    entries: dict[str, tuple[int, Node]] = field(default_factory=dict)  # name -> (seq, node)
+    mode: int = DEFAULT_DIR_MODE
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    atime_ns: int = 0
+    marker: TokenFile | None = None  # the directory's marker token, if it has one
+    marker_id: uuid.UUID | None = None
+    dirty: bool = False  # times/mode changed since the marker was committed
+    removed: bool = False
+    token: uuid.UUID | None = None  # for a tokendir: its file's token
+
+
+@dataclass(eq=False)
+class FileNode(Node):
+    token: uuid.UUID = field(default_factory=uuid.uuid4)
+    meta: Metadata | None = None
+    tf: TokenFile | None = None  # loaded while open (or while being changed)
+    tree_parent: DirNode | None = None  # where the file is placed, if anywhere
+    tree_name: str | None = None
+    tokendir: DirNode | None = None
+    opens: int = 0
+    unlinked: bool = False
+    deleted: bool = False  # data removed from the store
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def tf_committed(self) -> bool:
+        return self.tf.committed if self.tf is not None else True
+
+    @property
+    def size(self) -> int:
+        return self.tf.size if self.tf is not None else (self.meta.size if self.meta else 0)
+
+
+@dataclass
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+Invalidation = tuple[int, str, int]  # (parent inode, name, inode that was removed or 0)
+
+
+class Vault:
+    def __init__(self, store: TokenStore, *, uid: int | None = None,
+                 gid: int | None = None) -> None:
+        self.store = store
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.ns_lock = threading.RLock()  # namespace changes (taken in worker threads only)
+        self._count_lock = threading.Lock()  # lookup counts: changed on the loop and in threads
+        self._inos = itertools.count(ROOT_INO + 1)
+        self._seq = itertools.count(1)
+        self.nodes: dict[int, Node] = {}
+        self.by_token: dict[uuid.UUID, FileNode] = {}
+        now = time.time_ns()
+        self.root = DirNode(ROOT_INO, kind="root", mode=DEFAULT_DIR_MODE, uid=self.uid,
+                            gid=self.gid, mtime_ns=now, ctime_ns=now, atime_ns=now)
+        self.nodes[ROOT_INO] = self.root
+        self.root.nlookup = 1
+
+    # -- loading ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Build the namespace from every token in the store (markers first, newest wins)."""
+        markers: list[tuple[uuid.UUID, Metadata]] = []
+        files: list[tuple[uuid.UUID, Metadata]] = []
+        for token in self.store.list_tokens():
+            meta = self._read_meta(token)
+            if meta is None:
+                continue
+            (markers if meta.extra.get("kind") == KIND_DIR else files).append((token, meta))
+        markers.sort(key=lambda tm: (tm[1].name.count("/"), -tm[1].ctime_ns))
+        for token, meta in markers:
+            self._add_marker(token, meta)
+        files.sort(key=lambda tm: -tm[1].ctime_ns)  # on a path collision the newest wins
+        for token, meta in files:
+            self._add_file(token, meta)
+
+    def _read_meta(self, token: uuid.UUID) -> Metadata | None:
+        try:
+            return self.store.open_token(token).meta
+        except TokenNotFoundError:
+            return None
+        except VhsmError as e:  # damaged or foreign-key token: skip it, say so once
+            log.warning("token %s not shown: %s", token, e)
+            return None
+
+    def _parts(self, name: str, token: uuid.UUID) -> list[str]:
+        return list(safe_relative_path(name, str(token)).parts)
+
+    def _add_marker(self, token: uuid.UUID, meta: Metadata) -> None:
+        parts = self._parts(meta.name, token)
+        parent = self._ensure_dirs(parts[:-1])
+        if parent is None or self._reserved(parent, parts[-1]):
+            log.warning("directory marker %s for '%s' conflicts; ignored", token, meta.name)
+            return
+        existing = self._child(parent, parts[-1])
+        if existing is not None and (not isinstance(existing, DirNode) or existing.marker_id):
+            log.warning("directory marker %s for '%s' conflicts; ignored", token, meta.name)
+            return
+        d = existing if isinstance(existing, DirNode) else self._new_dir(parent, parts[-1])
+        d.marker_id = token
+        d.mode = stat.S_IMODE(meta.mode)
+        d.mtime_ns, d.atime_ns, d.ctime_ns = meta.mtime_ns, meta.atime_ns, meta.ctime_ns
+        d.uid = int(meta.extra.get("uid", self.uid))
+        d.gid = int(meta.extra.get("gid", self.gid))
+
+    def _add_file(self, token: uuid.UUID, meta: Metadata) -> FileNode:
+        node = FileNode(next(self._inos), token=token, meta=meta)
+        self.nodes[node.ino] = node
+        self.by_token[token] = node
+        parts = self._parts(meta.name, token)
+        td = DirNode(next(self._inos), name=str(token), parent=self.root, kind="tokendir",
+                     token=token, mode=0o700, uid=self.uid, gid=self.gid,
+                     mtime_ns=meta.mtime_ns, ctime_ns=meta.ctime_ns, atime_ns=meta.atime_ns)
+        self.nodes[td.ino] = td
+        self._link(self.root, td.name, td)
+        self._link(td, parts[-1], node)
+        node.tokendir = td
+        if meta.extra.get("placed"):
+            parent = self._ensure_dirs(parts[:-1])
+            if parent is None or self._child(parent, parts[-1]) is not None \
+                    or self._reserved(parent, parts[-1]):
+                log.warning("token %s: '%s' is taken; shown only under /%s", token, meta.name,
+                            token)
+            else:
+                self._link(parent, parts[-1], node)
+                node.tree_parent, node.tree_name = parent, parts[-1]
+        return node
+
+    def _ensure_dirs(self, parts: list[str]) -> DirNode | None:
+        d = self.root
+        for p in parts:
+            if self._reserved(d, p):
+                return None
+            c = self._child(d, p)
+            if c is None:
+                c = self._new_dir(d, p)
+            if not isinstance(c, DirNode) or c.kind != "tree":
+                return None
+            d = c
+        return d
+
+    def _new_dir(self, parent: DirNode, name: str) -> DirNode:
+        now = time.time_ns()
+        d = DirNode(next(self._inos), name=name, parent=parent, mode=DEFAULT_DIR_MODE,
+                    uid=self.uid, gid=self.gid, mtime_ns=now, ctime_ns=now, atime_ns=now)
+        self.nodes[d.ino] = d
+        self._link(parent, name, d)
+        return d
+
+    # -- small helpers ---------------------------------------------------------------------------
+    def _link(self, parent: DirNode, name: str, node: Node) -> None:
+        parent.entries[name] = (next(self._seq), node)
+
+    @staticmethod
+    def _child(parent: DirNode, name: str) -> Node | None:
+        e = parent.entries.get(name)
+        return e[1] if e else None
+
+    def _reserved(self, parent: DirNode, name: str) -> bool:
+        """Top-level names shaped like a token id belong to token directories."""
+        return parent is self.root and bool(UUID_RE.match(name))
+
+    def dir(self, ino: int) -> DirNode:
+        n = self.nodes.get(ino)
+        if n is None:
+            raise _err(errno.ENOENT)
+        if not isinstance(n, DirNode):
+            raise _err(errno.ENOTDIR)
+        return n
+
+    def file(self, ino: int) -> FileNode:
+        n = self.nodes.get(ino)
+        if n is None:
+            raise _err(errno.ENOENT)
+        if not isinstance(n, FileNode):
+            raise _err(errno.EISDIR)
+        return n
+
+    def node(self, ino: int) -> Node:
+        n = self.nodes.get(ino)
+        if n is None:
+            raise _err(errno.ENOENT)
+        return n
+
+    def relpath(self, parent: DirNode, name: str) -> str:
+        parts = [name]
+        d: DirNode | None = parent
+        while d is not None and d is not self.root:
+            parts.append(d.name)
+            d = d.parent
+        return "/".join(reversed(parts))
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if len(os.fsencode(name)) > NAME_MAX:
+            raise _err(errno.ENAMETOOLONG)
+
+    def _writable_dir(self, parent: DirNode, name: str) -> None:
+        """Only the tree accepts new names: not token directories, not UUID-shaped top names."""
+        if parent.kind == "tokendir" or parent.removed or self._reserved(parent, name):
+            raise _err(errno.EPERM, "token directories are managed by the vault")
+        self._check_name(name)
+
+    def _touch_dir(self, d: DirNode) -> None:
+        d.mtime_ns = d.ctime_ns = time.time_ns()
+        d.dirty = d.marker_id is not None
+
+    # -- lookup counts ---------------------------------------------------------------------------
+    def remember(self, node: Node) -> None:
+        with self._count_lock:
+            node.nlookup += 1
+
+    def forget(self, ino: int, n: int) -> None:
+        with self._count_lock:
+            node = self.nodes.get(ino)
+            if node is None or ino == ROOT_INO:
+                return
+            node.nlookup = max(0, node.nlookup - n)
+            if node.nlookup:
+                return
+            # A removed node is kept until the kernel forgets it; then its inode number goes.
+            if isinstance(node, FileNode) and node.unlinked and node.opens == 0:
+                del self.nodes[ino]
+            elif isinstance(node, DirNode) and node.removed:
+                del self.nodes[ino]
+
+    # -- attributes (loop side: memory only) -----------------------------------------------------
+    def attr(self, node: Node) -> Attr:
+        if isinstance(node, DirNode):
+            nlink = 2 + sum(1 for _, c in node.entries.values() if isinstance(c, DirNode))
+            return Attr(node.ino, stat.S_IFDIR | node.mode, nlink, node.uid, node.gid, 4096, 8,
+                        node.atime_ns, node.mtime_ns, node.ctime_ns)
+        assert isinstance(node, FileNode)
+        meta = node.tf.meta if node.tf is not None else node.meta
+        assert meta is not None
+        size = node.size
+        return Attr(node.ino, stat.S_IFREG | stat.S_IMODE(meta.mode), 0 if node.unlinked else 1,
+                    int(meta.extra.get("uid", self.uid)), int(meta.extra.get("gid", self.gid)),
+                    size, (size + 511) // 512, meta.atime_ns, meta.mtime_ns, meta.ctime_ns)
+
+    def lookup(self, parent_ino: int, name: str) -> Node:
+        parent = self.dir(parent_ino)
+        node = self._child(parent, name)
+        if node is None:
+            raise _err(errno.ENOENT)
+        return node
+
+    def listing(self, ino: int) -> list[tuple[int, str, Node]]:
+        """A snapshot of (seq, name, node): readdir offsets are the entries' sequence numbers,
+        so entries added or removed while listing never shift the others."""
+        d = self.dir(ino)
+        return sorted(((s, name, n) for name, (s, n) in list(d.entries.items())),
+                      key=lambda e: e[0])
+
+    def still_there(self, ino: int, name: str, node: Node) -> bool:
+        d = self.nodes.get(ino)
+        return isinstance(d, DirNode) and self._child(d, name) is node
+
+    # -- store coherence (worker thread) ---------------------------------------------------------
+    def rescan(self) -> list[Invalidation]:
+        """Pick up tokens stored or deleted by the CLI while mounted."""
+        with self.ns_lock:
+            present = set(self.store.list_tokens())
+            inval: list[Invalidation] = []
+            markers = {d.marker_id for d in self.nodes.values()
+                       if isinstance(d, DirNode) and d.marker_id}
+            for token in sorted(present - set(self.by_token) - markers, key=str):
+                meta = self._read_meta(token)
+                if meta is None or meta.extra.get("kind") == KIND_DIR:
+                    continue
+                self._add_file(token, meta)
+            for token, node in list(self.by_token.items()):
+                if token in present or not node.tf_committed():
+                    continue
+                with node.lock:
+                    if node.tf is not None and node.tf.dirty:
+                        continue  # being written here: the next commit recreates it
+                    inval += self._detach(node)
+                    node.deleted = True
+            return inval
+
+    def lookup_token(self, name: str) -> Node | None:
+        """A top-level UUID not known yet: maybe the CLI just stored it."""
+        with self.ns_lock:
+            node = self._child(self.root, name)
+            if node is not None:
+                return node
+            token = uuid.UUID(name)
+            meta = self._read_meta(token)
+            if meta is None or meta.extra.get("kind") == KIND_DIR:
+                return None
+            return self._add_file(token, meta).tokendir
+
+    # -- files (worker thread) -------------------------------------------------------------------
+    def _loaded(self, node: FileNode) -> TokenFile:
+        """The node's TokenFile, loading it if needed. Caller holds node.lock."""
+        if node.deleted:
+            raise _err(errno.ENOENT)
+        if node.tf is None:
+            try:
+                node.tf = TokenFile.load(self.store, node.token)
+            except TokenNotFoundError:
+                raise _err(errno.ENOENT) from None
+            node.meta = node.tf.meta
+        return node.tf
+
+    def _drop_if_idle(self, node: FileNode) -> None:
+        if node.tf is not None and node.opens == 0 and not node.tf.dirty:
+            node.meta = node.tf.meta
+            node.tf.close()
+            node.tf = None
+
+    def create(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> FileNode:
+        with self.ns_lock:
+            parent = self.dir(parent_ino)
+            self._writable_dir(parent, name)
+            if self._child(parent, name) is not None:
+                raise _err(errno.EEXIST)
+            extra: dict[str, object] = {"placed": True}
+            if uid != self.uid or gid != self.gid:
+                extra.update(uid=uid, gid=gid)
+            tf = TokenFile.create(self.store, self.relpath(parent, name), stat.S_IMODE(mode),
+                                  extra=extra)
+            node = FileNode(next(self._inos), token=tf.token, meta=tf.meta, tf=tf)
+            node.opens = 1
+            td = DirNode(next(self._inos), name=str(tf.token), parent=self.root,
+                         kind="tokendir", token=tf.token, mode=0o700, uid=self.uid,
+                         gid=self.gid, mtime_ns=tf.meta.mtime_ns, ctime_ns=tf.meta.ctime_ns,
+                         atime_ns=tf.meta.atime_ns)
+            node.tokendir = td
+            self.nodes[node.ino] = node
+            self.nodes[td.ino] = td
+            self.by_token[tf.token] = node
+            self._link(td, name, node)
+            self._link(self.root, td.name, td)
+            self._link(parent, name, node)
+            node.tree_parent, node.tree_name = parent, name
+            self._touch_dir(parent)
+            self.remember(node)
+            return node
+
+    def open(self, ino: int, truncate: bool) -> FileNode:
+        node = self.file(ino)
+        with node.lock:
+            tf = self._loaded(node)
+            node.opens += 1
+            if truncate and tf.size:
+                tf.truncate(0)
+        return node
+
+    def read(self, node: FileNode, offset: int, length: int) -> bytes:
+        with node.lock:
+            return self._loaded(node).read(offset, length)
+
+    def write(self, node: FileNode, offset: int, data: bytes) -> int:
+        with node.lock:
+            return self._loaded(node).write(offset, data)
+
+    def flush(self, node: FileNode) -> None:
+        """close(2) of a descriptor: publish, so the CLI can retrieve the file at once."""
+        with node.lock:
+            if node.tf is not None and not node.unlinked:
+                node.tf.commit(final=True)
+
+    def fsync(self, node: FileNode) -> None:
+        self.flush(node)
+
+    def release(self, node: FileNode) -> list[Invalidation]:
+        with node.lock:
+            node.opens -= 1
+            if node.opens > 0:
+                return []
+            if node.unlinked:
+                self._delete_data(node)
+                return []
+            if node.tf is not None:
+                node.tf.commit(final=True)
+            self._drop_if_idle(node)
+            return []
+
+    def _delete_data(self, node: FileNode) -> None:
+        """Wipe an unlinked token once nothing has it open. Caller holds node.lock."""
+        if node.deleted:
+            return
+        node.deleted = True
+        tf = node.tf
+        node.tf = None
+        try:
+            if tf is not None:
+                tf.delete()
+            else:
+                self.store.backend.delete_token(node.token)
+        except TokenNotFoundError:
+            pass  # already deleted by the CLI
+        with self._count_lock:
+            if node.nlookup == 0:
+                self.nodes.pop(node.ino, None)
+
+    def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
+                uid: int | None = None, gid: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None) -> Node:
+        node = self.node(ino)
+        if isinstance(node, DirNode):
+            with self.ns_lock:
+                self._setattr_dir(node, mode, uid, gid, atime_ns, mtime_ns)
+            return node
+        assert isinstance(node, FileNode)
+        with node.lock:
+            tf = self._loaded(node)
+            if size is not None:
+                tf.truncate(size)
+            m = tf.meta
+            if mode is not None:
+                m.mode = stat.S_IMODE(mode)
+            if uid is not None:
+                m.extra["uid"] = uid
+            if gid is not None:
+                m.extra["gid"] = gid
+            if atime_ns is not None:
+                m.atime_ns = atime_ns
+            if mtime_ns is not None:
+                m.mtime_ns = mtime_ns
+            m.ctime_ns = time.time_ns()
+            tf.meta_dirty = True
+            if node.opens == 0 and not node.unlinked:
+                tf.commit(final=True)  # path-based chmod/utime/truncate: durable at once
+                self._drop_if_idle(node)
+        return node
+
+    # -- directories (worker thread, ns_lock) ----------------------------------------------------
+    def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> DirNode:
+        with self.ns_lock:
+            parent = self.dir(parent_ino)
+            self._writable_dir(parent, name)
+            if self._child(parent, name) is not None:
+                raise _err(errno.EEXIST)
+            d = self._new_dir(parent, name)
+            d.mode, d.uid, d.gid = stat.S_IMODE(mode), uid, gid
+            try:
+                self._commit_marker(d)
+            except BaseException:
+                del parent.entries[name]
+                del self.nodes[d.ino]
+                raise
+            self._touch_dir(parent)
+            self.remember(d)
+            return d
+
+    def _commit_marker(self, d: DirNode) -> None:
+        """Persist a directory's path, mode and times as its marker token."""
+        extra: dict[str, object] = {"kind": KIND_DIR, "placed": True}
+        if d.uid != self.uid or d.gid != self.gid:
+            extra.update(uid=d.uid, gid=d.gid)
+        name = self.relpath(d.parent, d.name) if d.parent else ""
+        if d.marker is None:
+            if d.marker_id is not None:
+                try:
+                    d.marker = TokenFile.load(self.store, d.marker_id)
+                except TokenNotFoundError:
+                    d.marker_id = None
+            if d.marker is None:
+                d.marker = TokenFile.create(self.store, name, d.mode, extra=extra)
+                d.marker_id = d.marker.token
+        m = d.marker.meta
+        m.name, m.mode, m.extra = name, d.mode, extra
+        m.mtime_ns, m.atime_ns, m.ctime_ns = d.mtime_ns, d.atime_ns, d.ctime_ns
+        d.marker.meta_dirty = True
+        d.marker.commit()
+        d.dirty = False
+
+    def _setattr_dir(self, d: DirNode, mode: int | None, uid: int | None, gid: int | None,
+                     atime_ns: int | None, mtime_ns: int | None) -> None:
+        if d.kind != "tree":
+            raise _err(errno.EPERM, "token directories are managed by the vault")
+        if mode is not None:
+            d.mode = stat.S_IMODE(mode)
+        if uid is not None:
+            d.uid = uid
+        if gid is not None:
+            d.gid = gid
+        if atime_ns is not None:
+            d.atime_ns = atime_ns
+        if mtime_ns is not None:
+            d.mtime_ns = mtime_ns
+        d.ctime_ns = time.time_ns()
+        self._commit_marker(d)
+
+    def fsyncdir(self, ino: int) -> None:
+        d = self.dir(ino)
+        with self.ns_lock:
+            if d.kind == "tree" and d.dirty:
+                self._commit_marker(d)
+
+    def rmdir(self, parent_ino: int, name: str) -> list[Invalidation]:
+        with self.ns_lock:
+            parent = self.dir(parent_ino)
+            d = self._child(parent, name)
+            if d is None:
+                raise _err(errno.ENOENT)
+            if not isinstance(d, DirNode):
+                raise _err(errno.ENOTDIR)
+            if d.kind != "tree":
+                raise _err(errno.EPERM if not d.entries else errno.ENOTEMPTY)
+            if d.entries:
+                raise _err(errno.ENOTEMPTY)
+            self._delete_marker(d)
+            del parent.entries[name]
+            d.removed = True
+            self._touch_dir(parent)
+            with self._count_lock:
+                if d.nlookup == 0:
+                    self.nodes.pop(d.ino, None)
+            return []
+
+    def _delete_marker(self, d: DirNode) -> None:
+        if d.marker is not None:
+            d.marker.delete()
+        elif d.marker_id is not None:
+            with contextlib.suppress(TokenNotFoundError):
+                self.store.backend.delete_token(d.marker_id)
+        d.marker, d.marker_id = None, None
+
+    # -- unlink / rename (worker thread, ns_lock) ------------------------------------------------
+    def unlink(self, parent_ino: int, name: str) -> list[Invalidation]:
+        with self.ns_lock:
+            parent = self.dir(parent_ino)
+            node = self._child(parent, name)
+            if node is None:
+                raise _err(errno.ENOENT)
+            if not isinstance(node, FileNode):
+                raise _err(errno.EISDIR)
+            inval = self._detach(node)
+            inval = [i for i in inval if not (i[0] == parent.ino and i[1] == name)]
+            with node.lock:
+                if node.opens == 0:
+                    self._delete_data(node)
+            return inval
+
+    def _detach(self, node: FileNode) -> list[Invalidation]:
+        """Remove a file token from both of its places. Returns the kernel entries to drop."""
+        inval: list[Invalidation] = []
+        if node.tree_parent is not None and node.tree_name is not None:
+            node.tree_parent.entries.pop(node.tree_name, None)
+            self._touch_dir(node.tree_parent)
+            inval.append((node.tree_parent.ino, node.tree_name, node.ino))
+            node.tree_parent = node.tree_name = None
+        td = node.tokendir
+        if td is not None:
+            self.root.entries.pop(td.name, None)
+            td.entries.clear()
+            td.removed = True
+            inval.append((self.root.ino, td.name, td.ino))
+            with self._count_lock:
+                if td.nlookup == 0:
+                    self.nodes.pop(td.ino, None)
+        node.unlinked = True
+        self.by_token.pop(node.token, None)
+        return inval
+
+    def rename(self, old_ino: int, old_name: str, new_ino: int, new_name: str, *,
+               noreplace: bool = False) -> list[Invalidation]:
+        with self.ns_lock:
+            src_dir, dst_dir = self.dir(old_ino), self.dir(new_ino)
+            node = self._child(src_dir, old_name)
+            if node is None:
+                raise _err(errno.ENOENT)
+            if src_dir is dst_dir and old_name == new_name:
+                return []
+            if isinstance(node, DirNode) and node.kind != "tree":
+                raise _err(errno.EPERM, "token directories are managed by the vault")
+            if dst_dir.kind == "tokendir":
+                # Renaming a file inside its own token directory changes its recorded name.
+                if not (isinstance(node, FileNode) and dst_dir is node.tokendir):
+                    raise _err(errno.EPERM, "token directories are managed by the vault")
+            else:
+                self._writable_dir(dst_dir, new_name)
+            self._check_name(new_name)
+            target = self._child(dst_dir, new_name)
+            if target is not None and noreplace:
+                raise _err(errno.EEXIST)
+            if isinstance(node, DirNode):
+                return self._rename_dir(node, src_dir, old_name, dst_dir, new_name, target)
+            assert isinstance(node, FileNode)
+            return self._rename_file(node, src_dir, old_name, dst_dir, new_name, target)
+
+    def _rename_file(self, node: FileNode, src_dir: DirNode, old_name: str, dst_dir: DirNode,
+                     new_name: str, target: Node | None) -> list[Invalidation]:
+        inval: list[Invalidation] = []
+        if isinstance(target, DirNode):
+            raise _err(errno.EISDIR)
+        in_tokendir = dst_dir.kind == "tokendir"
+        if in_tokendir:
+            # new basename in /<uuid>; a placed file keeps its directory in the tree
+            tree_parent = node.tree_parent
+            if tree_parent is not None:
+                clash = self._child(tree_parent, new_name)
+                if clash is not None and clash is not node:
+                    raise _err(errno.EEXIST, "the name is taken where the file is placed")
+            name = self.relpath(tree_parent, new_name) if tree_parent else new_name
+        else:
+            tree_parent = dst_dir
+            name = self.relpath(dst_dir, new_name)
+        # persist first: if the commit fails the namespace is unchanged
+        with node.lock:
+            tf = self._loaded(node)
+            tf.meta.name = name
+            if tree_parent is not None:
+                tf.meta.extra["placed"] = True
+            tf.meta.ctime_ns = time.time_ns()
+            tf.meta_dirty = True
+            tf.commit(final=node.opens == 0)
+            self._drop_if_idle(node)
+        if isinstance(target, FileNode) and target is not node:
+            inval += self._detach(target)
+            inval = [i for i in inval if not (i[0] == dst_dir.ino and i[1] == new_name)]
+            with target.lock:
+                if target.opens == 0:
+                    self._delete_data(target)
+        # move the tree entry
+        if node.tree_parent is not None and node.tree_name is not None:
+            node.tree_parent.entries.pop(node.tree_name, None)
+            self._touch_dir(node.tree_parent)
+            if node.tree_parent is not src_dir or node.tree_name != old_name:
+                inval.append((node.tree_parent.ino, node.tree_name, 0))
+        if tree_parent is not None:
+            self._link(tree_parent, new_name, node)
+            self._touch_dir(tree_parent)
+            if tree_parent is not dst_dir:
+                inval.append((tree_parent.ino, new_name, 0))
+        node.tree_parent, node.tree_name = tree_parent, (new_name if tree_parent else None)
+        # and the basename in the token directory
+        td = node.tokendir
+        if td is not None:
+            old_base = next((n for n, (_, c) in td.entries.items() if c is node), None)
+            if old_base != new_name:
+                td.entries.pop(old_base, None)  # type: ignore[arg-type]
+                self._link(td, new_name, node)
+                if td is not src_dir and old_base is not None:
+                    inval.append((td.ino, old_base, 0))
+        return inval
+
+    def _rename_dir(self, d: DirNode, src_dir: DirNode, old_name: str, dst_dir: DirNode,
+                    new_name: str, target: Node | None) -> list[Invalidation]:
+        p: DirNode | None = dst_dir
+        while p is not None:
+            if p is d:
+                raise _err(errno.EINVAL, "cannot move a directory into itself")
+            p = p.parent
+        if target is not None:
+            if not isinstance(target, DirNode):
+                raise _err(errno.ENOTDIR)
+            if target.entries:
+                raise _err(errno.ENOTEMPTY)
+        # move in memory, then rewrite the recorded path of everything below it
+        del src_dir.entries[old_name]
+        if isinstance(target, DirNode):
+            self._delete_marker(target)
+            target.removed = True
+            del dst_dir.entries[new_name]
+        self._link(dst_dir, new_name, d)
+        d.parent, d.name = dst_dir, new_name
+        d.ctime_ns = time.time_ns()
+        self._touch_dir(src_dir)
+        self._touch_dir(dst_dir)
+        for sub in self._walk(d):
+            if isinstance(sub, DirNode):
+                if sub.marker_id is not None or sub is d:
+                    self._commit_marker(sub)
+            elif isinstance(sub, FileNode):
+                with sub.lock:
+                    tf = self._loaded(sub)
+                    assert sub.tree_parent is not None and sub.tree_name is not None
+                    tf.meta.name = self.relpath(sub.tree_parent, sub.tree_name)
+                    tf.meta_dirty = True
+                    tf.commit(final=sub.opens == 0)
+                    self._drop_if_idle(sub)
+        return []
+
+    def _walk(self, d: DirNode) -> Iterator[Node]:
+        yield d
+        for _, c in list(d.entries.values()):
+            if isinstance(c, DirNode):
+                yield from self._walk(c)
+            else:
+                yield c
+
+    # -- whole mount -----------------------------------------------------------------------------
+    def flush_all(self) -> None:
+        """At unmount: publish every file and directory still holding changes."""
+        for node in list(self.nodes.values()):
+            try:
+                if isinstance(node, FileNode):
+                    with node.lock:
+                        if node.tf is not None and not node.unlinked:
+                            node.tf.commit(final=True)
+                            node.tf.close()
+                            node.tf = None
+                        elif node.unlinked and not node.deleted:
+                            self._delete_data(node)
+                elif isinstance(node, DirNode) and node.dirty and not node.removed:
+                    with self.ns_lock:
+                        self._commit_marker(node)
+            except (OSError, VhsmError) as e:
+                log.error("unmount: could not publish inode %d: %s", node.ino, e)
+
+    def statfs(self) -> os.statvfs_result | None:
+        root = getattr(self.store.backend, "root", None)
+        return os.statvfs(root) if root else None
+
