@@ -40,11 +40,11 @@ demo: venv
 	@bash contrib/demo.sh
 
 test: venv
-	$(BIN)/ruff check vhsmfs keysvc cli tests bench
+	$(BIN)/ruff check vhsmfs keysvc cli tests bench $(wildcard bench/*)
 	$(BIN)/pytest -q tests
 
 lint: venv
-	$(BIN)/ruff check vhsmfs keysvc cli tests bench
+	$(BIN)/ruff check vhsmfs keysvc cli tests bench $(wildcard bench/*)
 
 bench: venv
 	$(BIN)/python bench/token_vs_age
