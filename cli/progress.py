@@ -6,8 +6,6 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
-from tqdm import tqdm
-
 MIN_BYTES_FOR_BAR = 4 << 20  # small files finish before a bar would help
 
 
@@ -17,6 +15,8 @@ def progress_bar(total: int, label: str, wanted: bool | None) -> Iterator[Callab
     if not show:
         yield lambda _n: None
         return
+    from tqdm import tqdm  # imported only when a bar is shown: keeps scripted calls fast
+
     with tqdm(total=total, desc=label[-30:], unit="B", unit_scale=True, unit_divisor=1024,
               file=sys.stderr, leave=False) as bar:
         yield bar.update
