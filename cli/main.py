@@ -16,12 +16,9 @@ def _register() -> None:
     from cli import token_cmds
 
     vhsm.add_command(token_cmds.token)
-    try:
-        from cli import key_cmds  # key service (keys, audit, user, keysvc)
+    from cli import key_cmds  # key service (keys, audit, user, keysvc, scan-hardware)
 
-        key_cmds.register(vhsm)
-    except ImportError:
-        pass
+    key_cmds.register(vhsm)
     from cli import mount_cmds  # the FUSE mount
 
     mount_cmds.register(vhsm)

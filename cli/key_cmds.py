@@ -1,0 +1,689 @@
+"""`vhsm key ...`, `vhsm audit ...`, `vhsm user ...`, `vhsm keysvc ...`, `vhsm scan-hardware`.
+
+Click parsing and printing only: every operation is a `keysvc` call. The plain `do_*` functions
+are shared with the `hsm_enhanced` compat entry point (cli/compat.py) so both print the same.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from keysvc import audit, masterkey, paths
+from keysvc.client import Context, connect
+from keysvc.errors import InvalidInputError, KeysvcError, VerificationFailed
+from keysvc.fsutil import atomic_write
+
+F = TypeVar("F", bound=Callable[..., Any])
+ARGV_WARNING = (
+    "Warning: a master key on the command line is visible to other users (ps, /proc); "
+    "prefer HSM_MASTER_KEY or the master.key file"
+)
+
+
+def fail(e: KeysvcError | str, code: int = 1) -> NoReturn:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    click.echo(f"Error: {msg}", err=True)
+    sys.exit(getattr(e, "exit_code", code))
+
+
+def guarded(fn: F) -> F:
+    """Turn library errors into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **kw: Any) -> Any:
+        try:
+            return fn(*a, **kw)
+        except KeysvcError as e:
+            fail(e)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def read_input(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InvalidInputError(f"cannot read {path}: {e.strerror}") from None
+
+
+def write_output(path: str | None, data: bytes, *, secret: bool = False) -> None:
+    if path is None or path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        atomic_write(Path(path), data, mode=0o600 if secret else 0o644)
+    except OSError as e:
+        raise InvalidInputError(f"cannot write {path}: {e.strerror}") from None
+
+
+def fmt_time(t: float | None) -> str:
+    return "Never" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+# --- operations shared by both command syntaxes ----------------------------------------------
+
+
+def do_generate_master_key(
+    data_dir: str | None, *, passphrase: str | None, force: bool, show_hex: bool
+) -> None:
+    key, path = masterkey.generate(data_dir, passphrase=passphrase, force=force)
+    ctx = Context(data_dir=data_dir, use_daemon=False)
+    audit.writer_for(ctx.audit_log).append(
+        [
+            audit.AuditRecord(
+                "CONFIG_CHANGE",
+                "N/A",
+                ctx.user,
+                f"Master key generated ({path.name})",
+                True,
+                os.getuid(),
+            )
+        ]
+    )
+    click.echo(f"Master key saved to {path} (mode 0600)", err=True)
+    if show_hex:
+        # compat.md: one stdout line containing "hex" whose last field is the key
+        click.echo(f"Generated master key (hex): {key.hex()}")
+
+
+def do_generate(ctx: Context, name: str, key_type: str | None = None, **opts: Any) -> None:
+    req: dict[str, Any] = {"op": "generate", "key": name, "type": key_type}
+    req.update({k: v for k, v in opts.items() if v is not None})
+    reply, _ = ctx.execute(req)
+    click.echo(f"Key {name} generated ({reply['type']}, {reply['state']}, version 1)")
+
+
+def do_list(ctx: Context) -> None:
+    reply, _ = ctx.execute({"op": "list"})
+    for n in reply["keys"]:
+        click.echo(n)
+
+
+def do_info(ctx: Context, name: str) -> None:
+    reply, _ = ctx.execute({"op": "info", "key": name})
+    i = reply["info"]
+    p = i["policy"]
+    lines = [
+        f"=== Key Information: {name} ===",
+        f"Type: {i['type']}",
+        f"State: {i['state']}",
+        f"Created: {fmt_time(i['created'])}",
+        f"Last Used: {fmt_time(i['last_used'])}",
+        f"Last Rotated: {fmt_time(i['last_rotated'])}",
+        f"Days Since Rotation: {i['days_since_rotation']:.1f}",
+        f"Rotation Version: {i['version']}",
+        f"Minimum Version: {i['min_version']}",
+        f"Usable Versions: {', '.join(str(v) for v in i['usable_versions']) or 'none'}",
+        f"Use Count: {i['use_count']}",
+        f"Exportable: {'yes' if i['exportable'] else 'no'}",
+        "Rotation Policy: max age "
+        + (f"{p['max_age_days']:g} days" if p["max_age_days"] else "unlimited")
+        + ", max uses "
+        + (str(p["max_uses"]) if p["max_uses"] else "unlimited")
+        + (", automatic" if p["auto"] else ", manual"),
+    ]
+    if i["rotation_due"]:
+        lines.append(f"WARNING: key rotation due ({i['rotation_due']})")
+    click.echo("\n".join(lines))
+
+
+def do_sign(ctx: Context, name: str, infile: str, outfile: str | None) -> None:
+    data = read_input(infile)
+    reply, sig = ctx.execute({"op": "sign", "key": name}, data)
+    write_output(outfile, sig)
+    if outfile and outfile != "-":
+        click.echo(
+            f"Signature written to {outfile} ({len(sig)} bytes, key version {reply['version']})"
+        )
+
+
+def do_verify(ctx: Context, name: str, infile: str, sigfile: str) -> None:
+    data = read_input(infile)
+    sig = read_input(sigfile)
+    try:
+        reply, _ = ctx.execute({"op": "verify", "key": name, "sig_len": len(sig)}, sig + data)
+    except VerificationFailed as e:
+        click.echo(f"Signature verification FAILED: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"Signature verified successfully (key {name}, version {reply['version']})")
+
+
+def do_export_public(
+    ctx: Context, name: str, outfile: str | None, version: int | None = None
+) -> None:
+    _, pem = ctx.execute({"op": "export_public_key", "key": name, "version": version})
+    write_output(outfile, pem)
+
+
+def do_rotate(ctx: Context, name: str) -> None:
+    reply, _ = ctx.execute({"op": "rotate", "key": name})
+    click.echo(f"Key rotated successfully: {name}")
+    click.echo(f"New version: {reply['version']}")
+
+
+def do_cipher(
+    ctx: Context, op: str, name: str, infile: str, outfile: str | None, aad: str | None
+) -> None:
+    data = read_input(infile)
+    reply, out = ctx.execute({"op": op, "key": name, "aad": aad}, data)
+    write_output(outfile, out, secret=op in ("decrypt", "unwrap"))
+    if outfile and outfile != "-":
+        click.echo(f"{op}: {len(out)} bytes written to {outfile} (key version {reply['version']})")
+
+
+def do_set_state(ctx: Context, name: str, state: str, confirm_destroy: bool = False) -> None:
+    reply, _ = ctx.execute(
+        {"op": "set_state", "key": name, "state": state, "confirm_destroy": confirm_destroy}
+    )
+    click.echo(f"Key {name} is now {reply['state']}")
+
+
+def do_set_user(ctx: Context, user: str) -> None:
+    user = audit.validate_user(user)
+    audit.persist_user(user, ctx.data_dir)
+    audit.writer_for(ctx.audit_log).append(
+        [
+            audit.AuditRecord(
+                "CONFIG_CHANGE", "N/A", user, f"User context set to {user}", True, os.getuid()
+            )
+        ]
+    )
+    click.echo(f"User context set to: {user}")
+
+
+def _entries_since(ctx: Context, days: float) -> list[audit.AuditEntry]:
+    cutoff = time.strftime(audit.TS_FORMAT, time.localtime(time.time() - days * 86400))
+    return [e for e in audit.read_entries(ctx.audit_log) if e.timestamp >= cutoff]
+
+
+def do_audit_logs(ctx: Context, days: float) -> None:
+    entries = _entries_since(ctx, days)
+    click.echo(f"=== Audit Log (last {days:g} days) ===")
+    for e in entries:
+        click.echo(
+            f"{e.timestamp} | {e.event} | {e.key} | {e.user} | {e.details} | "
+            f"{'SUCCESS' if e.success else 'FAILURE'}"
+        )
+    click.echo(f"Total entries: {len(entries)}")
+
+
+def do_scan_hardware() -> None:
+    from keysvc import hardware
+
+    for line in hardware.scan():
+        click.echo(line)
+
+
+# --- click: vhsm key ... ----------------------------------------------------------------------
+
+
+def _ctx(c: click.Context) -> Context:
+    return c.find_object(Context)  # type: ignore[return-value]
+
+
+def _common(fn: F) -> F:
+    for opt in reversed(
+        [
+            click.option(
+                "--data-dir",
+                envvar="HSM_DATA_DIR",
+                type=click.Path(file_okay=False),
+                help="Where keystore.dat, master.key live (default: cwd).",
+            ),
+            click.option(
+                "--audit-log",
+                envvar="HSM_AUDIT_LOG",
+                type=click.Path(dir_okay=False),
+                help="Audit log path (default: <data dir>/hsm_audit.log).",
+            ),
+            click.option(
+                "--socket",
+                "socket_path",
+                envvar="HSM_SOCKET",
+                type=click.Path(dir_okay=False),
+                help="Daemon socket path.",
+            ),
+            click.option(
+                "--no-daemon", is_flag=True, help="Work in-process even if the daemon runs."
+            ),
+            click.option(
+                "--master-key",
+                "master_key_hex",
+                metavar="HEX",
+                help="Master key as 64 hex (visible in ps: prefer HSM_MASTER_KEY).",
+            ),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def _make_ctx(
+    c: click.Context,
+    data_dir: str | None,
+    audit_log: str | None,
+    socket_path: str | None,
+    no_daemon: bool,
+    master_key_hex: str | None,
+) -> None:
+    if master_key_hex:
+        click.echo(ARGV_WARNING, err=True)
+    try:
+        c.obj = Context(
+            data_dir=data_dir,
+            audit_log=audit_log,
+            socket_path=socket_path,
+            master_key_hex=master_key_hex,
+            use_daemon=not no_daemon,
+        )
+    except KeysvcError as e:
+        fail(e)
+
+
+@click.group("key")
+@_common
+@click.pass_context
+def key(c: click.Context, **kw: Any) -> None:
+    """Keys: generate, sign, verify, encrypt, rotate, lifecycle."""
+    _make_ctx(c, **kw)
+
+
+@key.command("generate-master-key")
+@click.option(
+    "--passphrase",
+    "use_pass",
+    is_flag=True,
+    help="Protect it with a passphrase (Argon2id) from HSM_MASTER_PASSPHRASE or a prompt.",
+)
+@click.option(
+    "--force", is_flag=True, help="Replace an existing master key (keys under it are lost)."
+)
+@click.option("--show-hex", is_flag=True, help="Also print the key as hex (for a secret manager).")
+@click.pass_context
+@guarded
+def generate_master_key(c: click.Context, use_pass: bool, force: bool, show_hex: bool) -> None:
+    """Create a random 32-byte master key (master.key, 0600)."""
+    pw = None
+    if use_pass:
+        pw = os.environ.get("HSM_MASTER_PASSPHRASE") or click.prompt(
+            "Passphrase", hide_input=True, confirmation_prompt=True
+        )
+    do_generate_master_key(str(_ctx(c).data_dir), passphrase=pw, force=force, show_hex=show_hex)
+
+
+@key.command("generate")
+@click.argument("name")
+@click.option(
+    "--type",
+    "key_type",
+    default="ed25519",
+    show_default=True,
+    help="ed25519 | ecdsa-p256 | rsa-3072 | aes-256-gcm | hmac-sha256",
+)
+@click.option("--exportable", is_flag=True, help="Mark the key exportable (recorded in metadata).")
+@click.option("--pre-active", is_flag=True, help="Create it PRE_ACTIVE (activate later).")
+@click.option("--max-age-days", type=float, help="Rotation policy: max age (default 90).")
+@click.option("--max-uses", type=int, help="Rotation policy: max uses per version (0 = unlimited).")
+@click.option("--auto-rotate/--manual-rotate", default=None, help="Let the daemon rotate it.")
+@click.pass_context
+@guarded
+def generate(
+    c: click.Context,
+    name: str,
+    key_type: str,
+    exportable: bool,
+    pre_active: bool,
+    max_age_days: float | None,
+    max_uses: int | None,
+    auto_rotate: bool | None,
+) -> None:
+    """Generate a key (Ed25519 by default)."""
+    do_generate(
+        _ctx(c),
+        name,
+        key_type,
+        exportable=exportable or None,
+        pre_active=pre_active or None,
+        max_age_days=max_age_days,
+        max_uses=max_uses,
+        auto_rotate=auto_rotate,
+    )
+
+
+@key.command("list")
+@click.pass_context
+@guarded
+def list_keys(c: click.Context) -> None:
+    """Key names, one per line."""
+    do_list(_ctx(c))
+
+
+@key.command("info")
+@click.argument("name")
+@click.pass_context
+@guarded
+def info(c: click.Context, name: str) -> None:
+    """Metadata, state, versions, and a WARNING line when rotation is due."""
+    do_info(_ctx(c), name)
+
+
+@key.command("sign")
+@click.argument("name")
+@click.option("-i", "--in", "infile", required=True, help="File to sign ('-' = stdin).")
+@click.option("-o", "--out", "outfile", help="Signature file (default: stdout).")
+@click.pass_context
+@guarded
+def sign(c: click.Context, name: str, infile: str, outfile: str | None) -> None:
+    """Sign a file (Ed25519: 64 raw bytes; ECDSA: DER; RSA: PKCS#1 v1.5; HMAC: 32 bytes)."""
+    do_sign(_ctx(c), name, infile, outfile)
+
+
+@key.command("verify")
+@click.argument("name")
+@click.option("-i", "--in", "infile", required=True)
+@click.option("-s", "--sig", "sigfile", required=True)
+@click.pass_context
+@guarded
+def verify(c: click.Context, name: str, infile: str, sigfile: str) -> None:
+    """Verify a signature against every usable version; exit 1 if it does not verify."""
+    do_verify(_ctx(c), name, infile, sigfile)
+
+
+@key.command("export-public")
+@click.argument("name")
+@click.option("-o", "--out", "outfile")
+@click.option("--version", "version", type=int, help="Key version (default: current).")
+@click.pass_context
+@guarded
+def export_public(c: click.Context, name: str, outfile: str | None, version: int | None) -> None:
+    """Public key as PEM (BEGIN PUBLIC KEY)."""
+    do_export_public(_ctx(c), name, outfile, version)
+
+
+def _cipher_cmd(op: str, doc: str) -> None:
+    @key.command(op, help=doc)
+    @click.argument("name")
+    @click.option("-i", "--in", "infile", required=True)
+    @click.option("-o", "--out", "outfile")
+    @click.option("--aad", help="Associated data (must match on decrypt).")
+    @click.pass_context
+    @guarded
+    def cmd(c: click.Context, name: str, infile: str, outfile: str | None, aad: str | None) -> None:
+        do_cipher(_ctx(c), op, name, infile, outfile, aad)
+
+
+_cipher_cmd("encrypt", "AES-256-GCM encrypt a file (output carries the key version).")
+_cipher_cmd("decrypt", "Decrypt with whichever usable version encrypted it.")
+_cipher_cmd("wrap", "Wrap a data key (1-1024 bytes) under an AES key.")
+_cipher_cmd("unwrap", "Unwrap a wrapped data key.")
+
+
+@key.command("rotate")
+@click.argument("name")
+@click.pass_context
+@guarded
+def rotate(c: click.Context, name: str) -> None:
+    """Add a new version; older versions still verify/decrypt until retired."""
+    do_rotate(_ctx(c), name)
+
+
+@key.command("retire")
+@click.argument("name")
+@click.option("--min-version", type=int, required=True)
+@click.pass_context
+@guarded
+def retire(c: click.Context, name: str, min_version: int) -> None:
+    """Retire (and wipe) every version below MIN_VERSION."""
+    reply, _ = _ctx(c).execute({"op": "retire", "key": name, "min_version": min_version})
+    click.echo(f"Key {name}: versions below {reply['min_version']} retired")
+
+
+@key.command("set-state")
+@click.argument("name")
+@click.argument(
+    "state",
+    type=click.Choice(
+        ["ACTIVE", "DEPRECATED", "SUSPENDED", "COMPROMISED", "DESTROYED"], case_sensitive=False
+    ),
+)
+@click.option("--confirm-destroy", is_flag=True, help="Required to move a key to DESTROYED.")
+@click.pass_context
+@guarded
+def set_state(c: click.Context, name: str, state: str, confirm_destroy: bool) -> None:
+    """Lifecycle transition (only the NIST SP 800-57 ones are allowed)."""
+    do_set_state(_ctx(c), name, state, confirm_destroy)
+
+
+@key.command("destroy")
+@click.argument("name")
+@click.option("--confirm-destroy", is_flag=True, help="Required: wipes all key material.")
+@click.pass_context
+@guarded
+def destroy(c: click.Context, name: str, confirm_destroy: bool) -> None:
+    """Wipe the key material (metadata is kept); the key must be deactivated first."""
+    do_set_state(_ctx(c), name, "DESTROYED", confirm_destroy)
+
+
+@key.command("policy")
+@click.argument("name")
+@click.option("--max-age-days", type=float)
+@click.option("--max-uses", type=int)
+@click.option("--auto-rotate/--manual-rotate", default=None)
+@click.pass_context
+@guarded
+def policy(
+    c: click.Context,
+    name: str,
+    max_age_days: float | None,
+    max_uses: int | None,
+    auto_rotate: bool | None,
+) -> None:
+    """Set the key's rotation policy."""
+    reply, _ = _ctx(c).execute(
+        {
+            "op": "set_policy",
+            "key": name,
+            "max_age_days": max_age_days,
+            "max_uses": max_uses,
+            "auto_rotate": auto_rotate,
+        }
+    )
+    p = reply["policy"]
+    click.echo(
+        f"Key {name}: max age {p['max_age_days']:g} days, max uses {p['max_uses']}, "
+        f"{'automatic' if p['auto'] else 'manual'} rotation"
+    )
+
+
+# --- vhsm audit ... ---------------------------------------------------------------------------
+
+
+@click.group("audit")
+@_common
+@click.pass_context
+def audit_group(c: click.Context, **kw: Any) -> None:
+    """The tamper-evident audit log."""
+    _make_ctx(c, **kw)
+
+
+@audit_group.command("verify")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.pass_context
+@guarded
+def audit_verify(c: click.Context, files: tuple[str, ...]) -> None:
+    """Check the chain; name the first bad line. FILES: rotated logs oldest first."""
+    res = audit.verify(list(files) or [_ctx(c).audit_log])
+    if not res.ok:
+        fail(f"audit log verification FAILED: {res.message}")
+    click.echo(res.message)
+
+
+@audit_group.command("logs")
+@click.argument("days", type=float, default=7)
+@click.pass_context
+@guarded
+def audit_logs(c: click.Context, days: float) -> None:
+    """Entries of the last DAYS days (default 7) and `Total entries: N`."""
+    do_audit_logs(_ctx(c), days)
+
+
+@audit_group.command("export")
+@click.option("--csv", "as_csv", is_flag=True, required=True, help="CSV with a header row.")
+@click.option("--days", type=float, help="Only the last DAYS days.")
+@click.option("-o", "--out", "outfile", help="Output file (default: stdout).")
+@click.pass_context
+@guarded
+def audit_export(c: click.Context, as_csv: bool, days: float | None, outfile: str | None) -> None:
+    """Export entries (fields unescaped) as CSV."""
+    ctx = _ctx(c)
+    entries = (
+        _entries_since(ctx, days) if days is not None else list(audit.read_entries(ctx.audit_log))
+    )
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        ["timestamp", "event_type", "key_name", "user_id", "details", "success", "seq", "chain"]
+    )
+    for e in entries:
+        w.writerow(e.fields())
+    write_output(outfile, buf.getvalue().encode())
+
+
+# --- vhsm user ... ----------------------------------------------------------------------------
+
+
+@click.group("user")
+@_common
+@click.pass_context
+def user_group(c: click.Context, **kw: Any) -> None:
+    """The persisted user context recorded in every audit line."""
+    _make_ctx(c, **kw)
+
+
+@user_group.command("set")
+@click.argument("user")
+@click.pass_context
+@guarded
+def user_set(c: click.Context, user: str) -> None:
+    """Persist USER for later operations (stored in <data dir>/.hsm_user)."""
+    do_set_user(_ctx(c), user)
+
+
+@user_group.command("show")
+@click.pass_context
+@guarded
+def user_show(c: click.Context) -> None:
+    click.echo(_ctx(c).user)
+
+
+# --- vhsm keysvc ... --------------------------------------------------------------------------
+
+
+@click.group("keysvc")
+def keysvc_group() -> None:
+    """The key service daemon."""
+
+
+@keysvc_group.command("serve")
+@click.option("--data-dir", envvar="HSM_DATA_DIR", type=click.Path(file_okay=False))
+@click.option("--audit-log", envvar="HSM_AUDIT_LOG", type=click.Path(dir_okay=False))
+@click.option("--socket", "socket_path", envvar="HSM_SOCKET", type=click.Path(dir_okay=False))
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(dir_okay=False),
+    help="Access policy (TOML); default <data dir>/keysvc-policy.toml if present.",
+)
+@click.option("--socket-mode", default="0660", show_default=True, help="Octal socket mode.")
+@click.option("--rotation-check-interval", type=float, default=60.0, show_default=True)
+@click.option(
+    "--flush-interval",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Seconds between saves of use counters.",
+)
+@click.option("--no-harden", is_flag=True, help="Skip mlockall/no-dump (debugging only).")
+@guarded
+def serve(
+    data_dir: str | None,
+    audit_log: str | None,
+    socket_path: str | None,
+    policy_path: str | None,
+    socket_mode: str,
+    rotation_check_interval: float,
+    flush_interval: float,
+    no_harden: bool,
+) -> None:
+    """Run the daemon in the foreground (SIGTERM/SIGINT stop it, SIGHUP reloads the policy)."""
+    from keysvc.daemon import DaemonConfig
+    from keysvc.daemon import serve as run_daemon
+
+    d = paths.data_dir(data_dir).absolute()
+    try:
+        mode = int(socket_mode, 8)
+    except ValueError:
+        fail(f"--socket-mode must be octal, got {socket_mode!r}")
+    cfg = DaemonConfig(
+        data_dir=d,
+        socket=paths.socket_path(socket_path, d).absolute(),
+        audit_log=paths.audit_log_path(audit_log, d).absolute(),
+        policy=Path(policy_path) if policy_path else None,
+        socket_mode=mode,
+        rotation_check_interval=rotation_check_interval,
+        flush_interval=flush_interval,
+        harden=not no_harden,
+    )
+    try:
+        run_daemon(cfg)
+    except OSError as e:
+        fail(f"key service: {e.strerror or e}")
+
+
+@keysvc_group.command("status")
+@click.option("--data-dir", envvar="HSM_DATA_DIR", type=click.Path(file_okay=False))
+@click.option("--socket", "socket_path", envvar="HSM_SOCKET", type=click.Path(dir_okay=False))
+@guarded
+def status(data_dir: str | None, socket_path: str | None) -> None:
+    """Is the daemon running? (exit 0 and details if so, exit 3 if not)."""
+    client = connect(data_dir, socket_path)
+    if client is None:
+        click.echo("key service: not running")
+        sys.exit(3)
+    with client:
+        reply, _ = client.call({"op": "status"})
+    if not reply.get("ok"):
+        fail(str(reply.get("message")))
+    click.echo(f"key service: running (pid {reply['pid']}, up {reply['uptime']:.0f} s)")
+    click.echo(f"keys: {reply['keys']}  requests: {reply['requests']}  batches: {reply['batches']}")
+    click.echo(f"keystore: {reply['keystore']}")
+    click.echo(f"audit log: {reply['audit_log']}")
+
+
+@click.command("scan-hardware")
+@guarded
+def scan_hardware() -> None:
+    """Report hardware roots of trust really present (PKCS#11, TPM, PC/SC, FIDO2)."""
+    do_scan_hardware()
+
+
+def register(vhsm: click.Group) -> None:
+    vhsm.add_command(key)
+    vhsm.add_command(audit_group)
+    vhsm.add_command(user_group)
+    vhsm.add_command(keysvc_group)
+    vhsm.add_command(scan_hardware)

@@ -1,0 +1,318 @@
+"""`vhsm keysvc serve`: the key service daemon (trio, Unix socket).
+
+Event loop: accepts connections, reads frames, and hands them to a single batcher. The batcher
+takes *every* request that has arrived, makes one thread hop (trio.to_thread.run_sync) that
+decodes, executes, group-commits the audit lines (one write + one fdatasync) and encodes the
+replies, and then releases the replies. While one batch is in the thread, the next one gathers,
+so under load a single fdatasync serves as many requests as there are clients waiting.
+
+Durability: a reply leaves the daemon only after its audit line (and, for operations that change
+keys or lifecycle, the new keystore.dat) is on disk. A kill -9 can lose only requests that were
+never answered; their audit lines may or may not be present (never the reverse).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import signal
+import socket as pysocket
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from keysvc import audit, masterkey, paths, protocol, sockpath
+from keysvc.errors import DaemonError, KeysvcError
+from keysvc.keystore import open_keystore
+from keysvc.policy import Policy
+from keysvc.service import Caller, Service, auto_rotate_batch, error_reply
+
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass
+class DaemonConfig:
+    data_dir: Path
+    socket: Path
+    audit_log: Path
+    policy: Path | None = None
+    socket_mode: int = 0o660
+    rotation_check_interval: float = 60.0
+    flush_interval: float = 2.0  # seconds between saves of usage counters (see docs)
+    harden: bool = True
+
+
+class _Pending:
+    __slots__ = ("payload", "cred", "done", "reply")
+
+    def __init__(self, payload: bytes, cred: tuple[int, int, int]) -> None:
+        self.payload = payload
+        self.cred = cred
+        self.done = trio.Event()
+        self.reply = b""
+
+
+def harden() -> list[str]:
+    """No core dumps, not ptrace-attachable by the same user, memory locked where allowed."""
+    warnings = []
+    libc = ctypes.CDLL(None, use_errno=True)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE = 4
+        warnings.append("prctl(PR_SET_DUMPABLE, 0) failed")
+    if libc.mlockall(1 | 2) != 0:  # MCL_CURRENT | MCL_FUTURE
+        err = ctypes.get_errno()
+        warnings.append(
+            f"mlockall failed ({os.strerror(err)}): key material may be swapped; "
+            "raise the memlock limit (see docs)"
+        )
+    return warnings
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig) -> None:
+        self.cfg = cfg
+        os.umask(0o077)
+        mk, self.mk_source = masterkey.resolve(None, cfg.data_dir)
+        self.writer = audit.AuditWriter(cfg.audit_log)
+        self.owner = os.geteuid()
+        self.me = Caller(self.owner, os.getegid(), os.getpid(), "vhsm-keysvc")
+        try:
+            ks = open_keystore(cfg.data_dir, mk, lock_wait=0.0)
+        except KeysvcError as e:
+            if e.code == "wrong_master_key":
+                self.writer.append(
+                    [
+                        audit.AuditRecord(
+                            "AUTH_FAILURE",
+                            "N/A",
+                            "vhsm-keysvc",
+                            "wrong master key at daemon start",
+                            False,
+                            self.owner,
+                        )
+                    ]
+                )
+            raise
+        del mk
+        self.policy = Policy.load(self._policy_path(), self.owner)
+        self.service = Service(ks, self.writer, policy=self.policy, flush_interval=float("inf"))
+        self._pending: list[_Pending] = []
+        self._work = trio.Event()
+        self._batch_lock: trio.Lock | None = None
+
+    def _policy_path(self) -> Path | None:
+        if self.cfg.policy is not None:
+            return self.cfg.policy
+        p = self.cfg.data_dir / paths.POLICY_NAME
+        return p if p.exists() else None
+
+    # -- the batch, run in a worker thread
+
+    def _process(self, batch: list[_Pending]) -> list[bytes]:
+        items: list[tuple[dict[str, Any], bytes, Caller]] = []
+        slots: list[int | bytes] = []
+        for p in batch:
+            try:
+                header, payload = protocol.decode(p.payload)
+            except DaemonError as e:
+                slots.append(protocol.encode(*error_reply(e)))
+                continue
+            pid, uid, gid = p.cred
+            user = header.get("user")
+            try:
+                user = audit.validate_user(user) if isinstance(user, str) else audit.unix_user(uid)
+            except KeysvcError:
+                user = audit.unix_user(uid)
+            mk_check = header.get("mk_check")
+            items.append(
+                (
+                    header,
+                    payload,
+                    Caller(uid, gid, pid, user, mk_check if isinstance(mk_check, str) else None),
+                )
+            )
+            slots.append(len(items) - 1)
+        replies = self.service.run_batch(items) if items else []
+        out = []
+        for s in slots:
+            if isinstance(s, bytes):
+                out.append(s)
+                continue
+            header, payload = replies[s]
+            rid = items[s][0].get("id")
+            if rid is not None:
+                header["id"] = rid
+            out.append(protocol.encode(header, payload))
+        return out
+
+    # -- trio tasks
+
+    async def _batcher(self) -> None:
+        assert self._batch_lock is not None
+        while True:
+            await self._work.wait()
+            self._work = trio.Event()
+            batch, self._pending = self._pending, []
+            async with self._batch_lock:
+                frames = await trio.to_thread.run_sync(self._process, batch)
+            for p, f in zip(batch, frames, strict=True):
+                p.reply = f
+                p.done.set()
+
+    async def _housekeeping(self) -> None:
+        """Auto-rotation and saving usage counters, serialized with the batches."""
+        assert self._batch_lock is not None
+        next_rotation = 0.0
+        while True:
+            await trio.sleep(min(self.cfg.flush_interval, self.cfg.rotation_check_interval))
+            async with self._batch_lock:
+                if time.monotonic() >= next_rotation:
+                    next_rotation = time.monotonic() + self.cfg.rotation_check_interval
+                    await trio.to_thread.run_sync(auto_rotate_batch, self.service, self.me)
+                with contextlib.suppress(KeysvcError):
+                    await trio.to_thread.run_sync(self.service.flush)
+
+    async def _connection(self, sock: trio.socket.SocketType) -> None:
+        with sock:
+            try:
+                cred = _CRED.unpack(
+                    sock.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_PEERCRED, _CRED.size)
+                )
+            except OSError:
+                return
+            buf = bytearray()
+            while True:
+                try:
+                    data = await sock.recv(1 << 20)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                try:
+                    frames = protocol.split_frames(buf)
+                except DaemonError as e:
+                    with contextlib.suppress(OSError):
+                        await sock.send(protocol.encode(*error_reply(e)))
+                    return
+                if not frames:
+                    continue
+                items = [_Pending(f, cred) for f in frames]
+                self._pending.extend(items)
+                self._work.set()
+                for it in items:
+                    await it.done.wait()
+                out = memoryview(b"".join(it.reply for it in items))
+                try:
+                    while out:
+                        n = await sock.send(out)
+                        out = out[n:]
+                except OSError:
+                    return
+
+    async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        while True:
+            sock, _ = await listener.accept()
+            nursery.start_soon(self._connection, sock)
+
+    async def _signals(self, cancel: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for sig in sigs:
+                if sig == signal.SIGHUP:  # reload the access policy
+                    try:
+                        self.service.policy = Policy.load(self._policy_path(), self.owner)
+                        self._log("access policy reloaded")
+                    except KeysvcError as e:
+                        self._log(f"policy reload failed, keeping the old one: {e}")
+                    continue
+                self._log(f"signal {signal.Signals(sig).name}: shutting down")
+                cancel.cancel()
+                return
+
+    def _log(self, msg: str) -> None:
+        print(f"vhsm keysvc: {msg}", file=sys.stderr, flush=True)
+
+    def _bind(self) -> pysocket.socket:
+        path = self.cfg.socket
+        s = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+        with sockpath.usable(path) as p:
+            if os.path.lexists(path):
+                probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+                try:
+                    probe.connect(p)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    os.unlink(path)  # stale socket of a daemon that died
+                else:
+                    s.close()
+                    raise DaemonError(f"a key service is already listening on {path}")
+                finally:
+                    probe.close()
+            s.bind(p)
+        os.chmod(path, self.cfg.socket_mode)
+        s.listen(512)
+        return s
+
+    async def run(self) -> None:
+        self._batch_lock = trio.Lock()
+        raw = self._bind()
+        listener = trio.socket.from_stdlib_socket(raw)
+        self.writer.append(
+            [
+                audit.AuditRecord(
+                    "CONFIG_CHANGE",
+                    "N/A",
+                    "vhsm-keysvc",
+                    f"key service started (pid {os.getpid()})",
+                    True,
+                    self.owner,
+                )
+            ]
+        )
+        self._log(f"listening on {self.cfg.socket} (pid {os.getpid()})")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._signals, nursery.cancel_scope)
+                nursery.start_soon(self._batcher)
+                nursery.start_soon(self._housekeeping)
+                nursery.start_soon(self._accept, listener, nursery)
+        finally:
+            listener.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.cfg.socket)
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            self.service.flush()
+            self.writer.append(
+                [
+                    audit.AuditRecord(
+                        "CONFIG_CHANGE",
+                        "N/A",
+                        "vhsm-keysvc",
+                        f"key service stopped (pid {os.getpid()})",
+                        True,
+                        self.owner,
+                    )
+                ]
+            )
+        except KeysvcError as e:
+            self._log(f"shutdown: {e}")
+        finally:
+            self.service.ks.close()
+            self.writer.close()
+
+
+def serve(cfg: DaemonConfig) -> None:
+    if cfg.harden:
+        for w in harden():
+            print(f"vhsm keysvc: warning: {w}", file=sys.stderr)
+    d = Daemon(cfg)
+    trio.run(d.run)

@@ -1,0 +1,189 @@
+"""The 32-byte master key: where it comes from, and protectors that keep it at rest.
+
+Sources, first match wins: `-master_key HEX` (argv; warned about), $HSM_MASTER_KEY (hex),
+<data dir>/master.key (32 raw bytes, must be 0600), <data dir>/master.key.protected (a
+protector's sealed blob, e.g. passphrase + Argon2id).
+
+The keystore only ever sees 32 bytes: protectors are a registry of `Protector` classes keyed by
+`kind`, so a TPM, PKCS#11 or FIDO2 protector is one new class here and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+from argon2.low_level import Type, hash_secret_raw
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from keysvc import paths
+from keysvc.errors import MasterKeyError, WrongMasterKeyError
+from keysvc.fsutil import atomic_write, read_private
+
+KEY_LEN = 32
+
+
+def parse_hex(text: str) -> bytes:
+    t = text.strip().lower()
+    if len(t) != 2 * KEY_LEN or any(c not in "0123456789abcdef" for c in t):
+        raise MasterKeyError("a master key must be 64 hex characters (32 bytes)")
+    return bytes.fromhex(t)
+
+
+def check_value(master_key: bytes) -> str:
+    """A public fingerprint of the master key (HKDF, one-way): lets the keystore and the daemon
+    detect a wrong master key before decrypting anything, without ever sending the key."""
+    return (
+        HKDF(hashes.SHA256(), 32, salt=None, info=b"vhsm master key check v1")
+        .derive(master_key)
+        .hex()
+    )
+
+
+class Protector(Protocol):
+    """Seals the master key at rest. `seal` returns JSON-able parameters (including the
+    ciphertext); `unseal` gets them back and returns the 32 bytes or raises."""
+
+    kind: ClassVar[str]
+
+    def seal(self, master_key: bytes) -> dict[str, object]: ...
+
+    def unseal(self, sealed: dict[str, object]) -> bytes: ...
+
+
+class PassphraseProtector:
+    """Argon2id (RFC 9106 second recommendation: t=3, 64 MiB) derives a KEK from the passphrase;
+    AES-256-GCM seals the master key. Parameters are stored with the blob so they can grow."""
+
+    kind: ClassVar[str] = "passphrase-argon2id"
+    _AAD = b"vhsm master key passphrase v1"
+
+    def __init__(self, passphrase: str, *, t: int = 3, m_kib: int = 65536, p: int = 2) -> None:
+        if not passphrase:
+            raise MasterKeyError("the passphrase is empty")
+        self._pw = passphrase.encode()
+        self._t, self._m, self._p = t, m_kib, p
+
+    def _kek(self, salt: bytes, t: int, m: int, p: int) -> bytes:
+        return hash_secret_raw(
+            self._pw, salt, time_cost=t, memory_cost=m, parallelism=p, hash_len=32, type=Type.ID
+        )
+
+    def seal(self, master_key: bytes) -> dict[str, object]:
+        salt, nonce = os.urandom(16), os.urandom(12)
+        kek = self._kek(salt, self._t, self._m, self._p)
+        ct = AESGCM(kek).encrypt(nonce, master_key, self._AAD)
+        return {
+            "t": self._t,
+            "m_kib": self._m,
+            "p": self._p,
+            "salt": salt.hex(),
+            "nonce": nonce.hex(),
+            "ct": ct.hex(),
+        }
+
+    def unseal(self, sealed: dict[str, object]) -> bytes:
+        try:
+            kek = self._kek(
+                bytes.fromhex(str(sealed["salt"])),
+                int(str(sealed["t"])),
+                int(str(sealed["m_kib"])),
+                int(str(sealed["p"])),
+            )
+            return AESGCM(kek).decrypt(
+                bytes.fromhex(str(sealed["nonce"])), bytes.fromhex(str(sealed["ct"])), self._AAD
+            )
+        except InvalidTag:
+            raise WrongMasterKeyError("wrong passphrase for the protected master key") from None
+        except (KeyError, ValueError):
+            raise MasterKeyError("protected master key file is malformed") from None
+
+
+# kind -> factory taking the secret the user supplies (passphrase, PIN, ...)
+PROTECTORS: dict[str, type[PassphraseProtector]] = {PassphraseProtector.kind: PassphraseProtector}
+
+
+def write_protected(path: Path, master_key: bytes, protector: Protector) -> None:
+    doc = {
+        "format": "vhsm-master-key",
+        "version": 1,
+        "protector": protector.kind,
+        "sealed": protector.seal(master_key),
+    }
+    atomic_write(path, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o600)
+
+
+def read_protected(path: Path, secret: str) -> bytes:
+    raw = read_private(path, "protected master key", MasterKeyError)
+    try:
+        doc = json.loads(raw)
+        cls = PROTECTORS[doc["protector"]]
+        sealed = doc["sealed"]
+    except (ValueError, KeyError, TypeError):
+        raise MasterKeyError(f"{path} is not a vhsm protected master key") from None
+    return cls(secret).unseal(sealed)
+
+
+def _passphrase() -> str:
+    pw = os.environ.get("HSM_MASTER_PASSPHRASE")
+    if pw:
+        return pw
+    if sys.stdin.isatty():
+        return getpass.getpass("Master key passphrase: ")
+    raise MasterKeyError("master.key.protected needs a passphrase: set HSM_MASTER_PASSPHRASE")
+
+
+def resolve(hex_arg: str | None, data_dir: str | os.PathLike[str] | None) -> tuple[bytes, str]:
+    """(master key, where it came from). Raises MasterKeyError when there is none."""
+    if hex_arg:
+        return parse_hex(hex_arg), "argv"
+    env = os.environ.get("HSM_MASTER_KEY")
+    if env:
+        return parse_hex(env), "HSM_MASTER_KEY"
+    d = paths.data_dir(data_dir)
+    key_file = d / paths.MASTER_KEY_NAME
+    try:
+        raw = read_private(key_file, "master key file", MasterKeyError)
+    except FileNotFoundError:
+        pass
+    else:
+        if len(raw) != KEY_LEN:
+            raise MasterKeyError(f"master key file {key_file} must hold exactly 32 bytes")
+        return raw, str(key_file)
+    prot = d / paths.PROTECTED_MASTER_KEY_NAME
+    if prot.exists():
+        return read_protected(prot, _passphrase()), str(prot)
+    raise MasterKeyError(
+        "no master key: pass -master_key, set HSM_MASTER_KEY, or run generate-master-key"
+    )
+
+
+def generate(
+    data_dir: str | os.PathLike[str] | None, *, passphrase: str | None = None, force: bool = False
+) -> tuple[bytes, Path]:
+    """Create a new random master key file (raw 0600, or passphrase-protected)."""
+    d = paths.data_dir(data_dir)
+    path = d / (paths.PROTECTED_MASTER_KEY_NAME if passphrase else paths.MASTER_KEY_NAME)
+    if not force:
+        for existing in (d / paths.MASTER_KEY_NAME, d / paths.PROTECTED_MASTER_KEY_NAME):
+            if existing.exists():
+                raise MasterKeyError(
+                    f"{existing} already exists; refusing to replace a master key "
+                    "(keys under it would be lost)"
+                )
+    key = os.urandom(KEY_LEN)
+    try:
+        if passphrase:
+            write_protected(path, key, PassphraseProtector(passphrase))
+        else:
+            atomic_write(path, key, mode=0o600)
+    except OSError as e:
+        raise MasterKeyError(f"cannot write {path}: {e.strerror}") from None
+    return key, path

@@ -1,0 +1,72 @@
+"""The daemon's wire protocol (documented in docs/KEYSVC.md, "Daemon protocol").
+
+Every message, in both directions, is one frame:
+
+    u32 big-endian  length of everything that follows
+    u8              protocol version (1)
+    u32 big-endian  length J of the JSON header
+    J bytes         JSON object (UTF-8): request {"op": ..., "key": ..., "id": ...} or
+                    reply {"ok": true, ...} / {"ok": false, "error": code, "message": text}
+    rest            binary payload (message to sign, signature, ciphertext, PEM, ...)
+
+Requests on one connection are answered in order; a client may pipeline several. Binary data
+never goes through JSON, so signing a large file costs no base64.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+from keysvc.errors import DaemonError
+
+VERSION = 1
+MAX_FRAME = 256 * 1024 * 1024 + 65536  # largest message: 256 MiB payload plus header
+_LEN = struct.Struct(">I")
+_HDR = struct.Struct(">BI")
+
+
+def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    j = json.dumps(header, separators=(",", ":")).encode()
+    n = _HDR.size + len(j) + len(payload)
+    if n > MAX_FRAME:
+        raise DaemonError(f"message too large ({len(payload)} bytes; limit 256 MiB)")
+    return b"".join((_LEN.pack(n), _HDR.pack(VERSION, len(j)), j, payload))
+
+
+def decode(body: bytes | memoryview) -> tuple[dict[str, Any], bytes]:
+    """Parse the part after the length prefix."""
+    if len(body) < _HDR.size:
+        raise DaemonError("short frame")
+    version, jlen = _HDR.unpack_from(body, 0)
+    if version != VERSION:
+        raise DaemonError(f"unsupported protocol version {version} (this side speaks {VERSION})")
+    end = _HDR.size + jlen
+    if end > len(body):
+        raise DaemonError("frame header overruns the frame")
+    try:
+        header = json.loads(bytes(body[_HDR.size : end]))
+    except ValueError:
+        raise DaemonError("frame header is not JSON") from None
+    if not isinstance(header, dict):
+        raise DaemonError("frame header is not an object")
+    return header, bytes(body[end:])
+
+
+def split_frames(buf: bytearray) -> list[bytes]:
+    """Remove and return every complete frame body at the start of buf."""
+    out = []
+    pos = 0
+    n = len(buf)
+    while n - pos >= 4:
+        (length,) = _LEN.unpack_from(buf, pos)
+        if length > MAX_FRAME:
+            raise DaemonError(f"frame of {length} bytes exceeds the limit")
+        if n - pos - 4 < length:
+            break
+        out.append(bytes(buf[pos + 4 : pos + 4 + length]))
+        pos += 4 + length
+    if pos:
+        del buf[:pos]
+    return out

@@ -1,0 +1,512 @@
+"""The operations of the key service, executed in batches.
+
+The daemon and the in-process CLI both call `Service.run_batch`, so they give the same results
+and write the same audit lines. One batch:
+
+1. every request is checked (master-key check value, access policy) and executed in order
+   against the in-memory keystore, collecting one audit record per audited operation;
+2. if the batch changed key material or lifecycle (or usage counters are due to be flushed),
+   the new keystore is written to a durable temp file;
+3. all audit records are appended with one write + one fdatasync (group commit);
+4. only then is the temp keystore renamed into place and are the replies released.
+
+If step 3 fails, nothing is published and every reply of the batch becomes an error: an
+operation whose audit line is not durable never succeeds (fail-closed).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from keysvc import keytypes, lifecycle
+from keysvc.audit import AuditRecord, AuditWriter
+from keysvc.errors import (
+    AccessDenied,
+    InvalidInputError,
+    KeyExistsError,
+    KeyStateError,
+    KeysvcError,
+    KeyTypeError,
+    VerificationFailed,
+    WrongMasterKeyError,
+)
+from keysvc.fsutil import discard
+from keysvc.keystore import KeyRecord, Keystore, KeyVersion, RotationPolicy, validate_name
+from keysvc.policy import Policy
+
+Reply = tuple[dict[str, Any], bytes]
+MAX_DATA_KEY = 1024
+
+
+@dataclass(slots=True)
+class Caller:
+    uid: int
+    gid: int
+    pid: int
+    user: str
+    mk_check: str | None = None
+
+
+def error_reply(e: KeysvcError) -> Reply:
+    return {"ok": False, "error": e.code, "message": str(e)}, b""
+
+
+@dataclass(frozen=True, slots=True)
+class OpSpec:
+    fn: Callable[[Service, dict[str, Any], bytes, Caller], tuple[dict[str, Any], bytes, str]]
+    event: str | None  # audit event (None: not audited, e.g. list/info/status)
+    needs_key: bool = True
+    internal: bool = False  # only the daemon itself may call it
+
+
+class Service:
+    def __init__(
+        self,
+        keystore: Keystore,
+        writer: AuditWriter,
+        *,
+        policy: Policy | None = None,
+        flush_interval: float = 0.0,
+    ) -> None:
+        self.ks = keystore
+        self.audit = writer
+        self.policy = policy
+        self.flush_interval = flush_interval
+        self._dirty = False  # usage counters changed since the last save
+        self._structural = False  # this batch changed keys or lifecycle
+        self._event_override: str | None = None
+        self._last_flush = time.monotonic()
+        self.started = time.time()
+        self.requests = 0
+        self.batches = 0
+
+    # -- batch execution
+
+    def run_batch(self, items: list[tuple[dict[str, Any], bytes, Caller]]) -> list[Reply]:
+        records: list[AuditRecord] = []
+        replies: list[Reply] = []
+        self._structural = False
+        for req, blob, caller in items:
+            replies.append(self._one(req, blob, caller, records))
+        self.requests += len(items)
+        self.batches += 1
+        return self._commit(records, replies)
+
+    def _one(
+        self, req: dict[str, Any], blob: bytes, caller: Caller, records: list[AuditRecord]
+    ) -> Reply:
+        op = req.get("op")
+        spec = OPS.get(op) if isinstance(op, str) else None
+        if spec is None or (spec.internal and caller.pid != os.getpid()):
+            return error_reply(InvalidInputError(f"unknown operation {op!r}"))
+        key = req.get("key") or ""
+        if not isinstance(key, str):
+            return error_reply(InvalidInputError("key must be a string"))
+        self._event_override = None
+        try:
+            if caller.mk_check is not None and not hmac.compare_digest(
+                caller.mk_check.encode(), self.ks.check.encode()
+            ):
+                records.append(
+                    AuditRecord(
+                        "AUTH_FAILURE", key, caller.user, "wrong master key", False, caller.uid
+                    )
+                )
+                raise WrongMasterKeyError("wrong master key: it does not match the keystore")
+            if (
+                self.policy is not None
+                and spec.needs_key
+                and not self.policy.allows(caller.uid, caller.gid, key, op)
+            ):
+                records.append(
+                    AuditRecord(
+                        "AUTH_FAILURE",
+                        key,
+                        caller.user,
+                        f"access denied: {op} (pid {caller.pid})",
+                        False,
+                        caller.uid,
+                    )
+                )
+                raise AccessDenied(f"access denied: uid {caller.uid} may not {op} key {key}")
+            resp, out, details = spec.fn(self, req, blob, caller)
+            event = self._event_override or spec.event
+            if event:
+                records.append(AuditRecord(event, key, caller.user, details, True, caller.uid))
+            resp["ok"] = True
+            return resp, out
+        except KeysvcError as e:
+            event = self._event_override or spec.event
+            if event and not isinstance(e, WrongMasterKeyError | AccessDenied):
+                records.append(
+                    AuditRecord(event, key, caller.user, f"{op} failed: {e}", False, caller.uid)
+                )
+            return error_reply(e)
+
+    def _commit(self, records: list[AuditRecord], replies: list[Reply]) -> list[Reply]:
+        tmp = None
+        now = time.monotonic()
+        try:
+            if self._structural or (self._dirty and now - self._last_flush >= self.flush_interval):
+                tmp = self.ks.prepare_save()
+            self.audit.append(records)
+        except KeysvcError as e:
+            if tmp is not None:
+                discard(tmp)
+            if self._structural:
+                self.ks.load()  # back to the last durable state
+            return [error_reply(e) if r[0].get("ok") else r for r in replies]
+        if tmp is not None:
+            try:
+                self.ks.publish(tmp)
+            except KeysvcError as e:
+                self.ks.load()
+                return [error_reply(e) if r[0].get("ok") else r for r in replies]
+            self._dirty = False
+            self._last_flush = now
+        return replies
+
+    def flush(self) -> None:
+        """Save usage counters (on shutdown, and periodically from the daemon)."""
+        if self._dirty:
+            self.ks.save()
+            self._dirty = False
+            self._last_flush = time.monotonic()
+
+    # -- helpers
+
+    def _used(self, rec: KeyRecord) -> None:
+        rec.use_count += 1
+        rec.uses_since_rotation += 1
+        rec.last_used = time.time()
+        self._dirty = True
+
+    def _rotate(self, rec: KeyRecord) -> int:
+        n = max(rec.versions) + 1
+        now = time.time()
+        rec.versions[n] = KeyVersion(n, now, keytypes.generate(rec.key_type))
+        rec.current = n
+        rec.last_rotated = now
+        rec.uses_since_rotation = 0
+        self._structural = True
+        return n
+
+    def _maybe_auto_rotate(self, rec: KeyRecord) -> None:
+        p = rec.policy
+        if p.auto and p.max_uses and rec.uses_since_rotation >= p.max_uses:
+            self._rotate(rec)
+
+
+# --- operations -----------------------------------------------------------------------------
+# Each returns (reply fields, reply blob, audit details). Validation comes before any change.
+
+
+def _generate(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    name = validate_name(req["key"])
+    if name in s.ks.keys:
+        raise KeyExistsError(f"key {name} already exists")
+    kt = keytypes.normalize(req.get("type") or keytypes.ED25519)
+    policy = _policy_from(req, RotationPolicy())
+    now = time.time()
+    state = lifecycle.PRE_ACTIVE if req.get("pre_active") else lifecycle.ACTIVE
+    rec = KeyRecord(
+        name=name,
+        key_type=kt,
+        state=state,
+        created=now,
+        last_rotated=now,
+        exportable=bool(req.get("exportable")),
+        policy=policy,
+    )
+    rec.versions[1] = KeyVersion(1, now, keytypes.generate(kt))
+    s.ks.keys[name] = rec
+    s._structural = True
+    what = "Key pair generated" if kt in keytypes.ASYMMETRIC else "Secret key generated"
+    return {"type": kt, "state": state, "version": 1}, b"", f"{what} ({kt})"
+
+
+def _policy_from(req: dict[str, Any], base: RotationPolicy) -> RotationPolicy:
+    p = RotationPolicy(**asdict(base))
+    try:
+        if req.get("max_age_days") is not None:
+            p.max_age_days = float(req["max_age_days"])
+        if req.get("max_uses") is not None:
+            p.max_uses = int(req["max_uses"])
+        if req.get("auto_rotate") is not None:
+            p.auto = bool(req["auto_rotate"])
+    except (TypeError, ValueError):
+        raise InvalidInputError("rotation policy values must be numbers") from None
+    if p.max_age_days < 0 or p.max_uses < 0:
+        raise InvalidInputError("rotation policy values must not be negative")
+    return p
+
+
+def _list(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    names = sorted(s.ks.keys)
+    if s.policy is not None:
+        names = [n for n in names if any(s.policy.allows(c.uid, c.gid, n, o) for o in _ANY_OP)]
+    return {"keys": names}, b"", ""
+
+
+_ANY_OP = ("info", "sign", "verify", "encrypt", "decrypt", "export_public_key", "wrap", "unwrap")
+
+
+def key_info(rec: KeyRecord, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    return {
+        "name": rec.name,
+        "type": rec.key_type,
+        "state": rec.state,
+        "created": rec.created,
+        "last_used": rec.last_used,
+        "last_rotated": rec.last_rotated,
+        "days_since_rotation": (now - rec.last_rotated) / 86400,
+        "version": rec.current,
+        "min_version": rec.min_version,
+        "versions": sorted(rec.versions),
+        "usable_versions": sorted(rec.usable_versions()),
+        "use_count": rec.use_count,
+        "uses_since_rotation": rec.uses_since_rotation,
+        "exportable": rec.exportable,
+        "policy": asdict(rec.policy),
+        "rotation_due": rec.rotation_due(now),
+    }
+
+
+def _info(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    return {"info": key_info(s.ks.get(req["key"]))}, b"", ""
+
+
+def _sign(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    rec = s.ks.get(req["key"])
+    if rec.key_type not in keytypes.SIGNING:
+        raise KeyTypeError(f"key {rec.name} is {rec.key_type}: it cannot sign")
+    lifecycle.check_use(rec.name, rec.state, "apply")
+    sig = keytypes.sign(rec.key_type, rec.key_obj(), blob)
+    version = rec.current
+    s._used(rec)
+    s._maybe_auto_rotate(rec)
+    return {"version": version}, sig, f"Signed {len(blob)} bytes with v{version}"
+
+
+def _verify(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    rec = s.ks.get(req["key"])
+    if rec.key_type not in keytypes.SIGNING:
+        raise KeyTypeError(f"key {rec.name} is {rec.key_type}: it cannot verify")
+    lifecycle.check_use(rec.name, rec.state, "process")
+    try:
+        n = int(req["sig_len"])
+    except (KeyError, TypeError, ValueError):
+        raise InvalidInputError("verify needs sig_len") from None
+    if not 0 <= n <= len(blob):
+        raise InvalidInputError("sig_len out of range")
+    sig, data = blob[:n], blob[n:]
+    s._used(rec)
+    for v in rec.usable_versions():
+        if keytypes.verify(rec.key_type, rec.key_obj(v), data, sig):
+            return {"version": v}, b"", f"Signature verified with v{v}"
+    raise VerificationFailed(f"signature verification failed for key {rec.name}")
+
+
+def _export_public(
+    s: Service, req: dict[str, Any], blob: bytes, c: Caller
+) -> tuple[dict, bytes, str]:
+    rec = s.ks.get(req["key"])
+    if rec.key_type not in keytypes.ASYMMETRIC:
+        raise KeyTypeError(f"key {rec.name} is {rec.key_type}: it has no public key")
+    lifecycle.check_use(rec.name, rec.state, "public")
+    v = int(req.get("version") or rec.current)
+    if v not in rec.usable_versions():
+        raise KeyStateError(f"key {rec.name} has no usable version {v}")
+    pem = keytypes.public_pem(rec.key_type, rec.key_obj(v))
+    return {"version": v}, pem, f"Public key exported (v{v})"
+
+
+def _aes(s: Service, req: dict[str, Any], use: str) -> KeyRecord:
+    rec = s.ks.get(req["key"])
+    if rec.key_type not in keytypes.SYMMETRIC_CIPHER:
+        raise KeyTypeError(f"key {rec.name} is {rec.key_type}: it cannot encrypt or wrap")
+    lifecycle.check_use(rec.name, rec.state, use)
+    return rec
+
+
+def _aad(req: dict[str, Any]) -> bytes:
+    a = req.get("aad") or ""
+    if not isinstance(a, str):
+        raise InvalidInputError("aad must be a string")
+    return a.encode()
+
+
+def _old_version(rec: KeyRecord, blob: bytes, *, wrapped: bool) -> int:
+    v = keytypes.blob_version(blob, wrapped=wrapped)
+    if v not in rec.usable_versions():
+        raise KeyStateError(f"key {rec.name} version {v} is retired or unknown")
+    return v
+
+
+def _encrypt(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    rec = _aes(s, req, "apply")
+    ct = keytypes.encrypt(rec.key_obj(), rec.name, rec.current, blob, _aad(req))
+    s._used(rec)
+    s._maybe_auto_rotate(rec)
+    return {"version": rec.current}, ct, f"Encrypted {len(blob)} bytes with v{rec.current}"
+
+
+def _decrypt(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    rec = _aes(s, req, "decrypt")
+    v = _old_version(rec, blob, wrapped=False)
+    pt = keytypes.decrypt(rec.key_obj(v), rec.name, blob, _aad(req))
+    s._used(rec)
+    return {"version": v}, pt, f"Decrypted {len(pt)} bytes with v{v}"
+
+
+def _wrap(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    rec = _aes(s, req, "apply")
+    if not 1 <= len(blob) <= MAX_DATA_KEY:
+        raise InvalidInputError(f"a data key must be 1-{MAX_DATA_KEY} bytes")
+    w = keytypes.wrap(rec.key_obj(), rec.name, rec.current, blob)
+    s._used(rec)
+    s._maybe_auto_rotate(rec)
+    return {"version": rec.current}, w, f"Data key wrapped with v{rec.current}"
+
+
+def _unwrap(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    rec = _aes(s, req, "decrypt")
+    v = _old_version(rec, blob, wrapped=True)
+    dk = keytypes.decrypt(rec.key_obj(v), rec.name, blob, wrapped=True)
+    s._used(rec)
+    return {"version": v}, dk, f"Data key unwrapped with v{v}"
+
+
+def _rotate(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    rec = s.ks.get(req["key"])
+    if rec.state not in (lifecycle.ACTIVE, lifecycle.PRE_ACTIVE, lifecycle.SUSPENDED):
+        raise KeyStateError(f"key {rec.name} is {rec.state}: it cannot be rotated")
+    n = s._rotate(rec)
+    return {"version": n}, b"", f"Rotated to version {n}"
+
+
+def _retire(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    rec = s.ks.get(req["key"])
+    try:
+        m = int(req["min_version"])
+    except (KeyError, TypeError, ValueError):
+        raise InvalidInputError("retire needs a minimum version") from None
+    if m <= rec.min_version or m > rec.current:
+        raise InvalidInputError(
+            f"minimum version must be above {rec.min_version} and at most {rec.current}"
+        )
+    for n, v in rec.versions.items():
+        if n < m:
+            v.material = None  # wiped: retired versions can never be used again
+            v.obj = None
+    rec.min_version = m
+    s._structural = True
+    return {"min_version": m}, b"", f"Versions below {m} retired"
+
+
+def _set_state(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    rec = s.ks.get(req["key"])
+    new = lifecycle.normalize(str(req.get("state", "")))
+    if new == lifecycle.DESTROYED:
+        s._event_override = "KEY_DELETED"
+    lifecycle.check_transition(rec.name, rec.state, new)
+    if new == lifecycle.DESTROYED and not req.get("confirm_destroy"):
+        raise KeyStateError(f"destroying key {rec.name} needs the explicit --confirm-destroy flag")
+    old = rec.state
+    rec.state = new
+    if new == lifecycle.DESTROYED:
+        for v in rec.versions.values():  # material wiped, metadata kept
+            v.material = None
+            v.obj = None
+    s._structural = True
+    return {"state": new}, b"", f"State {old} -> {new}"
+
+
+def _set_policy(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    rec = s.ks.get(req["key"])
+    rec.policy = _policy_from(req, rec.policy)
+    s._structural = True
+    p = rec.policy
+    mode = "automatic" if p.auto else "manual"
+    return (
+        {"policy": asdict(p)},
+        b"",
+        f"Rotation policy: max age {p.max_age_days:g} days, max uses {p.max_uses}, {mode}",
+    )
+
+
+def _status(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    return (
+        {
+            "pid": os.getpid(),
+            "uptime": time.time() - s.started,
+            "keys": len(s.ks.keys),
+            "requests": s.requests,
+            "batches": s.batches,
+            "keystore": str(s.ks.path),
+            "audit_log": str(s.audit.path),
+        },
+        b"",
+        "",
+    )
+
+
+def _auto_rotate(
+    s: Service, req: dict[str, Any], blob: bytes, c: Caller
+) -> tuple[dict, bytes, str]:
+    """Rotate every key whose policy is automatic and due. Audited per key by the caller."""
+    rotated = []
+    for rec in s.ks.keys.values():
+        if rec.policy.auto and rec.state == lifecycle.ACTIVE:
+            reason = rec.rotation_due()
+            if reason:
+                n = s._rotate(rec)
+                rotated.append((rec.name, n, reason))
+    return {"rotated": rotated}, b"", ""
+
+
+OPS: dict[str, OpSpec] = {
+    "generate": OpSpec(_generate, "KEY_CREATED"),
+    "list": OpSpec(_list, None, needs_key=False),
+    "info": OpSpec(_info, None),
+    "sign": OpSpec(_sign, "SIGN_OPERATION"),
+    "verify": OpSpec(_verify, "VERIFY_OPERATION"),
+    "export_public_key": OpSpec(_export_public, "KEY_ACCESSED"),
+    "encrypt": OpSpec(_encrypt, "ENCRYPTION"),
+    "decrypt": OpSpec(_decrypt, "DECRYPTION"),
+    "wrap": OpSpec(_wrap, "ENCRYPTION"),
+    "unwrap": OpSpec(_unwrap, "DECRYPTION"),
+    "rotate": OpSpec(_rotate, "KEY_ROTATED"),
+    "retire": OpSpec(_retire, "KEY_MODIFIED"),
+    "set_state": OpSpec(_set_state, "KEY_MODIFIED"),
+    "set_policy": OpSpec(_set_policy, "KEY_MODIFIED"),
+    "status": OpSpec(_status, None, needs_key=False),
+    "_auto_rotate": OpSpec(_auto_rotate, None, needs_key=False, internal=True),
+}
+
+
+def auto_rotate_batch(service: Service, caller: Caller) -> list[tuple[str, int, str]]:
+    """Run one auto-rotation pass as its own batch (audited KEY_ROTATED per key)."""
+    records: list[AuditRecord] = []
+    service._structural = False
+    reply = service._one({"op": "_auto_rotate"}, b"", caller, records)
+    rotated = reply[0].get("rotated", [])
+    for name, n, reason in rotated:
+        records.append(
+            AuditRecord(
+                "KEY_ROTATED",
+                name,
+                caller.user,
+                f"Automatic rotation to version {n}: {reason}",
+                True,
+                caller.uid,
+            )
+        )
+    service._commit(records, [reply])
+    return rotated
