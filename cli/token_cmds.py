@@ -55,7 +55,7 @@ def generate_key(file: str, force: bool) -> None:
 
 
 @token.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, required=True, type=click.Path(readable=False))
 @key_option
 @store_option
 @click.option("-r", "--recursive", is_flag=True, help="Store every file under a directory.")
@@ -77,7 +77,7 @@ def store(paths: tuple[str, ...], key_file: str | None, store_dir: str, recursiv
         for path, name in files:
             with progress_bar(os.path.getsize(path), name, progress) as advance:
                 tok = ts.store_file(path, name=name, progress=advance)
-            with audited(lambda tok=tok: ts.delete_any(tok)):
+            with audited(lambda tok=tok: ts.delete(tok)):
                 audit_token_event("ENCRYPTION", tok, "stored", name)
             if generated is not None:
                 _save_generated_key(ts, tok, generated, quiet)
@@ -100,7 +100,7 @@ def _save_generated_key(ts: TokenStore, tok: uuid.UUID, key: bytes, quiet: bool)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        ts.delete_any(tok)  # a token nobody can decrypt is worse than no token
+        ts.delete(tok)  # a token nobody can decrypt is worse than no token
         raise VhsmError(f"cannot save generated key {name}: {e.strerror}") from None
     if not quiet:
         click.echo(f"Key saved to: {name}")
@@ -123,6 +123,8 @@ def _expand_inputs(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[st
                     if full.is_symlink() or not full.is_file():
                         click.echo(f"warning: skipping {full} (not a regular file)", err=True)
                         continue
+                    if not os.access(full, os.R_OK):
+                        raise InputError(f"cannot read {full}: permission denied")
                     found = True
                     yield str(full), full.relative_to(base).as_posix()
             if not found:
@@ -137,7 +139,7 @@ def _expand_inputs(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[st
 
 @token.command()
 @click.argument("token_id", metavar="TOKEN")
-@click.argument("outdir", type=click.Path(file_okay=False))
+@click.argument("outdir", type=click.Path())
 @key_option
 @store_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
@@ -262,7 +264,8 @@ def verify(token_ids: tuple[str, ...], key_file: str | None, store_dir: str, no_
                 click.echo(f"OK {tok}")
             except VhsmError as e:
                 failed += 1
-                click.echo(f"FAILED {tok}: {e}")
+                reason = str(e).removeprefix(f"token {tok}: ")
+                click.echo(f"FAILED {tok}: {reason}")
         ok = len(toks) - failed - skipped
         click.echo(f"{ok} ok, {failed} failed, {skipped} skipped", err=True)
         if failed:

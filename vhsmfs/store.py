@@ -551,10 +551,8 @@ class TokenStore:
         return self.backend.token_ids()
 
     def delete(self, token: uuid.UUID) -> None:
-        self.parse(token)  # TokenNotFoundError if absent; a damaged token can still be deleted
-        self.backend.delete_token(token)
-
-    def delete_any(self, token: uuid.UUID) -> None:
+        """Wipe a token. Needs no key and does not parse the metadata, so that a damaged token
+        can be deleted too; TokenNotFoundError if there is no such token."""
         self.backend.delete_token(token)
 
 
