@@ -469,7 +469,9 @@ class TokenStore:
 
                     def write(plain: bytearray) -> None:
                         try:
-                            out.write(plain)
+                            view = memoryview(plain)  # FileIO.write may write only part
+                            while view:
+                                view = view[out.write(view) :]
                         except OSError as e:
                             if e.errno == errno.ENOSPC:
                                 raise OutputError(
