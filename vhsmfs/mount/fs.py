@@ -69,11 +69,22 @@ def _brief(args: tuple[Any, ...]) -> str:
     return "(" + ", ".join(shown) + ")"
 
 
-def _entry(a: Attr) -> pyfuse3.EntryAttributes:
+def _invalidate_sync(inval: list[Invalidation]) -> None:
+    for parent, name, ino in inval:
+        try:
+            pyfuse3.invalidate_entry(parent, os.fsencode(name), deleted=ino)
+        except OSError as e:  # ENOENT: the kernel had not cached it
+            log.debug("invalidate %d/%s: %s", parent, name, e)
+
+
+def _entry(a: Attr, volatile: bool = False) -> pyfuse3.EntryAttributes:
+    """`volatile`: names under the token directories, which change behind the kernel's back
+    (a CLI store/delete, or an unlink through the file's other path) and are cheap to look up
+    again, are not cached."""
     e = pyfuse3.EntryAttributes()
     e.st_ino = a.ino
     e.generation = 0
-    e.entry_timeout = ENTRY_TIMEOUT
+    e.entry_timeout = 0 if volatile else ENTRY_TIMEOUT
     e.attr_timeout = ENTRY_TIMEOUT
     e.st_mode = a.mode
     e.st_nlink = a.nlink
@@ -114,6 +125,13 @@ class VaultOps(pyfuse3.Operations):
             except Exception as e:  # the entry may simply not be cached
                 log.debug("invalidate %d/%s: %s", parent, name, e)
 
+    async def _invalidate_now(self, inval: list[Invalidation]) -> None:
+        """Synchronous invalidation, in a thread so the loop keeps serving the requests the
+        kernel may be waiting on. Only from handlers that are not 'related' to the entries
+        (see pyfuse3.invalidate_entry), e.g. opendir."""
+        if inval:
+            await trio.to_thread.run_sync(_invalidate_sync, inval, limiter=self.limiter)
+
     def _fh(self, fh: int) -> FileNode:
         node = self._files.get(fh)
         if node is None:
@@ -136,7 +154,7 @@ class VaultOps(pyfuse3.Operations):
                 raise
             node = found
         v.remember(node)
-        return _entry(v.attr(node))
+        return _entry(v.attr(node), v.volatile(parent_inode, node))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -178,7 +196,7 @@ class VaultOps(pyfuse3.Operations):
         v = self.vault
         v.dir(inode)
         if inode == ROOT_INO:  # listing the top level picks up CLI stores and deletes
-            self._invalidate(await self._hop(v.rescan))
+            await self._invalidate_now(await self._hop(v.rescan))
         fh = next(self._fhs)
         self._dirs[fh] = (inode, v.listing(inode))
         return fh
@@ -191,7 +209,8 @@ class VaultOps(pyfuse3.Operations):
         for seq, name, node in entries[k:]:
             if not v.still_there(inode, name, node):
                 continue  # removed since opendir: never listed twice, never shifts the rest
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), _entry(v.attr(node)), seq):
+            attrs = _entry(v.attr(node), v.volatile(inode, node))
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, seq):
                 break
             v.remember(node)
 

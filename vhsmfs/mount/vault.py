@@ -309,6 +309,13 @@ class Vault:
                     int(meta.extra.get("uid", self.uid)), int(meta.extra.get("gid", self.gid)),
                     size, (size + 511) // 512, meta.atime_ns, meta.mtime_ns, meta.ctime_ns)
 
+    def volatile(self, parent_ino: int, node: Node) -> bool:
+        """Entries of the root that are token directories, and the file inside each."""
+        if isinstance(node, DirNode):
+            return node.kind == "tokendir"
+        parent = self.nodes.get(parent_ino)
+        return isinstance(parent, DirNode) and parent.kind == "tokendir"
+
     def lookup(self, parent_ino: int, name: str) -> Node:
         parent = self.dir(parent_ino)
         node = self._child(parent, name)

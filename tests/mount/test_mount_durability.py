@@ -1,0 +1,138 @@
+"""Remount persistence, clean unmount on signals, kill -9 recovery, and a second user kept out."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import signal
+import stat
+import subprocess
+import uuid
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def names(ts) -> dict[str, uuid.UUID]:
+    out = {}
+    for tok in ts.list_tokens():
+        meta = ts.open_token(tok).meta
+        out[meta.name] = tok
+    return out
+
+
+def test_modes_times_and_empty_dirs_survive_remount(mounter):
+    m = mounter()
+    (m.mnt / "proj" / "empty").mkdir(parents=True)
+    os.chmod(m.mnt / "proj" / "empty", 0o700)
+    (m.mnt / "proj" / "x.sh").write_text("#!/bin/sh\n")
+    os.chmod(m.mnt / "proj" / "x.sh", 0o751)
+    os.utime(m.mnt / "proj" / "x.sh", ns=(1_111_111_111_000_000_001, 1_222_222_222_000_000_002))
+    os.utime(m.mnt / "proj", ns=(1_333_333_333_000_000_003, 1_444_444_444_000_000_004))
+    assert m.stop() == 0
+    m2 = mounter()
+    st = os.stat(m2.mnt / "proj" / "x.sh")
+    assert stat.S_IMODE(st.st_mode) == 0o751
+    assert st.st_mtime_ns == 1_222_222_222_000_000_002
+    assert st.st_atime_ns == 1_111_111_111_000_000_001
+    assert stat.S_IMODE(os.stat(m2.mnt / "proj" / "empty").st_mode) == 0o700
+    assert os.listdir(m2.mnt / "proj" / "empty") == []
+    assert os.stat(m2.mnt / "proj").st_mtime_ns == 1_444_444_444_000_000_004
+    assert (m2.mnt / "proj" / "x.sh").read_text() == "#!/bin/sh\n"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly_and_publishes_open_files(mounter, token_store, sig):
+    m = mounter()
+    f = open(m.mnt / "still-open.bin", "wb")  # noqa: SIM115 - left open on purpose
+    try:
+        f.write(b"q" * 300_000)
+        f.flush()  # in the mount, not yet closed
+        assert m.stop(sig) == 0
+        assert not os.path.ismount(m.mnt)
+    finally:
+        with contextlib.suppress(OSError):
+            f.close()
+    tok = names(token_store)["still-open.bin"]
+    token_store.verify_full(tok)
+    assert token_store.open_token(tok).meta.size == 300_000
+
+
+def test_kill9_recovery_keeps_fsynced_data(mounter, token_store, run_cli, is_mounted):
+    m = mounter()
+    durable = os.urandom(2_000_000)
+    with open(m.mnt / "durable.bin", "wb") as f:
+        f.write(durable)
+        f.flush()
+        os.fsync(f.fileno())
+        f.write(b"after the fsync")  # acknowledged write, never fsynced: may be lost
+    # a file rewritten in place, fsynced, then overwritten again without fsync
+    p = m.mnt / "rewritten.bin"
+    p.write_bytes(b"A" * 100_000)
+    g = open(p, "r+b")  # noqa: SIM115 - still open when the mount dies
+    g.seek(5_000)
+    g.write(b"B" * 20_000)
+    g.flush()
+    os.fsync(g.fileno())
+    g.seek(50_000)
+    g.write(b"C" * 40_000)  # in flight when killed
+    g.flush()
+    h = open(m.mnt / "never-closed.bin", "wb")  # noqa: SIM115
+    h.write(os.urandom(20_000_000))
+    h.flush()
+    m.kill9()
+    for f in (g, h):
+        with contextlib.suppress(OSError):
+            f.close()
+    assert is_mounted(m.mnt)  # dead mount: "transport endpoint is not connected"
+    with pytest.raises(OSError):
+        os.listdir(m.mnt)
+    run_cli("umount", str(m.mnt))
+    assert not is_mounted(m.mnt)
+    # every token in the store verifies; fsynced content is there
+    for tok in token_store.list_tokens():
+        token_store.verify_full(tok)
+    found = names(token_store)
+    t = token_store.open_token(found["durable.bin"])
+    assert t.meta.size in (len(durable), len(durable) + len(b"after the fsync"))
+    m2 = mounter()
+    assert (m2.mnt / "durable.bin").read_bytes()[: len(durable)] == durable
+    got = (m2.mnt / "rewritten.bin").read_bytes()
+    assert got[:5_000] == b"A" * 5_000 and got[5_000:25_000] == b"B" * 20_000
+    assert got[25_000:50_000] == b"A" * 25_000
+    # writing after recovery works (orphaned objects of the killed session are swept)
+    with open(m2.mnt / "rewritten.bin", "r+b") as f:
+        f.write(b"D" * 10)
+    assert (m2.mnt / "rewritten.bin").read_bytes()[:10] == b"D" * 10
+    res = run_cli("token", "verify", "--key", str(m2.key), "--store", str(m2.store))
+    assert res.returncode == 0
+
+
+@pytest.fixture
+def other_user():
+    name = f"vhsmt{uuid.uuid4().hex[:6]}"
+    res = subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name],
+                         capture_output=True, text=True, timeout=30, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"cannot add a user here: {res.stderr.strip()}")
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", "-f", name], capture_output=True, timeout=30, check=False)
+
+
+def test_second_user_is_denied(vault, other_user, tmp_path):
+    (vault.mnt / "secret.txt").write_text("mine")
+    os.chmod(tmp_path, 0o755)  # so only the mount itself stands in the way
+    assert stat.S_IMODE(os.stat(vault.mnt).st_mode) == 0o755  # readable by modes alone
+    script = (f"cat {vault.mnt}/secret.txt; echo rc=$?; ls {vault.mnt}; echo rc=$?; "
+              f"touch {vault.mnt}/theirs; echo rc=$?")
+    res = subprocess.run(["su", "-s", "/bin/sh", other_user.pw_name, "-c", script],
+                         capture_output=True, text=True, timeout=60, check=False)
+    out = res.stdout + res.stderr
+    assert "mine" not in out
+    assert out.count("rc=0") == 0, out
+    assert "Permission denied" in out
+    assert not (vault.mnt / "theirs").exists()
