@@ -301,6 +301,17 @@ def test_delete(cli: Cli) -> None:
     assert cli.ok("token", "gc").out == ""
 
 
+def test_delete_damaged_token(cli: Cli) -> None:
+    """A token whose metadata is garbage can still be deleted (no key, no parsing)."""
+    key = cli.keygen()
+    write_random(cli.cwd / "a", 20_000, 1)
+    tok = cli.store("a", key)
+    (cli.store_dir / f"{tok}.metadata").write_bytes(b"garbage")
+    assert cli("token", "verify", "--no-key").rc == 1
+    cli.ok("token", "delete", tok)
+    assert [p.name for p in cli.store_dir.iterdir()] == ["VHSM-STORE"]
+
+
 # -- the addendum's script, unchanged except ./token/token -> vhsm token ------------------------
 
 ADDENDUM_SCRIPT = """#!/bin/bash

@@ -90,6 +90,36 @@ def test_kill_9_during_store_leaves_no_half_token(cli: Cli, tmpfs) -> None:  # t
     assert res.out.count("OK ") == len(listed)
     cli.ok("token", "verify", "--no-key")
 
+    # kill -9 during a retrieve: the file never appears under its name; what may remain is a
+    # hidden 0600 temp file (authenticated chunks only) that the next retrieve ignores
+    out = fast / "killed_out"
+    for frac in (0.1, 0.5, 0.9):
+        p = subprocess.Popen([*vhsm_argv(), "token", "retrieve", first, str(out), "--key",
+                              str(key)], cwd=fast, env=clean_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+
+        def part_size(p=p, frac=frac) -> bool:  # type: ignore[no-untyped-def]
+            if p.poll() is not None:
+                return True
+            for f in out.glob(".big.bin.*") if out.exists() else []:
+                try:
+                    if f.stat().st_size >= frac * BIG:
+                        return True
+                except FileNotFoundError:
+                    pass
+            return False
+
+        _wait_for(part_size)
+        p.send_signal(signal.SIGKILL)
+        p.communicate()
+        if p.returncode == -signal.SIGKILL:
+            assert not (out / "big.bin").exists()
+        for f in out.glob(".*"):
+            assert f.name.endswith(".vhsm-part") and (f.stat().st_mode & 0o077) == 0
+        (out / "big.bin").unlink(missing_ok=True)
+    cli.ok("token", "retrieve", first, str(out), "--key", key)
+    assert (out / "big.bin").stat().st_size == BIG
+
     # kill -9 during a delete: hidden at once, finished by gc
     victim = first
     p = subprocess.Popen([*vhsm_argv(), "token", "delete", victim], cwd=fast, env=clean_env(),
