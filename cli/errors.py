@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import click
 
+from keysvc.errors import KeysvcError
 from vhsmfs.errors import VhsmError
 
 
@@ -18,7 +19,7 @@ def run_guarded() -> Iterator[None]:
     an unexpected OSError -> its one-line description; Ctrl-C -> 130. No tracebacks."""
     try:
         yield
-    except VhsmError as e:
+    except (VhsmError, KeysvcError) as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

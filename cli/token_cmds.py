@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,16 @@ import click
 from cli.errors import run_guarded
 from cli.progress import progress_bar
 from cli.tokenaudit import audit_token_event, audited
+from keysvc.errors import KeysvcError
 from vhsmfs.backend import LocalBackend
 from vhsmfs.errors import InputError, IntegrityError, VhsmError, WrongKeyError
-from vhsmfs.keyfile import KEY_LEN, StaticKeyProvider, generate_key_file, load_key_file
+from vhsmfs.keyfile import (
+    KEY_LEN,
+    KeyProvider,
+    StaticKeyProvider,
+    generate_key_file,
+    load_key_file,
+)
 from vhsmfs.store import TokenStore, parse_token
 
 DEFAULT_STORE = "secure_storage"
@@ -28,15 +35,34 @@ store_option = click.option(
     "--store", "store_dir", envvar="VHSM_STORE", default=DEFAULT_STORE, show_default=True,
     type=click.Path(file_okay=False), help="Store directory (env VHSM_STORE).",
 )
-key_option = click.option(
-    "--key", "key_file", type=click.Path(dir_okay=False), default=None,
-    help="Key file (32 raw bytes, mode 0600).",
-)
+ANY_KEY = "*"  # --key-service without a name: use whichever key each token names
 
 
-def _open_store(store_dir: str, key_file: str | None, *, create: bool = False) -> TokenStore:
-    keys = StaticKeyProvider(load_key_file(key_file)) if key_file else None
-    return TokenStore(LocalBackend(store_dir, create=create), keys)
+def key_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--key-service", "key_service", is_flag=False, flag_value=ANY_KEY, default=None,
+        metavar="[NAME]",
+        help="Use the key service: each token's data key is wrapped by the AES key NAME "
+             "(store needs NAME; reading uses the key recorded in the token).",
+    )(f)
+    return click.option(
+        "--key", "key_file", type=click.Path(dir_okay=False), default=None,
+        help="Key file (32 raw bytes, mode 0600).",
+    )(f)
+
+
+def _provider(key_file: str | None, key_service: str | None) -> KeyProvider | None:
+    if key_file and key_service:
+        raise VhsmError("--key and --key-service exclude each other")
+    if key_service:
+        from keysvc.tokenkeys import KeyServiceTokenKeys  # the key service only when asked
+
+        return KeyServiceTokenKeys(key_service)
+    return StaticKeyProvider(load_key_file(key_file)) if key_file else None
+
+
+def _open_store(store_dir: str, key_file: str | None, key_service: str | None = None) -> TokenStore:
+    return TokenStore(LocalBackend(store_dir, create=False), _provider(key_file, key_service))
 
 
 @click.group()
@@ -62,14 +88,17 @@ def generate_key(file: str, force: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print only the token(s).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr (default: only when stderr is a terminal).")
-def store(paths: tuple[str, ...], key_file: str | None, store_dir: str, recursive: bool,
-          quiet: bool, progress: bool | None) -> None:
+def store(paths: tuple[str, ...], key_file: str | None, key_service: str | None, store_dir: str,
+          recursive: bool, quiet: bool, progress: bool | None) -> None:
     """Encrypt files into the store; prints one `Token: <uuid>` line per file."""
     with run_guarded():
         files = list(_expand_inputs(paths, recursive))
         generated: bytes | None = None
-        if key_file:
-            keys = StaticKeyProvider(load_key_file(key_file))
+        if key_service == ANY_KEY:
+            raise VhsmError("store --key-service needs the name of an AES key")
+        keys: KeyProvider
+        if key_file or key_service:
+            keys = _provider(key_file, key_service)  # type: ignore[assignment]
         else:
             generated = os.urandom(KEY_LEN)
             keys = StaticKeyProvider(generated)
@@ -144,14 +173,14 @@ def _expand_inputs(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[st
 @store_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--progress/--no-progress", default=None)
-def retrieve(token_id: str, outdir: str, key_file: str | None, store_dir: str, force: bool,
-             progress: bool | None) -> None:
+def retrieve(token_id: str, outdir: str, key_file: str | None, key_service: str | None,
+             store_dir: str, force: bool, progress: bool | None) -> None:
     """Decrypt TOKEN into OUTDIR/<original name>; prints the path written."""
     with run_guarded():
         tok = parse_token(token_id)
-        ts = _open_store(store_dir, key_file)
+        ts = _open_store(store_dir, key_file, key_service)
         if ts.keys is None:
-            raise VhsmError("retrieve needs the key: --key FILE")
+            raise VhsmError("retrieve needs the key: --key FILE or --key-service")
         try:
             h = ts.parse(tok).header
             with progress_bar(h.chunk_count * h.chunk_size, str(tok), progress) as advance:
@@ -171,15 +200,16 @@ def retrieve(token_id: str, outdir: str, key_file: str | None, store_dir: str, f
 @key_option
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_cmd(key_file: str | None, store_dir: str, as_json: bool) -> None:
+def list_cmd(key_file: str | None, key_service: str | None, store_dir: str,
+             as_json: bool) -> None:
     """List tokens (with --key: also names and sizes of tokens under that key)."""
     with run_guarded():
-        ts = _open_store(store_dir, key_file)
+        ts = _open_store(store_dir, key_file, key_service)
         rows = []
         for tok in ts.list_tokens():
             try:
                 rows.append(ts.summary(tok).as_dict())
-            except VhsmError as e:
+            except (VhsmError, KeysvcError) as e:
                 rows.append({"token": str(tok), "error": str(e)})
         if as_json:
             click.echo(json.dumps(rows, indent=2))
@@ -203,13 +233,14 @@ def list_cmd(key_file: str | None, store_dir: str, as_json: bool) -> None:
 @key_option
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(token_id: str, key_file: str | None, store_dir: str, as_json: bool) -> None:
+def info(token_id: str, key_file: str | None, key_service: str | None, store_dir: str,
+         as_json: bool) -> None:
     """Show what is known about TOKEN (names and sizes need its key)."""
     with run_guarded():
         tok = parse_token(token_id)
-        ts = _open_store(store_dir, key_file)
+        ts = _open_store(store_dir, key_file, key_service)
         s = ts.summary(tok)
-        if key_file and not s.readable:
+        if ts.keys is not None and not s.readable:
             raise WrongKeyError(f"wrong key for token {tok}")
         d = s.as_dict()
         if as_json:
@@ -236,14 +267,16 @@ def info(token_id: str, key_file: str | None, store_dir: str, as_json: bool) -> 
 @store_option
 @click.option("--no-key", is_flag=True,
               help="Check ciphertext checksums only (for backups; no key needed).")
-def verify(token_ids: tuple[str, ...], key_file: str | None, store_dir: str, no_key: bool) -> None:
+def verify(token_ids: tuple[str, ...], key_file: str | None, key_service: str | None,
+           store_dir: str, no_key: bool) -> None:
     """Check tokens (all when none named). Exit 1 if any fails."""
     with run_guarded():
-        if not no_key and not key_file:
+        has_key = bool(key_file or key_service)
+        if not no_key and not has_key:
             raise VhsmError("verify needs --key FILE (or --no-key to check checksums only)")
-        if no_key and key_file:
+        if no_key and has_key:
             raise VhsmError("--no-key and --key exclude each other")
-        ts = _open_store(store_dir, None if no_key else key_file)
+        ts = _open_store(store_dir, key_file, key_service)
         explicit = bool(token_ids)
         toks = [parse_token(t) for t in token_ids] if explicit else ts.list_tokens()
         failed = skipped = 0
@@ -262,7 +295,7 @@ def verify(token_ids: tuple[str, ...], key_file: str | None, store_dir: str, no_
                         skipped += 1
                         continue
                 click.echo(f"OK {tok}")
-            except VhsmError as e:
+            except (VhsmError, KeysvcError) as e:
                 failed += 1
                 reason = str(e).removeprefix(f"token {tok}: ")
                 click.echo(f"FAILED {tok}: {reason}")

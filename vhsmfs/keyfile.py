@@ -23,7 +23,8 @@ class KeyProvider(Protocol):
         ...
 
     def token_key(self, token_id: uuid.UUID, key_ref: bytes) -> bytes:
-        """The keying material of an existing token from the reference stored with it."""
+        """The keying material of an existing token from the reference stored with it.
+        Raises LookupError if the token is not under this provider's keys."""
         ...
 
 
@@ -39,6 +40,8 @@ class StaticKeyProvider:
         return self._key, b""
 
     def token_key(self, token_id: uuid.UUID, key_ref: bytes) -> bytes:
+        if key_ref:
+            raise LookupError("this token was stored with the key service (--key-service)")
         return self._key
 
     def __repr__(self) -> str:  # never show the key

@@ -238,7 +238,10 @@ class TokenStore:
         """Read and authenticate a token's metadata; WrongKeyError / IntegrityError otherwise."""
         parsed = self.parse(token)
         h = parsed.header
-        ikm = self._need_keys().token_key(token, h.key_ref)
+        try:
+            ikm = self._need_keys().token_key(token, h.key_ref)
+        except LookupError as e:
+            raise WrongKeyError(f"wrong key for token {token}: {e}") from None
         keys = TokenKeys(ikm, h.salt, token)
         if not keys.key_matches(h.key_check):
             raise WrongKeyError(f"wrong key for token {token}")
