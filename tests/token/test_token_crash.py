@@ -163,16 +163,22 @@ def test_eight_concurrent_stores(cli: Cli, tmpfs) -> None:  # type: ignore[no-un
     procs = [subprocess.Popen([*vhsm_argv(), "token", "store", name, "--key", str(key)],
                               cwd=fast, env=clean_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE) for name in files]
-    # a concurrent gc must not reap stores in progress
-    for _ in range(2):
-        cli.ok("token", "gc")
     tokens = {}
-    for name, p in zip(files, procs, strict=True):
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()
-        toks = [ln.split()[1] for ln in out.decode().splitlines() if ln.startswith("Token:")]
-        assert len(toks) == 1
-        tokens[toks[0]] = name
+    try:
+        # a concurrent gc must not reap stores in progress
+        for _ in range(2):
+            cli.ok("token", "gc")
+        for name, p in zip(files, procs, strict=True):
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err.decode()
+            toks = [ln.split()[1] for ln in out.decode().splitlines() if ln.startswith("Token:")]
+            assert len(toks) == 1
+            tokens[toks[0]] = name
+    finally:
+        for p in procs:  # never leave a writer behind on the tmpfs about to be unmounted
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     assert len(tokens) == 8
     listed = _listed(cli, key)
     assert set(listed) == set(tokens)
