@@ -22,10 +22,14 @@ DEFAULT_STORE = "secure_storage"  # same default as `vhsm token`
               help="Detach once the mount is ready (prints the mount process id).")
 @click.option("--allow-other", is_flag=True,
               help="Let other users in (modes still apply; needs user_allow_other).")
+@click.option("--chunk-size", type=click.IntRange(512, 16 * 1024 * 1024), default=None,
+              help="Chunk size of files created through the mount "
+                   "(default: TOKEN_CHUNK_SIZE if set, else 64 KiB).")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
               help="With --background: append the mount's log here.")
 def mount(mountpoint: str, store_dir: str, key_file: str | None, key_service: bool,
-          background: bool, allow_other: bool, log_file: str | None) -> None:
+          background: bool, allow_other: bool, chunk_size: int | None,
+          log_file: str | None) -> None:
     """Mount the vault at MOUNTPOINT: one directory per token, plus the files you put there."""
     import logging
 
@@ -36,13 +40,14 @@ def mount(mountpoint: str, store_dir: str, key_file: str | None, key_service: bo
             raise click.UsageError("use either --key or --key-service")
         if background:
             pid = runner.start_background(store_dir, mountpoint, key_file, key_service,
-                                          allow_other=allow_other, log_file=log_file)
+                                          allow_other=allow_other, log_file=log_file,
+                                          chunk_size=chunk_size)
             click.echo(f"Mounted {store_dir} at {mountpoint} (pid {pid})")
             return
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s vhsm-mount %(levelname)s %(message)s")
         keys = runner.key_provider(key_file, key_service)
-        runner.run(store_dir, mountpoint, keys, allow_other=allow_other)
+        runner.run(store_dir, mountpoint, keys, allow_other=allow_other, chunk_size=chunk_size)
 
 
 @click.command()

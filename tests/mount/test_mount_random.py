@@ -41,6 +41,8 @@ def test_random_operations_match_a_plain_directory(mounter, tmp_path, monkeypatc
                                                    token_store):
     # small chunks: many chunk boundaries, final-chunk changes and holes per operation
     monkeypatch.setenv("TOKEN_CHUNK_SIZE", "4096")
+    # and early background write-back, so writes race with chunks still being encrypted
+    monkeypatch.setenv("VHSM_MOUNT_WRITEBACK_BYTES", "65536")
     m = mounter()
     ref = tmp_path / "ref"
     roots = (m.mnt, ref)

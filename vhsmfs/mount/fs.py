@@ -112,6 +112,7 @@ class VaultOps(pyfuse3.Operations):
         self._fhs = itertools.count(1)
         self._files: dict[int, FileNode] = {}
         self._dirs: dict[int, tuple[int, list[tuple[int, str, Node]]]] = {}
+        self.stats: dict[str, int] = {}  # request counts, logged at unmount
 
     async def _hop(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw),
@@ -292,10 +293,14 @@ class VaultOps(pyfuse3.Operations):
 
     @boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        self.stats["read"] = self.stats.get("read", 0) + 1
+        self.stats["read_bytes"] = self.stats.get("read_bytes", 0) + size
         return await self._hop(self.vault.read, self._fh(fh), off, size)
 
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self.stats["write"] = self.stats.get("write", 0) + 1
+        self.stats["write_bytes"] = self.stats.get("write_bytes", 0) + len(buf)
         return await self._hop(self.vault.write, self._fh(fh), off, buf)
 
     @boundary

@@ -23,7 +23,9 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from vhsmfs.backend import ObjectReader, ObjectWriter
 from vhsmfs.errors import IntegrityError
@@ -45,11 +47,40 @@ ENTRY = MANIFEST_ENTRY.size
 NO_OBJECT = 0xFFFFFFFF
 SENTINEL = MANIFEST_ENTRY.pack(NO_OBJECT, 0, 0, bytes(32))
 
-WRITEBACK_BYTES = 16 << 20  # dirty plaintext per file before full chunks are written back
+# Dirty plaintext per file before full chunks are written back (in the background). Tests lower
+# it through the environment to exercise write-back with small files.
+WRITEBACK_BYTES = int(os.environ.get("VHSM_MOUNT_WRITEBACK_BYTES", 8 << 20))
 RUN_BYTES = 4 << 20  # plaintext per encrypt/decrypt call: amortises per-call overhead
-READAHEAD_BYTES = 1 << 20  # decrypted ahead for sequential reads
+READAHEAD_BYTES = 1 << 20  # decrypted ahead, in the background, for sequential reads
 OBJECT_TARGET = 64 << 20  # roll to a new object past this size
 HASH_AT_CLOSE_LIMIT = 1 << 30  # recompute the whole-file SHA-256 at close up to this size
+
+# Background work, shared by all files: encryption of written-back chunks, decryption ahead of
+# sequential readers, and the running whole-file hash. Each file has at most one write-back and
+# one read-ahead job in flight, so memory stays bounded whatever the file sizes.
+_WRITEBACK = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-writeback")
+_READAHEAD = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-readahead")
+_HASHING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-hash")  # FIFO: in order
+
+
+class RunningHash:
+    """SHA-256 fed on the hash thread, so hashing overlaps encryption. At most `depth` buffers
+    wait to be hashed; one hash thread keeps each file's updates in order."""
+
+    def __init__(self, depth: int = 8) -> None:
+        self._h = hashlib.sha256()
+        self._pending: deque[Future[None]] = deque()
+        self._depth = depth
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(_HASHING.submit(self._h.update, data))
+
+    def hexdigest(self) -> str:
+        while self._pending:
+            self._pending.popleft().result()
+        return self._h.copy().hexdigest()
 
 
 class TokenFile:
@@ -74,6 +105,10 @@ class TokenFile:
         self.meta_dirty = not committed
         self._dirty: dict[int, bytearray] = {}
         self._dirty_bytes = 0
+        # chunks handed to the background write-back job: read from here until it completes
+        self._inflight: dict[int, bytearray] = {}
+        self._job: Future[list[tuple[int, int, int, list[tuple[int, bytes]]]]] | None = None
+        self._ahead: tuple[int, int, Future[bytearray]] | None = None  # read-ahead job
         self._holes: set[int] = set()  # sentinel entries that are not dirty: read as zeros
         self._writer: ObjectWriter | None = None
         self._wobj = -1
@@ -86,7 +121,7 @@ class TokenFile:
         self._cache: bytearray | None = None  # decrypted plaintext of chunks from _cache_first
         self._last_read_end = -1
         # Whole-file SHA-256 kept while writes are sequential from offset 0 (see docs/MOUNT.md).
-        self._hash: hashlib._Hash | None = hashlib.sha256() if self.size == 0 else None
+        self._hash: RunningHash | None = RunningHash() if self.size == 0 else None
         self._hash_pos = 0
 
     # -- construction ---------------------------------------------------------------------------
@@ -130,7 +165,8 @@ class TokenFile:
 
     @property
     def dirty(self) -> bool:
-        return bool(self._dirty) or bool(self._holes) or self.meta_dirty or self._writer is not None
+        return (bool(self._dirty) or bool(self._holes) or self.meta_dirty
+                or self._writer is not None or self._job is not None)
 
     # -- reading --------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -142,14 +178,53 @@ class TokenFile:
         c = self._cache
         base = self._cache_first * cs
         if c is None or offset < base or end > base + len(c):
-            stop = last
-            if offset == self._last_read_end:  # sequential: decrypt ahead
-                stop = min(self.count - 1, max(last, first + READAHEAD_BYTES // cs - 1))
-            c = self._plaintext(first, stop)
+            ahead = self._take_ahead(first, last)
+            if ahead is not None:
+                c, base = ahead, first * cs
+            else:
+                c, base = self._plaintext(first, last), first * cs
             self._cache, self._cache_first = c, first
-            base = first * cs
+        sequential = offset == self._last_read_end
         self._last_read_end = end
+        if sequential and end >= base + len(c) and end < self.size:
+            self._start_ahead(-(-end // cs))
         return bytes(c[offset - base : end - base])
+
+    def _take_ahead(self, first: int, last: int) -> bytearray | None:
+        """The read-ahead result if it starts at `first` and covers `last`; else drop it."""
+        if self._ahead is None:
+            return None
+        a_first, a_last, fut = self._ahead
+        self._ahead = None
+        try:
+            data = fut.result()
+        except Exception:
+            return None  # decrypted again, synchronously, with the error reported there
+        return data if a_first == first and a_last >= last else None
+
+    def _start_ahead(self, first: int) -> None:
+        """Decrypt the next window in the background while the kernel consumes this one. Only
+        for files with no pending writes, so the job reads nothing the caller may change."""
+        if self._ahead is not None or self._dirty or self._inflight or self._holes:
+            return
+        last = min(self.count - 1, first + max(1, READAHEAD_BYTES // self.cs) - 1)
+        if first > last:
+            return
+        for i in range(first, last + 1):
+            obj = self._entry(i)[0]
+            if obj == NO_OBJECT:
+                return
+            self._reader(obj)  # opened here: the job only looks readers up
+        self._ahead = (first, last, _READAHEAD.submit(self._decrypt, first, last))
+
+    def _stop_ahead(self) -> None:
+        """Before anything changes the file: wait for the read-ahead job and drop it."""
+        self._cache = None
+        if self._ahead is not None:
+            _, _, fut = self._ahead
+            self._ahead = None
+            with contextlib.suppress(Exception):
+                fut.result()
 
     def _plaintext(self, first: int, last: int) -> bytearray:
         """Plaintext of chunks first..last (inclusive) as one buffer, each at its logical length."""
@@ -157,6 +232,8 @@ class TokenFile:
         run: list[int] = []
         for i in range(first, last + 1):
             buf = self._dirty.get(i)
+            if buf is None:
+                buf = self._inflight.get(i)
             if buf is None and i not in self._holes:
                 obj = self._entry(i)[0]
                 if obj != NO_OBJECT:
@@ -222,10 +299,13 @@ class TokenFile:
         if n == 0:
             return 0
         end = offset + n
+        cs = self.cs
+        self._stop_ahead()
+        if self._inflight and any(i in self._inflight
+                                  for i in range(offset // cs, (end - 1) // cs + 1)):
+            self._drain()
         if end > self.size:
             self._resize(end)
-        self._cache = None
-        cs = self.cs
         src = memoryview(data)
         pos = 0
         for i in range(offset // cs, (end - 1) // cs + 1):
@@ -255,7 +335,7 @@ class TokenFile:
         self.meta.mtime_ns = self.meta.ctime_ns = now
         self.meta_dirty = True
         if self._dirty_bytes > WRITEBACK_BYTES:
-            self._write_back(partial=True)
+            self._start_write_back()
         return n
 
     def _make_dirty(self, i: int) -> bytearray:
@@ -263,6 +343,8 @@ class TokenFile:
         buf = self._dirty.get(i)
         if buf is not None:
             return buf
+        if i in self._inflight:
+            self._drain()
         if i in self._holes or self._entry(i)[0] == NO_OBJECT:
             buf = bytearray()
         else:
@@ -277,7 +359,7 @@ class TokenFile:
             return
         self._resize(size)
         if size == 0:
-            self._hash, self._hash_pos = hashlib.sha256(), 0
+            self._hash, self._hash_pos = RunningHash(), 0
         elif self._hash is not None and size < self._hash_pos:
             self._hash = None
         now = time.time_ns()
@@ -287,8 +369,10 @@ class TokenFile:
     def _resize(self, new: int) -> None:
         """Change the size. Chunks whose final marker or length changes are made dirty first,
         while their records still decrypt under the old chunk count."""
+        self._stop_ahead()
+        if new < self.size:
+            self._drain()  # in-flight chunks past the new end must not land afterwards
         old_count, new_count = self.count, chunk_count_for(new, self.cs)
-        self._cache = None
         if new_count > old_count:
             if old_count:
                 self._make_dirty(old_count - 1)  # stops being the final chunk
@@ -353,43 +437,81 @@ class TokenFile:
         self.backend.delete_object(self.token, obj)
         self._sizes().pop(obj, None)
 
-    def _write_back(self, *, partial: bool) -> None:
-        """Encrypt dirty chunks (and, for a commit, holes) into the current new object.
-        Partial write-back keeps the last chunk dirty: its final marker may still change."""
+    def _start_write_back(self) -> None:
+        """Hand the full, non-final dirty chunks to a background job and return at once: the
+        caller keeps writing while they are encrypted. The final chunk stays dirty (its marker
+        may still change)."""
+        self._drain()
         final = self.count - 1
-        if partial:
-            todo = sorted(i for i in self._dirty if i < final)
-        else:
-            todo = sorted(set(self._dirty) | self._holes)
-        cs = self.cs
-        k = 0
-        while k < len(todo):
-            # a run of consecutive indices, at most RUN_BYTES of plaintext
-            j = k + 1
-            while j < len(todo) and todo[j] == todo[j - 1] + 1 and (j - k) * cs < RUN_BYTES:
-                j += 1
-            first = todo[k]
-            plain = bytearray()
-            for i in todo[k:j]:
-                want = self._clen(i)
-                buf = self._dirty.get(i)
-                if buf is None:
-                    plain += bytes(want)
-                else:
-                    plain += buf[:want]
-                    if len(buf) < want:
-                        plain += bytes(want - len(buf))
-            records, entries = self.keys.encrypt_run(plain, first, cs, final)
-            obj, off = self._append(records)
-            pack_into = MANIFEST_ENTRY.pack_into
+        todo = sorted(i for i in self._dirty if i < final)
+        if not todo:
+            return
+        bufs = [self._dirty.pop(i) for i in todo]
+        self._dirty_bytes -= len(todo) * self.cs
+        self._inflight = dict(zip(todo, bufs, strict=True))
+        self._job = _WRITEBACK.submit(self._encrypt_append, todo, bufs, final)
+
+    def _drain(self) -> None:
+        """Wait for the write-back job and record where its chunks landed. On failure the
+        chunks go back to the dirty set (nothing is lost) and the error is raised."""
+        job, self._job = self._job, None
+        if job is None:
+            return
+        inflight, self._inflight = self._inflight, {}
+        try:
+            placed = job.result()
+        except BaseException:
+            for i, buf in inflight.items():
+                if i not in self._dirty and i < self.count:
+                    self._dirty[i] = buf
+                    self._dirty_bytes += self.cs
+            raise
+        self._apply(placed)
+
+    def _apply(self, placed: list[tuple[int, int, int, list[tuple[int, bytes]]]]) -> None:
+        pack_into = MANIFEST_ENTRY.pack_into
+        for first, obj, off, entries in placed:
             for n, (rlen, digest) in enumerate(entries):
                 pack_into(self.manifest, (first + n) * ENTRY, obj, off, rlen, digest)
                 off += rlen
-            for i in todo[k:j]:
-                if self._dirty.pop(i, None) is not None:
-                    self._dirty_bytes -= cs
-                self._holes.discard(i)
+
+    def _encrypt_append(self, todo: list[int], bufs: list[bytearray | None], final: int
+                        ) -> list[tuple[int, int, int, list[tuple[int, bytes]]]]:
+        """Encrypt chunks (consecutive runs of `todo`, plaintext `bufs`, None = zeros) and append
+        the records to the current new object. Touches only the object writer, so it can run
+        in the background while the owner buffers more writes."""
+        cs = self.cs
+        placed = []
+        k = 0
+        while k < len(todo):
+            j = k + 1
+            while j < len(todo) and todo[j] == todo[j - 1] + 1 and (j - k) * cs < RUN_BYTES:
+                j += 1
+            parts: list[bytes | bytearray] = []
+            for i, buf in zip(todo[k:j], bufs[k:j], strict=True):
+                want = self._clen(i) if i == final else cs
+                if buf is None:
+                    parts.append(bytes(want))
+                elif len(buf) == want:
+                    parts.append(buf)
+                else:
+                    parts.append(buf[:want] + bytes(max(0, want - len(buf))))
+            records, entries = self.keys.encrypt_run(b"".join(parts), todo[k], cs, final)
+            obj, off = self._append(records)
+            placed.append((todo[k], obj, off, entries))
             k = j
+        return placed
+
+    def _write_back(self) -> None:
+        """For a commit: every dirty chunk and hole, in the foreground."""
+        self._drain()
+        todo = sorted(set(self._dirty) | self._holes)
+        if todo:
+            bufs = [self._dirty.get(i) for i in todo]
+            self._apply(self._encrypt_append(todo, bufs, self.count - 1))
+        self._dirty.clear()
+        self._dirty_bytes = 0
+        self._holes.clear()
 
     def _live_bytes(self) -> dict[int, int]:
         live: dict[int, int] = {}
@@ -438,10 +560,10 @@ class TokenFile:
 
     def _whole_hash(self, final: bool) -> str | None:
         if self._hash is not None and self._hash_pos == self.size:
-            return self._hash.copy().hexdigest()
+            return self._hash.hexdigest()
         if not final or self.size > HASH_AT_CLOSE_LIMIT:
             return None
-        h = hashlib.sha256()
+        h = RunningHash()
         step = max(1, RUN_BYTES // self.cs)
         for first in range(0, self.count, step):
             h.update(self._plaintext(first, min(self.count, first + step) - 1))
@@ -453,10 +575,12 @@ class TokenFile:
         """Publish everything written so far as a new generation. Durable on return.
         `final` (last close, fsync, unmount) also recomputes a whole-file hash that sequential
         writing could not keep. Returns False if there was nothing to publish."""
+        self._stop_ahead()
+        self._drain()
         if not self.dirty:
             return False
         sha = self._whole_hash(final)
-        self._write_back(partial=False)
+        self._write_back()
         self._compact()
         self._finish_object()
         self.meta.size = self.size
@@ -492,6 +616,9 @@ class TokenFile:
 
     def close(self) -> None:
         """Drop caches and file descriptors. Uncommitted data is discarded: commit first."""
+        self._stop_ahead()
+        with contextlib.suppress(Exception):
+            self._drain()
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
