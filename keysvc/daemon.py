@@ -49,14 +49,40 @@ class DaemonConfig:
     harden: bool = True
 
 
-class _Pending:
-    __slots__ = ("payload", "cred", "done", "reply")
+class _Conn:
+    """One client connection. Replies are written by the batcher directly (a non-blocking
+    send, which for small replies always completes), so a request costs the event loop no task
+    switch; only a reply that does not fit the socket buffer wakes this connection's writer."""
 
-    def __init__(self, payload: bytes, cred: tuple[int, int, int]) -> None:
-        self.payload = payload
+    __slots__ = ("sock", "cred", "out", "want_write", "drained", "closed")
+
+    def __init__(self, sock: pysocket.socket, cred: tuple[int, int, int]) -> None:
+        self.sock = sock
         self.cred = cred
-        self.done = trio.Event()
-        self.reply = b""
+        self.out = bytearray()
+        self.want_write = trio.Event()
+        self.drained = trio.Event()
+        self.closed = False
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.out:
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self.closed = True
+                return
+            if n == len(data):
+                return
+            data = data[n:]
+        self.out += data
+        self.want_write.set()
+
+
+_OUT_LIMIT = 64 * 1024 * 1024  # stop reading from a client that does not read its replies
 
 
 def harden() -> list[str]:
@@ -103,7 +129,8 @@ class Daemon:
         del mk
         self.policy = Policy.load(self._policy_path(), self.owner)
         self.service = Service(ks, self.writer, policy=self.policy, flush_interval=float("inf"))
-        self._pending: list[_Pending] = []
+        self._pending: list[tuple[bytes, _Conn]] = []
+        self._callers: dict[tuple[Any, ...], Caller] = {}
         self._work = trio.Event()
         self._batch_lock: trio.Lock | None = None
 
@@ -115,29 +142,35 @@ class Daemon:
 
     # -- the batch, run in a worker thread
 
-    def _process(self, batch: list[_Pending]) -> list[bytes]:
+    def _caller(self, cred: tuple[int, int, int], user: object, mk_check: object) -> Caller:
+        """Callers are cached per (peer credentials, claimed user, master-key check)."""
+        user = user if isinstance(user, str) else None  # only hashable, meaningful values
+        mk_check = mk_check if isinstance(mk_check, str) else None
+        key = (cred, user, mk_check)
+        c = self._callers.get(key)
+        if c is None:
+            pid, uid, gid = cred
+            try:
+                name = audit.validate_user(user) if isinstance(user, str) else audit.unix_user(uid)
+            except KeysvcError:
+                name = audit.unix_user(uid)
+            c = Caller(uid, gid, pid, name, mk_check if isinstance(mk_check, str) else None)
+            if len(self._callers) > 4096:
+                self._callers.clear()
+            self._callers[key] = c
+        return c
+
+    def _process(self, batch: list[tuple[bytes, _Conn]]) -> list[bytes]:
         items: list[tuple[dict[str, Any], bytes, Caller]] = []
         slots: list[int | bytes] = []
-        for p in batch:
+        for frame, conn in batch:
             try:
-                header, payload = protocol.decode(p.payload)
+                header, payload = protocol.decode(frame)
             except DaemonError as e:
                 slots.append(protocol.encode(*error_reply(e)))
                 continue
-            pid, uid, gid = p.cred
-            user = header.get("user")
-            try:
-                user = audit.validate_user(user) if isinstance(user, str) else audit.unix_user(uid)
-            except KeysvcError:
-                user = audit.unix_user(uid)
-            mk_check = header.get("mk_check")
-            items.append(
-                (
-                    header,
-                    payload,
-                    Caller(uid, gid, pid, user, mk_check if isinstance(mk_check, str) else None),
-                )
-            )
+            caller = self._caller(conn.cred, header.get("user"), header.get("mk_check"))
+            items.append((header, payload, caller))
             slots.append(len(items) - 1)
         replies = self.service.run_batch(items) if items else []
         out = []
@@ -161,10 +194,10 @@ class Daemon:
             self._work = trio.Event()
             batch, self._pending = self._pending, []
             async with self._batch_lock:
+                # one thread hop for the whole batch: crypto, audit group commit, encoding
                 frames = await trio.to_thread.run_sync(self._process, batch)
-            for p, f in zip(batch, frames, strict=True):
-                p.reply = f
-                p.done.set()
+            for (_, conn), f in zip(batch, frames, strict=True):
+                conn.send(f)
 
     async def _housekeeping(self) -> None:
         """Auto-rotation and saving usage counters, serialized with the batches."""
@@ -179,48 +212,78 @@ class Daemon:
                 with contextlib.suppress(KeysvcError):
                     await trio.to_thread.run_sync(self.service.flush)
 
-    async def _connection(self, sock: trio.socket.SocketType) -> None:
-        with sock:
+    async def _connection(self, sock: pysocket.socket) -> None:
+        try:
+            cred = _CRED.unpack(
+                sock.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_PEERCRED, _CRED.size)
+            )
+        except OSError:
+            sock.close()
+            return
+        conn = _Conn(sock, cred)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, conn)
+                await self._reader(conn)
+                nursery.cancel_scope.cancel()
+        finally:
+            conn.closed = True
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+
+    async def _reader(self, conn: _Conn) -> None:
+        sock = conn.sock
+        buf = bytearray()
+        while not conn.closed:
+            if len(conn.out) > _OUT_LIMIT:
+                conn.drained = trio.Event()
+                await conn.drained.wait()
+            await trio.lowlevel.wait_readable(sock)
             try:
-                cred = _CRED.unpack(
-                    sock.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_PEERCRED, _CRED.size)
-                )
+                data = sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
             except OSError:
                 return
-            buf = bytearray()
+            if not data:
+                return
+            buf += data
+            try:
+                frames = protocol.split_frames(buf)
+            except DaemonError as e:
+                conn.send(protocol.encode(*error_reply(e)))
+                return
+            if frames:
+                self._pending.extend((f, conn) for f in frames)
+                self._work.set()
+
+    async def _writer(self, conn: _Conn) -> None:
+        """Flush replies that did not fit the socket buffer at once (large payloads)."""
+        while True:
+            await conn.want_write.wait()
+            conn.want_write = trio.Event()
+            while conn.out:
+                await trio.lowlevel.wait_writable(conn.sock)
+                try:
+                    n = conn.sock.send(conn.out)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    conn.closed = True
+                    return
+                del conn.out[:n]
+            conn.drained.set()
+
+    async def _accept(self, listener: pysocket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
             while True:
                 try:
-                    data = await sock.recv(1 << 20)
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-                try:
-                    frames = protocol.split_frames(buf)
-                except DaemonError as e:
-                    with contextlib.suppress(OSError):
-                        await sock.send(protocol.encode(*error_reply(e)))
-                    return
-                if not frames:
-                    continue
-                items = [_Pending(f, cred) for f in frames]
-                self._pending.extend(items)
-                self._work.set()
-                for it in items:
-                    await it.done.wait()
-                out = memoryview(b"".join(it.reply for it in items))
-                try:
-                    while out:
-                        n = await sock.send(out)
-                        out = out[n:]
-                except OSError:
-                    return
-
-    async def _accept(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        while True:
-            sock, _ = await listener.accept()
-            nursery.start_soon(self._connection, sock)
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                sock.setblocking(False)
+                nursery.start_soon(self._connection, sock)
 
     async def _signals(self, cancel: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -261,8 +324,8 @@ class Daemon:
 
     async def run(self) -> None:
         self._batch_lock = trio.Lock()
-        raw = self._bind()
-        listener = trio.socket.from_stdlib_socket(raw)
+        listener = self._bind()
+        listener.setblocking(False)
         self.writer.append(
             [
                 audit.AuditRecord(
@@ -283,6 +346,7 @@ class Daemon:
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._accept, listener, nursery)
         finally:
+            trio.lowlevel.notify_closing(listener)
             listener.close()
             with contextlib.suppress(OSError):
                 os.unlink(self.cfg.socket)
