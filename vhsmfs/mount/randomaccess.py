@@ -77,6 +77,10 @@ class RunningHash:
             self._pending.popleft().result()
         self._pending.append(_HASHING.submit(self._h.update, data))
 
+    def has_room(self) -> bool:
+        """update() would not wait."""
+        return len(self._pending) < self._depth or self._pending[0].done()
+
     def hexdigest(self) -> str:
         while self._pending:
             self._pending.popleft().result()
@@ -190,6 +194,20 @@ class TokenFile:
             self._start_ahead(-(-end // cs))
         return bytes(c[offset - base : end - base])
 
+    def read_cached(self, offset: int, length: int) -> bytes | None:
+        """The read if it needs no decryption or I/O (served from the decrypted window, or
+        from a finished read-ahead), else None and nothing changed. Lets the FUSE layer answer
+        on its event loop without a thread hop."""
+        if offset >= self.size or length <= 0:
+            return b""
+        end = min(self.size, offset + length)
+        c = self._cache
+        base = self._cache_first * self.cs
+        if c is not None and offset >= base and end <= base + len(c):
+            self._last_read_end = end
+            return bytes(c[offset - base : end - base])
+        return None
+
     def _take_ahead(self, first: int, last: int) -> bytearray | None:
         """The read-ahead result if it starts at `first` and covers `last`; else drop it."""
         if self._ahead is None:
@@ -294,6 +312,35 @@ class TokenFile:
             yield obj, off, lengths, start
 
     # -- writing --------------------------------------------------------------------------------
+    def can_write_now(self, offset: int, n: int) -> bool:
+        """True if write(offset, n bytes) would need no decryption, no I/O and no waiting on
+        a background job: every chunk it touches is already dirty, a hole, new, or wholly
+        replaced. Then the FUSE layer may run it on its event loop (a memory copy)."""
+        if n <= 0:
+            return True
+        if self._ahead is not None and not self._ahead[2].done():
+            return False
+        if (self._job is not None and not self._job.done()
+                and self._dirty_bytes + n > WRITEBACK_BYTES):
+            return False  # starting the next write-back would wait for this one
+        if self._hash is not None and not self._hash.has_room():
+            return False
+        cs, end, count = self.cs, offset + n, self.count
+        if end > self.size and count and not self._no_io(count - 1):
+            return False  # the old last chunk must be loaded to drop its final marker
+        for i in range(offset // cs, (end - 1) // cs + 1):
+            if i in self._inflight:
+                return False
+            if i >= count or self._no_io(i):
+                continue
+            base = i * cs
+            if not (offset <= base and end >= base + min(cs, max(self.size, end) - base)):
+                return False
+        return True
+
+    def _no_io(self, i: int) -> bool:
+        return i in self._dirty or i in self._holes or self._entry(i)[0] == NO_OBJECT
+
     def write(self, offset: int, data: bytes | memoryview) -> int:
         n = len(data)
         if n == 0:

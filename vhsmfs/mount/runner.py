@@ -105,6 +105,7 @@ async def _serve(ops: VaultOps, mnt: str) -> None:
 
         nursery.start_soon(on_signal)
         nursery.start_soon(tune)
+        nursery.start_soon(ops.housekeeping)
         await pyfuse3.main(min_tasks=2, max_tasks=64)
         nursery.cancel_scope.cancel()
 

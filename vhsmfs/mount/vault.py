@@ -16,7 +16,6 @@ directories, their modes and times survive a remount.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import logging
@@ -26,7 +25,8 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from vhsmfs.errors import TokenNotFoundError, VhsmError
@@ -127,6 +127,14 @@ class Vault:
                             gid=self.gid, mtime_ns=now, ctime_ns=now, atime_ns=now)
         self.nodes[ROOT_INO] = self.root
         self.root.nlookup = 1
+        # Deferred work (see docs/MOUNT.md, "Durability"): metadata-only changes of closed files
+        # and directory markers are published by flush_pending() within about a second;
+        # deletions run on one background thread. fsync/fsyncdir and unmount wait for both.
+        self._pend_lock = threading.Lock()
+        self._pending: dict[int, Node] = {}
+        self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-delete")
+        self._deletions: list[Future[None]] = []
+        self.deleting: set[uuid.UUID] = set()
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -274,7 +282,9 @@ class Vault:
 
     def _touch_dir(self, d: DirNode) -> None:
         d.mtime_ns = d.ctime_ns = time.time_ns()
-        d.dirty = d.marker_id is not None
+        if d.kind == "tree":
+            d.dirty = True
+            self._defer(d)
 
     # -- lookup counts ---------------------------------------------------------------------------
     def remember(self, node: Node) -> None:
@@ -342,7 +352,7 @@ class Vault:
             inval: list[Invalidation] = []
             markers = {d.marker_id for d in self.nodes.values()
                        if isinstance(d, DirNode) and d.marker_id}
-            for token in sorted(present - set(self.by_token) - markers, key=str):
+            for token in sorted(present - set(self.by_token) - markers - self.deleting, key=str):
                 meta = self._read_meta(token)
                 if meta is None or meta.extra.get("kind") == KIND_DIR:
                     continue
@@ -364,6 +374,8 @@ class Vault:
             if node is not None:
                 return node
             token = uuid.UUID(name)
+            if token in self.deleting:
+                return None
             meta = self._read_meta(token)
             if meta is None or meta.extra.get("kind") == KIND_DIR:
                 return None
@@ -434,6 +446,30 @@ class Vault:
         with node.lock:
             return self._loaded(node).write(offset, data)
 
+    # Fast paths for the event loop: only when the file's lock is free and the request needs no
+    # crypto and no I/O. Otherwise they return None and the caller hops to a thread.
+    def read_now(self, node: FileNode, offset: int, length: int) -> bytes | None:
+        if node.tf is None or not node.lock.acquire(blocking=False):
+            return None
+        try:
+            return node.tf.read_cached(offset, length)
+        finally:
+            node.lock.release()
+
+    def write_now(self, node: FileNode, offset: int, data: bytes) -> int | None:
+        if node.tf is None or node.deleted or not node.lock.acquire(blocking=False):
+            return None
+        try:
+            if not node.tf.can_write_now(offset, len(data)):
+                return None
+            return node.tf.write(offset, data)
+        finally:
+            node.lock.release()
+
+    def needs_flush(self, node: FileNode) -> bool:
+        tf = node.tf
+        return tf is not None and tf.dirty and not node.unlinked
+
     def flush(self, node: FileNode) -> None:
         """close(2) of a descriptor: publish, so the CLI can retrieve the file at once."""
         with node.lock:
@@ -457,22 +493,75 @@ class Vault:
             return []
 
     def _delete_data(self, node: FileNode) -> None:
-        """Wipe an unlinked token once nothing has it open. Caller holds node.lock."""
+        """Wipe an unlinked token once nothing has it open (caller holds node.lock). The wipe
+        runs in the background; the token is hidden from rescans meanwhile."""
         if node.deleted:
             return
         node.deleted = True
         tf = node.tf
         node.tf = None
-        try:
+        token = node.token
+        backend = self.store.backend
+
+        def wipe() -> None:
             if tf is not None:
                 tf.delete()
             else:
-                self.store.backend.delete_token(node.token)
-        except TokenNotFoundError:
-            pass  # already deleted by the CLI
+                backend.delete_token(token)
+
+        self._in_background(token, wipe)
         with self._count_lock:
             if node.nlookup == 0:
                 self.nodes.pop(node.ino, None)
+
+    def _in_background(self, token: uuid.UUID, fn: Callable[[], None]) -> None:
+        self.deleting.add(token)
+
+        def run() -> None:
+            try:
+                fn()
+            except TokenNotFoundError:
+                pass  # already deleted by the CLI
+            except (OSError, VhsmError) as e:
+                log.error("could not delete token %s: %s", token, e)
+            finally:
+                self.deleting.discard(token)
+
+        with self._pend_lock:
+            self._deletions = [f for f in self._deletions if not f.done()]
+            self._deletions.append(self._deleter.submit(run))
+
+    def wait_deletions(self) -> None:
+        with self._pend_lock:
+            pending = list(self._deletions)
+        for f in pending:
+            f.result()
+
+    def _defer(self, node: Node) -> None:
+        with self._pend_lock:
+            self._pending[node.ino] = node
+
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def flush_pending(self) -> None:
+        """Publish deferred metadata changes (closed files, directory markers)."""
+        with self._pend_lock:
+            todo, self._pending = list(self._pending.values()), {}
+        for node in todo:
+            try:
+                if isinstance(node, FileNode):
+                    with node.lock:
+                        if node.tf is not None and node.opens == 0 and not node.unlinked:
+                            node.tf.commit(final=True)
+                            self._drop_if_idle(node)
+                elif isinstance(node, DirNode):
+                    with self.ns_lock:
+                        if node.dirty and not node.removed and node.kind == "tree":
+                            self._commit_marker(node)
+            except (OSError, VhsmError) as e:
+                log.error("could not publish changes of inode %d: %s", node.ino, e)
+                self._defer(node)  # tried again next time, and at unmount
 
     def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
                 uid: int | None = None, gid: int | None = None, atime_ns: int | None = None,
@@ -501,8 +590,11 @@ class Vault:
             m.ctime_ns = time.time_ns()
             tf.meta_dirty = True
             if node.opens == 0 and not node.unlinked:
-                tf.commit(final=True)  # path-based chmod/utime/truncate: durable at once
-                self._drop_if_idle(node)
+                if size is not None:
+                    tf.commit(final=True)  # truncate(2) of a closed file: published at once
+                    self._drop_if_idle(node)
+                else:
+                    self._defer(node)  # chmod/chown/utime: batched, within about a second
         return node
 
     # -- directories (worker thread, ns_lock) ----------------------------------------------------
@@ -514,12 +606,8 @@ class Vault:
                 raise _err(errno.EEXIST)
             d = self._new_dir(parent, name)
             d.mode, d.uid, d.gid = stat.S_IMODE(mode), uid, gid
-            try:
-                self._commit_marker(d)
-            except BaseException:
-                del parent.entries[name]
-                del self.nodes[d.ino]
-                raise
+            d.dirty = True  # its marker token is created by flush_pending()
+            self._defer(d)
             self._touch_dir(parent)
             self.remember(d)
             return d
@@ -561,13 +649,14 @@ class Vault:
         if mtime_ns is not None:
             d.mtime_ns = mtime_ns
         d.ctime_ns = time.time_ns()
-        self._commit_marker(d)
+        d.dirty = True
+        self._defer(d)
 
     def fsyncdir(self, ino: int) -> None:
-        d = self.dir(ino)
-        with self.ns_lock:
-            if d.kind == "tree" and d.dirty:
-                self._commit_marker(d)
+        """Everything deferred becomes durable: directory markers, metadata, deletions."""
+        self.dir(ino)
+        self.flush_pending()
+        self.wait_deletions()
 
     def rmdir(self, parent_ino: int, name: str) -> list[Invalidation]:
         with self.ns_lock:
@@ -591,12 +680,13 @@ class Vault:
             return []
 
     def _delete_marker(self, d: DirNode) -> None:
-        if d.marker is not None:
-            d.marker.delete()
-        elif d.marker_id is not None:
-            with contextlib.suppress(TokenNotFoundError):
-                self.store.backend.delete_token(d.marker_id)
-        d.marker, d.marker_id = None, None
+        marker, marker_id = d.marker, d.marker_id
+        d.marker, d.marker_id, d.dirty = None, None, False
+        if marker is not None:
+            self._in_background(marker.token, marker.delete)
+        elif marker_id is not None:
+            backend = self.store.backend
+            self._in_background(marker_id, lambda: backend.delete_token(marker_id))
 
     # -- unlink / rename (worker thread, ns_lock) ------------------------------------------------
     def unlink(self, parent_ino: int, name: str) -> list[Invalidation]:
@@ -742,8 +832,8 @@ class Vault:
         self._touch_dir(dst_dir)
         for sub in self._walk(d):
             if isinstance(sub, DirNode):
-                if sub.marker_id is not None or sub is d:
-                    self._commit_marker(sub)
+                sub.dirty = True  # markers record the new path at the next flush_pending()
+                self._defer(sub)
             elif isinstance(sub, FileNode):
                 with sub.lock:
                     tf = self._loaded(sub)
@@ -765,6 +855,7 @@ class Vault:
     # -- whole mount -----------------------------------------------------------------------------
     def flush_all(self) -> None:
         """At unmount: publish every file and directory still holding changes."""
+        self.flush_pending()
         for node in list(self.nodes.values()):
             try:
                 if isinstance(node, FileNode):
@@ -780,6 +871,7 @@ class Vault:
                         self._commit_marker(node)
             except (OSError, VhsmError) as e:
                 log.error("unmount: could not publish inode %d: %s", node.ino, e)
+        self.wait_deletions()
 
     def statfs(self) -> os.statvfs_result | None:
         root = getattr(self.store.backend, "root", None)
