@@ -267,10 +267,16 @@ class LocalBackend:
         """Held while a token is being written, so collect_garbage never reaps work in progress.
         An flock on the data directory: released by the kernel if the writer is killed."""
         data_dir = self._data_dir(token)
-        os.makedirs(data_dir, mode=0o700, exist_ok=True)
-        fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
+        while True:
+            os.makedirs(data_dir, mode=0o700, exist_ok=True)
+            fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
             fcntl.flock(fd, fcntl.LOCK_SH)
+            # gc may have wiped and removed the directory between open() and flock(): the lock
+            # would then guard a dead inode, so start again on a fresh directory.
+            if _same_dir(fd, data_dir):
+                break
+            os.close(fd)
+        try:
             yield
         finally:
             os.close(fd)
@@ -296,6 +302,10 @@ class LocalBackend:
                         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                             continue  # a store is writing it right now
                         raise
+                    # Checked again under the lock: the writer may have committed and let go of
+                    # its lock since the directory was listed.
+                    if os.path.exists(path[:-5] + ".metadata") or not _same_dir(fd, path):
+                        continue
                     token = uuid.UUID(name[:-5])
                     self._wipe_data_dir(token)
                     removed.append(f"removed data of unfinished store {token}")
@@ -312,6 +322,16 @@ class LocalBackend:
 
     def unreferenced_objects(self, token: uuid.UUID, referenced: set[int]) -> list[int]:
         return sorted(set(self.object_sizes(token)) - referenced)
+
+
+def _same_dir(fd: int, path: str) -> bool:
+    """Whether the open directory `fd` is still the directory at `path`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino) and held.st_nlink > 0
 
 
 def _pid_alive(pid: int) -> bool:

@@ -211,10 +211,10 @@ def test_gc_during_store_does_not_reap_it(make_store, tmp_path: Path) -> None:
 
 def test_gc_racing_the_start_of_a_store_never_commits_a_broken_token(make_store,
                                                                     tmp_path: Path) -> None:
-    """KNOWN BUG (vhsmfs/backend.py LocalBackend.writing): gc can wipe and rmdir the data
-    directory after the writer opened it but before it took its shared flock; the writer then
-    locks the deleted directory, new_object() recreates an unlocked one, the next gc wipes the
-    objects in it, and commit_metadata publishes a token whose objects are gone."""
+    """gc can wipe and rmdir the data directory after the writer opened it but before it took
+    its shared flock. The writer must notice it locked a dead directory and start again;
+    otherwise new_object() recreates an unlocked one, the next gc wipes the objects in it, and
+    commit_metadata publishes a token whose objects are gone (a bug this test found)."""
     ts = make_store(chunk_size=1024)
     tok = _gc_during_store(ts, tmp_path, race_start=True)
     if tok is not None:
