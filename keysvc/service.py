@@ -80,6 +80,7 @@ class Service:
         self._dirty = False  # usage counters changed since the last save
         self._structural = False  # this batch changed keys or lifecycle
         self._event_override: str | None = None
+        self._follow_ups: list[tuple[str, str, str]] = []
         self._last_flush = time.monotonic()
         self.started = time.time()
         self.requests = 0
@@ -108,6 +109,7 @@ class Service:
         if not isinstance(key, str):
             return error_reply(InvalidInputError("key must be a string"))
         self._event_override = None
+        self._follow_ups: list[tuple[str, str, str]] = []
         try:
             if caller.mk_check is not None and not hmac.compare_digest(
                 caller.mk_check.encode(), self.ks.check.encode()
@@ -138,6 +140,8 @@ class Service:
             event = self._event_override or spec.event
             if event:
                 records.append(AuditRecord(event, key, caller.user, details, True, caller.uid))
+            for ev, k, d in self._follow_ups:  # e.g. an automatic rotation the operation caused
+                records.append(AuditRecord(ev, k, caller.user, d, True, caller.uid))
             resp["ok"] = True
             return resp, out
         except KeysvcError as e:
@@ -199,7 +203,11 @@ class Service:
     def _maybe_auto_rotate(self, rec: KeyRecord) -> None:
         p = rec.policy
         if p.auto and p.max_uses and rec.uses_since_rotation >= p.max_uses:
-            self._rotate(rec)
+            uses = rec.uses_since_rotation
+            n = self._rotate(rec)
+            self._follow_ups.append(
+                ("KEY_ROTATED", rec.name, f"Automatic rotation to version {n}: {uses} uses")
+            )
 
 
 # --- operations -----------------------------------------------------------------------------

@@ -1,0 +1,401 @@
+"""The real daemon: CLI through the socket, lifecycle, access control with a second real Unix
+user, concurrency, kill -9 recovery, SIGTERM, auto-rotation and protocol errors."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, Work
+
+import keysvc
+from keysvc import lifecycle, protocol
+from keysvc.client import DaemonClient, raise_for
+from keysvc.errors import KeyStateError
+
+
+def client(d: Daemon) -> DaemonClient:
+    return DaemonClient(d.sock, timeout=30)
+
+
+def call(c: DaemonClient, **req: object) -> tuple[dict, bytes]:
+    payload = req.pop("payload", b"")
+    return c.call(req, payload)  # type: ignore[arg-type]
+
+
+def test_cli_uses_daemon_same_results_and_audit(work: Work, daemon_factory: type[Daemon]) -> None:
+    """The same command sequence in-process and through the daemon writes the same lines."""
+    f = work.path / "doc"
+    f.write_text("hello")
+
+    def sequence(prefix: str) -> None:
+        work.hsm("-generate_key_pair", f"{prefix}k")
+        work.hsm("-sign", f"{prefix}k", "-i", str(f), "-o", f"{prefix}.sig")
+        work.hsm("-verify", f"{prefix}k", "-i", str(f), "-s", f"{prefix}.sig")
+        work.hsm("-rotate_key", f"{prefix}k")
+        work.hsm("-verify", f"{prefix}k", "-i", str(f), "-s", f"{prefix}.sig")
+        work.hsm("-key_info", "nokey", check=False)
+
+    first = len(work.audit_lines())
+    sequence("a")
+    local = [e[1:6] for e in work.audit_lines()[first:]]
+    d = daemon_factory(work).start()
+    before = len(work.audit_lines())
+    sequence("b")
+    status = work.vhsm("keysvc", "status", "--socket", str(d.sock)).stdout
+    assert "running" in status
+    reqs = int(status.split("requests: ")[1].split()[0])
+    assert reqs >= 6  # the CLI really went through the daemon
+    remote = [e[1:6] for e in work.audit_lines()[before:]]
+    norm = [[x.replace("bk", "ak") for x in e] for e in remote]
+    assert norm == local
+    # the daemon's signature verifies in-process and vice versa
+    d.stop()
+    work.hsm("-verify", "bk", "-i", str(f), "-s", "b.sig")
+
+
+def _drive_to(c: DaemonClient, name: str, state: str) -> None:
+    """Reach `state` through allowed transitions only."""
+    paths = {
+        "PRE_ACTIVE": [],
+        "ACTIVE": ["ACTIVE"],
+        "SUSPENDED": ["ACTIVE", "SUSPENDED"],
+        "DEPRECATED": ["ACTIVE", "DEPRECATED"],
+        "COMPROMISED": ["COMPROMISED"],
+        "DESTROYED": ["DESTROYED"],
+    }
+    raise_for(call(c, op="generate", key=name, pre_active=True)[0])
+    for s in paths[state]:
+        raise_for(call(c, op="set_state", key=name, state=s, confirm_destroy=True)[0])
+
+
+def test_every_illegal_transition_refused(work: Work, daemon: Daemon) -> None:
+    c = client(daemon)
+    illegal = [
+        (a, b)
+        for a, b in itertools.product(lifecycle.STATES, repeat=2)
+        if b not in lifecycle.TRANSITIONS[a]
+    ]
+    assert len(illegal) >= 15
+    for i, (a, b) in enumerate(illegal):
+        name = f"t{i}"
+        _drive_to(c, name, a)
+        reply, _ = call(c, op="set_state", key=name, state=b, confirm_destroy=True)
+        assert not reply["ok"] and reply["error"] == KeyStateError.code, (a, b, reply)
+        assert "not allowed" in reply["message"]
+        info, _ = call(c, op="info", key=name)
+        assert info["info"]["state"] == a  # unchanged
+    # and the allowed ones succeed
+    allowed = [(x, y) for x in lifecycle.STATES for y in sorted(lifecycle.TRANSITIONS[x])]
+    for i, (a, b) in enumerate(allowed):
+        name = f"ok{i}"
+        _drive_to(c, name, a)
+        reply, _ = call(c, op="set_state", key=name, state=b, confirm_destroy=True)
+        assert reply["ok"], (a, b, reply)
+    c.close()
+    # each refusal is audited (a refused destroy as KEY_DELETED, the rest as KEY_MODIFIED)
+    to_destroyed = sum(1 for _, b in illegal if b == lifecycle.DESTROYED)
+    failed_mod = [e for e in work.events("KEY_MODIFIED") if e[5] == "FAILURE"]
+    failed_del = [e for e in work.events("KEY_DELETED") if e[5] == "FAILURE"]
+    assert len(failed_mod) == len(illegal) - to_destroyed
+    assert len(failed_del) == to_destroyed
+    assert work.vhsm("audit", "verify").returncode == 0
+
+
+def test_suspend_destroy_semantics(work: Work, daemon: Daemon) -> None:
+    f = work.path / "m"
+    f.write_text("data")
+    work.hsm("-generate_key_pair", "k")
+    work.hsm("-sign", "k", "-i", str(f), "-o", "m.sig")
+    work.vhsm("key", "set-state", "k", "SUSPENDED")
+    # a suspended key verifies but does not sign
+    assert "verified" in work.hsm("-verify", "k", "-i", str(f), "-s", "m.sig").stdout
+    p = work.hsm("-sign", "k", "-i", str(f), "-o", "n.sig", check=False)
+    assert p.returncode == 1 and "SUSPENDED" in p.stderr and not (work.path / "n.sig").exists()
+    work.vhsm("key", "set-state", "k", "DEPRECATED")
+    # destroy needs the explicit flag
+    p = work.vhsm("key", "destroy", "k", check=False)
+    assert p.returncode == 1 and "--confirm-destroy" in p.stderr
+    work.vhsm("key", "destroy", "k", "--confirm-destroy")
+    assert work.events("KEY_DELETED")[-1][5] == "SUCCESS"
+    info = work.hsm("-key_info", "k").stdout  # metadata kept
+    assert "State: DESTROYED" in info and "Usable Versions: none" in info
+    assert work.hsm("-verify", "k", "-i", str(f), "-s", "m.sig", check=False).returncode == 1
+    # the material is gone from the keystore file too (one entry fewer than versions)
+    daemon.stop()
+    assert '"name": "k"' not in (work.path / "keystore.dat").read_text()
+
+
+def test_sigterm_clean_shutdown(work: Work, daemon: Daemon) -> None:
+    work.hsm("-generate_key_pair", "k")
+    rc = daemon.stop(signal.SIGTERM)
+    assert rc == 0
+    assert not daemon.sock.exists()
+    assert work.events("CONFIG_CHANGE")[-1][4].startswith("key service stopped")
+    assert "shutting down" in daemon.stderr
+    assert work.vhsm("audit", "verify").returncode == 0
+
+
+def test_auto_rotation_in_daemon(work: Work, daemon_factory: type[Daemon]) -> None:
+    work.vhsm("key", "generate", "byuse", "--max-uses", "3", "--auto-rotate")
+    work.vhsm("key", "generate", "byage", "--auto-rotate")
+    work.vhsm("key", "generate", "manual", "--max-age-days", "0.0000001")
+    time.sleep(0.05)
+    work.vhsm("key", "policy", "byage", "--max-age-days", "0.0000001")
+    d = daemon_factory(work, "--rotation-check-interval", "0.2").start()
+    f = work.path / "m"
+    f.write_text("x")
+    for i in range(3):
+        work.hsm("-sign", "byuse", "-i", str(f), "-o", f"s{i}")
+    assert "Rotation Version: 2" in work.hsm("-key_info", "byuse").stdout
+    deadline = time.monotonic() + 20
+    while "Rotation Version: 1" in work.hsm("-key_info", "byage").stdout:
+        assert time.monotonic() < deadline, "age-based auto rotation did not happen"
+        time.sleep(0.2)
+    # a manual key is only warned about, never rotated
+    info = work.hsm("-key_info", "manual").stdout
+    assert "Rotation Version: 1" in info and "WARNING: key rotation due" in info
+    rotated = {e[2] for e in work.events("KEY_ROTATED")}
+    assert rotated == {"byuse", "byage"}
+    # old signatures still verify after the automatic rotation
+    assert "verified" in work.hsm("-verify", "byuse", "-i", str(f), "-s", "s0").stdout
+    d.stop()
+
+
+def test_protocol_errors(work: Work, daemon: Daemon) -> None:
+    c = client(daemon)
+    # wrong protocol version
+    frame = bytearray(protocol.encode({"op": "list"}))
+    frame[4] = 9
+    c.sock.sendall(bytes(frame))
+    reply, _ = c.recv()
+    assert not reply["ok"] and "unsupported protocol version 9" in reply["message"]
+    # unknown and internal operations are refused
+    reply, _ = call(c, op="_auto_rotate")
+    assert not reply["ok"] and "unknown operation" in reply["message"]
+    # pipelined requests are answered in order, with their ids
+    c.send({"op": "generate", "key": "p1", "id": 1})
+    c.send({"op": "sign", "key": "p1", "id": 2}, b"abc")
+    c.send({"op": "sign", "key": "missing", "id": 3}, b"abc")
+    r1, r2, r3 = c.recv(), c.recv(), c.recv()
+    assert [r1[0]["id"], r2[0]["id"], r3[0]["id"]] == [1, 2, 3]
+    assert r1[0]["ok"] and r2[0]["ok"] and len(r2[1]) == 64 and not r3[0]["ok"]
+    # a garbage header closes nothing else: a new connection still works
+    c.sock.sendall(b"\x00\x00\x00\x05\x01\x00\x00\x00\x10")
+    reply, _ = c.recv()
+    assert not reply["ok"]
+    c.close()
+    c2 = client(daemon)
+    assert call(c2, op="list")[0]["keys"] == ["p1"]
+    c2.close()
+
+
+# --- a second, real Unix user ------------------------------------------------------------------
+
+
+@pytest.fixture
+def other_user() -> object:
+    name = f"vhsmt{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=60)
+
+
+def _world_executable(path: str) -> bool:
+    p = Path(path)
+    return all(os.stat(q).st_mode & 0o001 for q in [p, *p.parents])
+
+
+def _interpreter_for_others() -> tuple[str, str]:
+    """A Python the other user may execute, and a PYTHONPATH giving it this checkout and the
+    virtualenv's packages (a pyenv interpreter under /root is out of its reach)."""
+    real = os.path.realpath(sys.executable)
+    ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    exe = real if _world_executable(real) else shutil.which(ver, path="/usr/bin:/usr/local/bin")
+    assert exe and _world_executable(exe), "no Python interpreter usable by a second user"
+    repo = str(Path(keysvc.__file__).resolve().parents[1])
+    return exe, f"{repo}:{sysconfig.get_paths()['purelib']}"
+
+
+@pytest.fixture
+def shared_dir() -> object:
+    d = Path(tempfile.mkdtemp(prefix="vhsm-shared-", dir="/tmp"))
+    os.chmod(d, 0o777)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_second_unix_user_denied_then_allowed_by_policy(
+    work: Work,
+    daemon_factory: type[Daemon],
+    shared_dir: Path,
+    other_user: pwd.struct_passwd,
+) -> None:
+    shared = shared_dir
+    (shared / "doc").write_text("release")
+    os.chmod(shared / "doc", 0o644)
+    sock = shared / "keysvc.sock"
+    policy = work.path / "keysvc-policy.toml"
+    policy.write_text("")  # nobody but the owner yet
+    work.hsm("-generate_key_pair", "release_key")
+    work.hsm("-generate_key_pair", "other_key")
+    d = daemon_factory(work, "--socket-mode", "0666", "--policy", str(policy), sock=sock).start()
+    exe, pythonpath = _interpreter_for_others()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HSM_SOCKET": str(sock),
+        "HOME": str(shared),
+        "PYTHONPATH": pythonpath,
+    }
+
+    def as_other(*args: str) -> subprocess.CompletedProcess[str]:
+        # the real hsm_enhanced entry point, run by the second user
+        return subprocess.run(
+            [exe, "-c", "from cli.compat import main; main()", *args],
+            cwd=shared,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            user=other_user.pw_uid,
+            group=other_user.pw_gid,
+            extra_groups=[],
+        )
+
+    p = as_other("-sign", "release_key", "-i", "doc", "-o", "doc.sig")
+    assert p.returncode == 1, p.stderr
+    assert "access denied" in p.stderr
+    assert not (shared / "doc.sig").exists()
+    denial = work.events("AUTH_FAILURE")[-1]
+    assert denial[2] == "release_key"
+    assert f"[uid={other_user.pw_uid}]" in denial[4] and "access denied: sign" in denial[4]
+    # the owner is still served
+    own_env = {**work.env, "HSM_SOCKET": str(sock)}
+    work.hsm("-sign", "release_key", "-i", str(shared / "doc"), "-o", "own.sig", env=own_env)
+    assert len((work.path / "own.sig").read_bytes()) == 64
+    # grant sign on release_* to that user, reload with SIGHUP
+    policy.write_text(
+        f'[[allow]]\nusers = ["{other_user.pw_name}"]\nkeys = ["release_*"]\n'
+        'operations = ["sign", "verify", "export_public_key"]\n'
+    )
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "policy reloaded" not in d.stderr:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    p = as_other("-sign", "release_key", "-i", "doc", "-o", "doc.sig")
+    assert p.returncode == 0, p.stderr
+    assert len((shared / "doc.sig").read_bytes()) == 64
+    assert as_other("-list").stdout.split() == ["release_key"]  # only what it may use
+    p = as_other("-sign", "other_key", "-i", "doc", "-o", "doc2.sig")
+    assert p.returncode == 1 and "access denied" in p.stderr
+    p = as_other("-rotate_key", "release_key")
+    assert p.returncode == 1 and "access denied" in p.stderr
+    d.stop()
+    assert work.vhsm("audit", "verify").returncode == 0
+
+
+# --- load ------------------------------------------------------------------------------------
+
+_SIGNER = """
+import sys, socket
+from pathlib import Path
+from keysvc.client import DaemonClient
+c = DaemonClient(Path(sys.argv[1]), timeout=60)
+n = int(sys.argv[2]); ok = 0
+try:
+    for i in range(n):
+        reply, sig = c.call({"op": "sign", "key": "load"}, b"message %d" % i)
+        if not reply.get("ok") or len(sig) != 64:
+            print("ERROR", reply, flush=True); sys.exit(1)
+        ok += 1
+        sys.stdout.write("."); sys.stdout.flush()   # one dot per acknowledged signature
+except Exception as e:
+    sys.stderr.write(type(e).__name__ + "\\n")
+"""
+
+
+def _signers(d: Daemon, work: Work, n: int, count: int) -> list[subprocess.Popen[str]]:
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", _SIGNER, str(d.sock), str(count)],
+            cwd=work.path,
+            env=work.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+
+
+def test_16_clients_500_signatures_each(work: Work, daemon_factory: type[Daemon]) -> None:
+    work.hsm("-generate_key_pair", "load")
+    before = len(work.events("SIGN_OPERATION"))
+    d = daemon_factory(work).start()
+    procs = _signers(d, work, 16, 500)
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err
+        assert out == "." * 500, (out[-200:], err)
+    d.stop()
+    signs = work.events("SIGN_OPERATION")
+    assert len(signs) - before == 16 * 500
+    assert all(e[5] == "SUCCESS" for e in signs)
+    seqs = [int(e[6]) for e in work.audit_lines()]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert "OK" in work.vhsm("audit", "verify").stdout
+    # use counts were saved on shutdown
+    assert "Use Count: 8000" in work.hsm("-key_info", "load").stdout
+
+
+def test_kill9_under_load_loses_no_acknowledged_signature(
+    work: Work, daemon_factory: type[Daemon]
+) -> None:
+    work.hsm("-generate_key_pair", "load")
+    d = daemon_factory(work).start()
+    procs = _signers(d, work, 8, 1_000_000)
+    deadline = time.monotonic() + 30
+    while len(work.events("SIGN_OPERATION")) < 500:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    d.kill9()
+    acked = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert "ERROR" not in out
+        acked += out.count(".")
+    assert acked > 0
+    # every acknowledged signature has its audit line, and the chain is intact
+    signs = work.events("SIGN_OPERATION")
+    assert len(signs) >= acked
+    assert "OK" in work.vhsm("audit", "verify").stdout
+    # restart: the stale socket is replaced, service continues, chain still verifies
+    d2 = daemon_factory(work).start()
+    f = work.path / "after"
+    f.write_text("after crash")
+    work.hsm("-sign", "load", "-i", str(f), "-o", "after.sig")
+    assert "verified" in work.hsm("-verify", "load", "-i", str(f), "-s", "after.sig").stdout
+    d2.stop()
+    assert "OK" in work.vhsm("audit", "verify").stdout
