@@ -76,7 +76,7 @@ def load_key_file(path: str | os.PathLike[str]) -> bytes:
     """Read a key file, refusing group/other-accessible ones (as ssh does for private keys)."""
     path = os.fspath(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block
     except FileNotFoundError:
         raise KeyFileError(f"key file {path} does not exist") from None
     except OSError as e:

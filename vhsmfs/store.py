@@ -274,7 +274,8 @@ class TokenStore:
         """Encrypt one regular file into a new token; returns the token id."""
         src = os.fspath(src)
         try:
-            f = open(src, "rb", buffering=0)  # noqa: SIM115 - closed below
+            # O_NONBLOCK: a FIFO must fail the S_ISREG check below, not block the open
+            f = open(src, "rb", buffering=0, opener=_open_nonblock)  # noqa: SIM115 - closed below
         except FileNotFoundError:
             raise InputError(f"{src}: no such file") from None
         except IsADirectoryError:
@@ -559,6 +560,10 @@ class TokenStore:
         """Wipe a token. Needs no key and does not parse the metadata, so that a damaged token
         can be deleted too; TokenNotFoundError if there is no such token."""
         self.backend.delete_token(token)
+
+
+def _open_nonblock(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def _first_short(lengths: list[int], got: int) -> int:
