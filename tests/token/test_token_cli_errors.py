@@ -187,6 +187,15 @@ def test_input_is_not_a_regular_file(stored) -> None:  # type: ignore[no-untyped
     expect_clean_failure(cli, "token", "store", "/dev/null", "--key", key)
 
 
+def test_input_or_key_is_a_fifo_fails_at_once(stored) -> None:  # type: ignore[no-untyped-def]
+    """A FIFO given as input or as key file is refused, not opened and waited on forever."""
+    cli, key, _, _ = stored
+    os.mkfifo(cli.cwd / "pipe")
+    expect_clean_failure(cli, "token", "store", "pipe", "--key", key, timeout=15)
+    os.mkfifo(cli.cwd / "keypipe", 0o600)
+    expect_clean_failure(cli, "token", "store", "doc.bin", "--key", "keypipe", timeout=15)
+
+
 # -- output -------------------------------------------------------------------------------------
 
 def test_output_directory_not_writable(stored, unprivileged_ok) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import uuid
@@ -107,6 +108,8 @@ class Cli:
     def known_keys(self, cwd: Path) -> list[bytes]:
         found = list(self.keys)
         for p in list(cwd.glob("auto_generated_key_*.key")) + list(self.cwd.glob("*.key")):
+            if not p.is_file():
+                continue
             data = p.read_bytes()
             if len(data) == 32:
                 found.append(data)
@@ -164,6 +167,10 @@ def snapshot(root: Path) -> dict[str, str]:
             out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
         for f in filenames:
             p = os.path.join(dirpath, f)
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode):  # never open a FIFO or a device: it may block
+                out[os.path.relpath(p, root)] = f"special {stat.S_IFMT(st.st_mode):o}"
+                continue
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
     return out
