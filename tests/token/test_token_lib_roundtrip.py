@@ -18,6 +18,7 @@ from token_helpers import random_bytes, read_manifest
 
 import vhsmfs.store as store_mod
 from vhsmfs.backend import LocalBackend
+from vhsmfs.errors import IntegrityError, OutputError
 from vhsmfs.format import RECORD_OVERHEAD
 from vhsmfs.keyfile import StaticKeyProvider
 from vhsmfs.store import TokenStore
@@ -147,3 +148,39 @@ def test_roundtrip_arbitrary_content(data: bytes, cs: int) -> None:
                         chunk_size=cs, parallel=1)
         roundtrip(ts, data, work)
         shutil.rmtree(work / "out")
+
+
+def test_retrieve_never_writes_through_a_symlink(make_store, tmp_path: Path) -> None:
+    ts = make_store()
+    data = random_bytes(2000, 1)
+    (tmp_path / "doc").write_bytes(data)
+    tok = ts.store_file(tmp_path / "doc")
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "victim"
+    target.write_bytes(b"do not touch")
+    (out / "doc").symlink_to(target)
+    with pytest.raises(OutputError):
+        ts.retrieve(tok, out)
+    assert target.read_bytes() == b"do not touch" and (out / "doc").is_symlink()
+    ts.retrieve(tok, out, force=True)  # replaces the link itself, never the file it points to
+    assert target.read_bytes() == b"do not touch"
+    assert not (out / "doc").is_symlink() and (out / "doc").read_bytes() == data
+    assert sorted(os.listdir(out)) == ["doc"]
+
+
+def test_failed_forced_retrieve_keeps_existing_file(make_store, tmp_path: Path) -> None:
+    ts = make_store()
+    (tmp_path / "doc").write_bytes(random_bytes(2000, 2))
+    tok = ts.store_file(tmp_path / "doc")
+    obj = next((Path(ts.backend.root) / f"{tok}.data").iterdir())
+    buf = bytearray(obj.read_bytes())
+    buf[-1] ^= 1
+    obj.write_bytes(buf)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "doc").write_bytes(b"previous version")
+    with pytest.raises(IntegrityError):
+        ts.retrieve(tok, out, force=True)
+    assert (out / "doc").read_bytes() == b"previous version"
+    assert sorted(os.listdir(out)) == ["doc"]
