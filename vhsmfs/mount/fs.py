@@ -22,7 +22,16 @@ import pyfuse3
 import trio
 
 from vhsmfs.errors import IntegrityError, TokenNotFoundError, VhsmError
-from vhsmfs.mount.vault import ROOT_INO, UUID_RE, Attr, FileNode, Invalidation, Node, Vault
+from vhsmfs.mount.vault import (
+    ROOT_INO,
+    UUID_RE,
+    Attr,
+    FileNode,
+    Invalidation,
+    Node,
+    Vault,
+    WouldBlock,
+)
 
 log = logging.getLogger("vhsm.mount")
 
@@ -118,6 +127,14 @@ class VaultOps(pyfuse3.Operations):
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw),
                                              limiter=self.limiter)
 
+    async def _now_or_hop(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Namespace changes that need no I/O (the usual case for mkdir, unlink, chmod, utime)
+        answer on the loop; if a lock is taken or I/O turns out to be needed, one hop."""
+        try:
+            return self.vault.now(fn, *args, **kw)
+        except WouldBlock:
+            return await self._hop(fn, *args, **kw)
+
     async def housekeeping(self, period: float = 0.5) -> None:
         """Publish deferred metadata changes about twice a second (see Vault.flush_pending)."""
         while True:
@@ -179,7 +196,7 @@ class VaultOps(pyfuse3.Operations):
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node = await self._hop(
+        node = await self._now_or_hop(
             self.vault.setattr, inode,
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
@@ -236,17 +253,19 @@ class VaultOps(pyfuse3.Operations):
     @boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        d = await self._hop(self.vault.mkdir, parent_inode, os.fsdecode(name),
+        d = await self._now_or_hop(self.vault.mkdir, parent_inode, os.fsdecode(name),
                             mode & ~ctx.umask, ctx.uid, ctx.gid)
         return _entry(self.vault.attr(d))
 
     @boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._invalidate(await self._hop(self.vault.rmdir, parent_inode, os.fsdecode(name)))
+        self._invalidate(await self._now_or_hop(self.vault.rmdir, parent_inode,
+                                                os.fsdecode(name)))
 
     @boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._invalidate(await self._hop(self.vault.unlink, parent_inode, os.fsdecode(name)))
+        self._invalidate(await self._now_or_hop(self.vault.unlink, parent_inode,
+                                                os.fsdecode(name)))
 
     @boundary
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -341,4 +360,4 @@ class VaultOps(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         node = self._files.pop(fh, None)
         if node is not None:
-            self._invalidate(await self._hop(self.vault.release, node))
+            self._invalidate(await self._now_or_hop(self.vault.release, node))

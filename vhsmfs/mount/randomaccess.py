@@ -677,6 +677,12 @@ class TokenFile:
         self._dirty.clear()
         self._dirty_bytes = 0
 
+    def forget_cache(self) -> None:
+        """Closed but kept loaded: drop the decrypted window (a finished read-ahead too)."""
+        self._cache = None
+        if self._ahead is not None and self._ahead[2].done():
+            self._ahead = None
+
     def stat_blocks(self) -> int:
         return (self.count * RECORD_OVERHEAD + self.size + 511) // 512
 

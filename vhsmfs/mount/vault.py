@@ -16,6 +16,7 @@ directories, their modes and times survive a remount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -28,6 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from vhsmfs.errors import TokenNotFoundError, VhsmError
 from vhsmfs.format import Metadata
@@ -35,6 +37,7 @@ from vhsmfs.mount.randomaccess import TokenFile
 from vhsmfs.store import TokenStore, safe_relative_path
 
 log = logging.getLogger("vhsm.mount")
+T = TypeVar("T")
 
 ROOT_INO = 1
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -108,6 +111,13 @@ class Attr:
 
 
 Invalidation = tuple[int, str, int]  # (parent inode, name, inode that was removed or 0)
+IDLE_KEEP = 256  # recently closed files kept loaded (chmod/utime after close need no I/O)
+IDLE_MAX_CHUNKS = 4096  # ... if their manifest is small
+
+
+class WouldBlock(Exception):
+    """A call made with Vault.now() found a lock taken or needed I/O before changing anything;
+    the caller runs it again in a worker thread."""
 
 
 class Vault:
@@ -135,6 +145,9 @@ class Vault:
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-delete")
         self._deletions: list[Future[None]] = []
         self.deleting: set[uuid.UUID] = set()
+        self._local = threading.local()
+        self._idle: dict[int, FileNode] = {}  # insertion-ordered: oldest first
+        self._idle_lock = threading.Lock()  # never held across I/O
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -286,6 +299,28 @@ class Vault:
             d.dirty = True
             self._defer(d)
 
+    # -- fast paths ------------------------------------------------------------------------------
+    def now(self, fn: Callable[..., T], *args: object, **kw: object) -> T:
+        """Run a namespace call on the event loop: every lock is tried without waiting and
+        anything that would need I/O raises WouldBlock, always before the first change."""
+        self._local.nonblocking = True
+        try:
+            return fn(*args, **kw)
+        finally:
+            self._local.nonblocking = False
+
+    def _nonblocking(self) -> bool:
+        return getattr(self._local, "nonblocking", False)
+
+    @contextlib.contextmanager
+    def _hold(self, lock: threading.RLock) -> Iterator[None]:
+        if not lock.acquire(blocking=not self._nonblocking()):
+            raise WouldBlock
+        try:
+            yield
+        finally:
+            lock.release()
+
     # -- lookup counts ---------------------------------------------------------------------------
     def remember(self, node: Node) -> None:
         with self._count_lock:
@@ -308,8 +343,9 @@ class Vault:
     # -- attributes (loop side: memory only) -----------------------------------------------------
     def attr(self, node: Node) -> Attr:
         if isinstance(node, DirNode):
-            nlink = 2 + sum(1 for _, c in node.entries.values() if isinstance(c, DirNode))
-            return Attr(node.ino, stat.S_IFDIR | node.mode, nlink, node.uid, node.gid, 4096, 8,
+            # 1 = "not counted" (as btrfs does): find(1) then never assumes leaf directories,
+            # and getattr stays O(1) in directories with many entries.
+            return Attr(node.ino, stat.S_IFDIR | node.mode, 1, node.uid, node.gid, 4096, 8,
                         node.atime_ns, node.mtime_ns, node.ctime_ns)
         assert isinstance(node, FileNode)
         meta = node.tf.meta if node.tf is not None else node.meta
@@ -387,6 +423,8 @@ class Vault:
         if node.deleted:
             raise _err(errno.ENOENT)
         if node.tf is None:
+            if self._nonblocking():
+                raise WouldBlock
             try:
                 node.tf = TokenFile.load(self.store, node.token)
             except TokenNotFoundError:
@@ -395,9 +433,35 @@ class Vault:
         return node.tf
 
     def _drop_if_idle(self, node: FileNode) -> None:
-        if node.tf is not None and node.opens == 0 and not node.tf.dirty:
-            node.meta = node.tf.meta
-            node.tf.close()
+        """A closed, clean file: keep it loaded for a while if small (tools chmod/utime right
+        after closing), else release its descriptors and caches now."""
+        tf = node.tf
+        if tf is None or node.opens or tf.dirty:
+            return
+        node.meta = tf.meta
+        if tf.count <= IDLE_MAX_CHUNKS:
+            tf.forget_cache()
+            with self._idle_lock:
+                self._idle.pop(node.ino, None)
+                self._idle[node.ino] = node
+                evict = []
+                while len(self._idle) > IDLE_KEEP and not self._nonblocking():
+                    evict.append(self._idle.pop(next(iter(self._idle))))
+            for old in evict:
+                if old is not node and old.lock.acquire(blocking=False):
+                    try:
+                        self._unload(old)
+                    finally:
+                        old.lock.release()
+            return
+        self._unload(node)
+
+    @staticmethod
+    def _unload(node: FileNode) -> None:
+        tf = node.tf
+        if tf is not None and node.opens == 0 and not tf.dirty:
+            node.meta = tf.meta
+            tf.close()
             node.tf = None
 
     def create(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> FileNode:
@@ -480,7 +544,10 @@ class Vault:
         self.flush(node)
 
     def release(self, node: FileNode) -> list[Invalidation]:
-        with node.lock:
+        with self._hold(node.lock):
+            if self._nonblocking() and node.opens == 1 and node.tf is not None \
+                    and node.tf.dirty and not node.unlinked:
+                raise WouldBlock  # the last close publishes: a commit
             node.opens -= 1
             if node.opens > 0:
                 return []
@@ -568,12 +635,14 @@ class Vault:
                 mtime_ns: int | None = None) -> Node:
         node = self.node(ino)
         if isinstance(node, DirNode):
-            with self.ns_lock:
+            with self._hold(self.ns_lock):
                 self._setattr_dir(node, mode, uid, gid, atime_ns, mtime_ns)
             return node
         assert isinstance(node, FileNode)
-        with node.lock:
+        with self._hold(node.lock):
             tf = self._loaded(node)
+            if size is not None and self._nonblocking():
+                raise WouldBlock  # truncation may decrypt a chunk, and publishes
             if size is not None:
                 tf.truncate(size)
             m = tf.meta
@@ -599,7 +668,7 @@ class Vault:
 
     # -- directories (worker thread, ns_lock) ----------------------------------------------------
     def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> DirNode:
-        with self.ns_lock:
+        with self._hold(self.ns_lock):
             parent = self.dir(parent_ino)
             self._writable_dir(parent, name)
             if self._child(parent, name) is not None:
@@ -659,7 +728,7 @@ class Vault:
         self.wait_deletions()
 
     def rmdir(self, parent_ino: int, name: str) -> list[Invalidation]:
-        with self.ns_lock:
+        with self._hold(self.ns_lock):
             parent = self.dir(parent_ino)
             d = self._child(parent, name)
             if d is None:
@@ -690,16 +759,18 @@ class Vault:
 
     # -- unlink / rename (worker thread, ns_lock) ------------------------------------------------
     def unlink(self, parent_ino: int, name: str) -> list[Invalidation]:
-        with self.ns_lock:
+        with self._hold(self.ns_lock):
             parent = self.dir(parent_ino)
             node = self._child(parent, name)
             if node is None:
                 raise _err(errno.ENOENT)
             if not isinstance(node, FileNode):
                 raise _err(errno.EISDIR)
-            inval = self._detach(node)
-            inval = [i for i in inval if not (i[0] == parent.ino and i[1] == name)]
-            with node.lock:
+            with self._hold(node.lock):
+                inval = self._detach(node)
+                inval = [i for i in inval if not (i[0] == parent.ino and i[1] == name)]
+                with self._idle_lock:
+                    self._idle.pop(node.ino, None)
                 if node.opens == 0:
                     self._delete_data(node)
             return inval
