@@ -343,3 +343,26 @@ def test_chunks_reordered_cli(stored) -> None:  # type: ignore[no-untyped-def]
     buf[e[1][1]: e[1][1] + e[1][2]] = r0
     obj.write_bytes(buf)
     _assert_detected(cli, key, tok)
+
+
+# -- the audit log cannot be written: fail closed, undo, leave nothing ---------------------------
+
+def test_audit_log_unwritable_store_fails_closed(stored, unprivileged_ok) -> None:  # type: ignore[no-untyped-def]
+    cli, key, tok, _ = stored
+    (cli.cwd / "hsm_audit.log").chmod(0o400)
+    before = snapshot(cli.store_dir)
+    res = cli("token", "store", "doc.bin", "--key", key, unprivileged=True)
+    assert "audit" in assert_one_line_error(res)
+    assert snapshot(cli.store_dir) == before  # the token was undone
+
+
+def test_audit_log_unwritable_retrieve_leaves_nothing(stored, unprivileged_ok) -> None:  # type: ignore[no-untyped-def]
+    """The plaintext is removed again when the DECRYPTION line cannot be written; the output
+    directory that retrieve created must go too (cli/token_cmds.py retrieve: the undo passed to
+    audited() only unlinks the file)."""
+    cli, key, tok, _ = stored
+    (cli.cwd / "hsm_audit.log").chmod(0o400)
+    res = cli("token", "retrieve", tok, "out/sub", "--key", key, unprivileged=True)
+    assert "audit" in assert_one_line_error(res)
+    assert not (cli.cwd / "out/sub/doc.bin").exists()
+    assert not (cli.cwd / "out").exists()
