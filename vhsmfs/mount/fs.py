@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -44,8 +45,11 @@ QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY}  # expected answers, logge
 def boundary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Translate errors raised below into FUSEError, with a log line."""
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self: VaultOps, *args: Any) -> T:
+        t0 = time.perf_counter()
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -67,6 +71,9 @@ def boundary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except Exception:
             log.exception("%s%s failed", fn.__name__, _brief(args))
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:  # requests served and time spent per operation, logged at unmount
+            n, total = self.timing.get(name, (0, 0.0))
+            self.timing[name] = (n + 1, total + time.perf_counter() - t0)
 
     return wrapper
 
@@ -121,7 +128,8 @@ class VaultOps(pyfuse3.Operations):
         self._fhs = itertools.count(1)
         self._files: dict[int, FileNode] = {}
         self._dirs: dict[int, tuple[int, list[tuple[int, str, Node]]]] = {}
-        self.stats: dict[str, int] = {}  # request counts, logged at unmount
+        self.stats: dict[str, int] = {}  # read/write counts, logged at unmount
+        self.timing: dict[str, tuple[int, float]] = {}
 
     async def _hop(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw),

@@ -165,6 +165,8 @@ def run(store_dir: str, mountpoint: str, keys: KeyProvider, *, allow_other: bool
                     pyfuse3.close(unmount=True)
                 vault.flush_all()
                 log.info("requests: %s", " ".join(f"{k}={v}" for k, v in sorted(ops.stats.items())))
+                log.info("time per operation: %s", " ".join(
+                    f"{k}={n}/{t:.2f}s" for k, (n, t) in sorted(ops.timing.items())))
                 log.info("unmounted %s (%s)", mnt, "clean" if clean else "after an error")
     except VhsmError as e:
         _report(ready, f"error: {e}")

@@ -143,7 +143,7 @@ class Vault:
         self._pend_lock = threading.Lock()
         self._pending: dict[int, Node] = {}
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-delete")
-        self._deletions: list[Future[None]] = []
+        self._last_deletion: Future[None] | None = None
         self.deleting: set[uuid.UUID] = set()
         self._local = threading.local()
         self._idle: dict[int, FileNode] = {}  # insertion-ordered: oldest first
@@ -594,15 +594,13 @@ class Vault:
             finally:
                 self.deleting.discard(token)
 
-        with self._pend_lock:
-            self._deletions = [f for f in self._deletions if not f.done()]
-            self._deletions.append(self._deleter.submit(run))
+        # One deletion thread, first in first out: the last job done means all are done.
+        self._last_deletion = self._deleter.submit(run)
 
     def wait_deletions(self) -> None:
-        with self._pend_lock:
-            pending = list(self._deletions)
-        for f in pending:
-            f.result()
+        last = self._last_deletion
+        if last is not None:
+            last.result()
 
     def _defer(self, node: Node) -> None:
         with self._pend_lock:
