@@ -8,8 +8,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # fuse3/libfuse3-dev/pkg-config: the mount (pyfuse3 builds from source against libfuse3).
 # age, gocryptfs: peers for bench/. softhsm2: PKCS#11 peer and tests. rsync, attr: mount tests.
+# xxd: the addendum key-caching script (tests/keysvc).
 APT_PACKAGES := build-essential python3-dev python3-venv fuse3 libfuse3-dev pkg-config \
-	age gocryptfs rsync attr softhsm2 openssl util-linux procps
+	age gocryptfs rsync attr softhsm2 openssl util-linux procps xxd
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null && echo sudo))
 
 .PHONY: all deps apt venv demo test lint bench clean
@@ -48,6 +49,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/token_vs_age
+	$(BIN)/python bench/sign_throughput
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
