@@ -313,8 +313,8 @@ class VaultOps(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node = await self._hop(self.vault.create, parent_inode, os.fsdecode(name),
-                               mode & ~ctx.umask, ctx.uid, ctx.gid)
+        node = await self._now_or_hop(self.vault.create, parent_inode, os.fsdecode(name),
+                                      mode & ~ctx.umask, ctx.uid, ctx.gid)
         fh = next(self._fhs)
         self._files[fh] = node
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), _entry(self.vault.attr(node))

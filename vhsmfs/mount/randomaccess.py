@@ -156,6 +156,14 @@ class TokenFile:
                         parallel_chunks=1, extra=dict(extra or {}))
         return cls(store, token, keys, header, b"", meta, committed=False)
 
+    def claim(self, name: str, mode: int, extra: dict | None = None) -> None:
+        """Give a token prepared ahead (keys derived) its name, mode and fresh times."""
+        now = time.time_ns()
+        m = self.meta
+        m.name, m.mode, m.extra = name, mode, dict(extra or {})
+        m.mtime_ns = m.atime_ns = m.ctime_ns = now
+        m.created = now // 10**9
+
     # -- geometry -------------------------------------------------------------------------------
     @property
     def count(self) -> int:

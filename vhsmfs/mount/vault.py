@@ -26,6 +26,7 @@ import stat
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -113,6 +114,8 @@ class Attr:
 Invalidation = tuple[int, str, int]  # (parent inode, name, inode that was removed or 0)
 IDLE_KEEP = 256  # recently closed files kept loaded (chmod/utime after close need no I/O)
 IDLE_MAX_CHUNKS = 4096  # ... if their manifest is small
+BLANKS = 32  # new tokens whose keys are derived ahead, in the background
+_KEYGEN = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-keygen")
 
 
 class WouldBlock(Exception):
@@ -148,6 +151,8 @@ class Vault:
         self._local = threading.local()
         self._idle: dict[int, FileNode] = {}  # insertion-ordered: oldest first
         self._idle_lock = threading.Lock()  # never held across I/O
+        self._blanks: deque[TokenFile] = deque()  # new tokens with keys already derived
+        self._refilling = False
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -464,8 +469,43 @@ class Vault:
             tf.close()
             node.tf = None
 
+    def _new_token_file(self, name: str, mode: int, extra: dict[str, object]) -> TokenFile:
+        """A fresh token: from the pool of keys derived in the background when one is ready
+        (no crypto here, so create can answer on the event loop), else derived now."""
+        with self._idle_lock:
+            tf = self._blanks.popleft() if self._blanks else None
+            refill = len(self._blanks) < BLANKS // 2 and not self._refilling
+            if refill:
+                self._refilling = True
+        if refill:
+            self._keygen_submit(self._refill_blanks)
+        if tf is None:
+            if self._nonblocking():
+                raise WouldBlock
+            return TokenFile.create(self.store, name, mode, extra=extra)
+        tf.claim(name, mode, extra)
+        return tf
+
+    def _keygen_submit(self, fn: Callable[[], None]) -> None:
+        _KEYGEN.submit(fn)
+
+    def _refill_blanks(self) -> None:
+        try:
+            while True:
+                with self._idle_lock:
+                    if len(self._blanks) >= BLANKS:
+                        return
+                tf = TokenFile.create(self.store, "", 0o600)
+                with self._idle_lock:
+                    self._blanks.append(tf)
+        except (OSError, VhsmError) as e:
+            log.warning("could not prepare token keys: %s", e)
+        finally:
+            with self._idle_lock:
+                self._refilling = False
+
     def create(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> FileNode:
-        with self.ns_lock:
+        with self._hold(self.ns_lock):
             parent = self.dir(parent_ino)
             self._writable_dir(parent, name)
             if self._child(parent, name) is not None:
@@ -473,8 +513,7 @@ class Vault:
             extra: dict[str, object] = {"placed": True}
             if uid != self.uid or gid != self.gid:
                 extra.update(uid=uid, gid=gid)
-            tf = TokenFile.create(self.store, self.relpath(parent, name), stat.S_IMODE(mode),
-                                  extra=extra)
+            tf = self._new_token_file(self.relpath(parent, name), stat.S_IMODE(mode), extra)
             node = FileNode(next(self._inos), token=tf.token, meta=tf.meta, tf=tf)
             node.opens = 1
             td = DirNode(next(self._inos), name=str(tf.token), parent=self.root,
