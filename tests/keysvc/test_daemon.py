@@ -399,3 +399,26 @@ def test_kill9_under_load_loses_no_acknowledged_signature(
     assert "verified" in work.hsm("-verify", "load", "-i", str(f), "-s", "after.sig").stdout
     d2.stop()
     assert "OK" in work.vhsm("audit", "verify").stdout
+
+
+def test_large_payloads_through_daemon(work: Work, daemon: Daemon) -> None:
+    """Replies bigger than the socket buffer are finished by the connection's writer task."""
+    work.vhsm("key", "generate", "aes", "--type", "aes-256-gcm")
+    big = work.path / "big"
+    big.write_bytes(os.urandom(24 * 1024 * 1024 + 3))
+    work.vhsm("key", "encrypt", "aes", "-i", str(big), "-o", "big.enc")
+    work.vhsm("key", "decrypt", "aes", "-i", "big.enc", "-o", "big.out")
+    assert (work.path / "big.out").read_bytes() == big.read_bytes()
+    # several large requests pipelined on one connection come back complete and in order
+    c = client(daemon)
+    blobs = [os.urandom(3 * 1024 * 1024 + i) for i in range(4)]
+    for i, b in enumerate(blobs):
+        c.send({"op": "encrypt", "key": "aes", "id": i}, b)
+    cts = [c.recv() for _ in blobs]
+    assert [h["id"] for h, _ in cts] == [0, 1, 2, 3]
+    for (_, ct), b in zip(cts, blobs, strict=True):
+        reply, pt = call(c, op="decrypt", key="aes", payload=ct)
+        assert reply["ok"] and pt == b
+    c.close()
+    status = work.vhsm("keysvc", "status", "--socket", str(daemon.sock)).stdout
+    assert int(status.split("requests: ")[1].split()[0]) >= 10
