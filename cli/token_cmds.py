@@ -145,7 +145,7 @@ def _expand_inputs(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[st
             top = Path(p).resolve()
             base = top.parent
             found = False
-            for root, dirs, names in os.walk(top):
+            for root, dirs, names in os.walk(top, onerror=_walk_error):
                 dirs.sort()
                 for n in sorted(names):
                     full = Path(root) / n
@@ -166,6 +166,11 @@ def _expand_inputs(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[st
             raise InputError(f"{p}: no such file")
 
 
+def _walk_error(e: OSError) -> None:
+    # A subtree we cannot read must fail the command, not be left out silently.
+    raise InputError(f"cannot read {e.filename}: {e.strerror}")
+
+
 @token.command()
 @click.argument("token_id", metavar="TOKEN")
 @click.argument("outdir", type=click.Path())
@@ -184,15 +189,19 @@ def retrieve(token_id: str, outdir: str, key_file: str | None, key_service: str 
         try:
             h = ts.parse(tok).header
             with progress_bar(h.chunk_count * h.chunk_size, str(tok), progress) as advance:
-                dest = ts.retrieve(tok, outdir, force=force, progress=advance)
+                # audited after every check passed, before the file gets its name: if the
+                # line cannot be written, nothing is released (fail closed)
+                dest = ts.retrieve(
+                    tok, outdir, force=force, progress=advance,
+                    before_publish=lambda d: audit_token_event("DECRYPTION", tok, "retrieved",
+                                                               d.name),
+                )
         except WrongKeyError:
             audit_token_event("AUTH_FAILURE", tok, "wrong key", None, success=False)
             raise
         except IntegrityError as e:
             audit_token_event("SECURITY_VIOLATION", tok, str(e), None, success=False)
             raise
-        with audited(lambda: dest.unlink()):
-            audit_token_event("DECRYPTION", tok, "retrieved", dest.name)
         click.echo(str(dest))
 
 

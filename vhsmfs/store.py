@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import os
 import stat
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -48,6 +47,7 @@ from vhsmfs.format import (
     record_len,
 )
 from vhsmfs.keyfile import KeyProvider
+from vhsmfs.outfile import PendingFile
 from vhsmfs.pipeline import OrderedHasher, run_ordered
 from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
 
@@ -450,8 +450,13 @@ class TokenStore:
     def retrieve(
         self, token: uuid.UUID, outdir: str | os.PathLike[str], *, force: bool = False,
         progress: Progress | None = None,
+        before_publish: Callable[[Path], None] | None = None,
     ) -> Path:
-        """Decrypt a token to OUTDIR/<its relative path>. Nothing appears unless all checks pass."""
+        """Decrypt a token to OUTDIR/<its relative path>. Nothing appears unless all checks pass.
+
+        `before_publish(dest)` runs after every check passed and before the file gets its name
+        (the CLI writes its audit line there); if it raises, nothing is left behind either.
+        """
         t = self.open_token(token)
         rel = safe_relative_path(t.meta.name, str(token))
         outdir = Path(outdir)
@@ -463,39 +468,16 @@ class TokenStore:
                 raise OutputError(f"{dest} is a directory")
             if (dest.exists() or dest.is_symlink()) and not force:
                 raise OutputError(f"{dest} already exists (use --force to overwrite)")
+            out = PendingFile(dest)
             try:
-                fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.",
-                                           suffix=".vhsm-part")
-            except OSError as e:
-                raise OutputError(f"cannot write to {dest.parent}: {e.strerror}") from None
-            try:
-                with os.fdopen(fd, "wb", buffering=0) as out:
-
-                    def write(plain: bytearray) -> None:
-                        try:
-                            view = memoryview(plain)  # FileIO.write may write only part
-                            while view:
-                                view = view[out.write(view) :]
-                        except OSError as e:
-                            if e.errno == errno.ENOSPC:
-                                raise OutputError(
-                                    f"no space left on device while writing {dest}") from None
-                            raise OutputError(f"cannot write {dest}: {e.strerror}") from None
-
-                    self._decrypt_stream(t, write, check_digests=False, progress=progress)
-                    try:
-                        out.flush()
-                        os.fsync(out.fileno())
-                        os.fchmod(out.fileno(), t.meta.mode & 0o777)  # never setuid/setgid
-                    except OSError as e:
-                        raise OutputError(f"cannot write {dest}: {e.strerror}") from None
-                if t.meta.mtime_ns:
-                    os.utime(tmp, ns=(t.meta.atime_ns or t.meta.mtime_ns, t.meta.mtime_ns))
-                _publish(tmp, dest, force)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+                self._decrypt_stream(t, out.write, check_digests=False, progress=progress)
+                times = (t.meta.atime_ns or t.meta.mtime_ns, t.meta.mtime_ns)
+                out.finish(t.meta.mode & 0o777, times if t.meta.mtime_ns else None)  # no setuid
+                if before_publish is not None:
+                    before_publish(dest)
+                out.publish(force=force)
+            finally:
+                out.close()
         except BaseException:
             for d in reversed(created):
                 with contextlib.suppress(OSError):
@@ -611,21 +593,3 @@ def _make_dirs(path: Path) -> list[Path]:
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(f"{path} is not writable")
     return created
-
-
-def _publish(tmp: str, dest: Path, force: bool) -> None:
-    """Move the verified temp file into place: link() refuses to replace an existing file, so a
-    file that appeared meanwhile is never clobbered unless --force."""
-    if force:
-        os.replace(tmp, dest)
-    else:
-        try:
-            os.link(tmp, dest)
-        except FileExistsError:
-            raise OutputError(f"{dest} already exists (use --force to overwrite)") from None
-        os.unlink(tmp)
-    fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
