@@ -233,6 +233,8 @@ def list_cmd(key_file: str | None, key_service: str | None, store_dir: str,
                 continue
             size = str(r["size"]) if r["size"] is not None else "?"
             name = r["name"] if r["readable"] else "(encrypted: other key or no --key)"
+            if r.get("kind") == "dir":
+                name, size = f"{name}/", "-"  # a directory created through the mount
             click.echo(f"{r['token']:36}  {size:>12}  {r['chunk_count']:>7}  "
                        f"{_fmt_ns(r['mtime_ns'])}  {name}")
 
@@ -256,7 +258,7 @@ def info(token_id: str, key_file: str | None, key_service: str | None, store_dir
             click.echo(json.dumps(d, indent=2))
             return
         labels: list[tuple[str, Any]] = [
-            ("Token", d["token"]), ("Name", d["name"]), ("Size", d["size"]),
+            ("Token", d["token"]), ("Name", d["name"]), ("Kind", d["kind"]), ("Size", d["size"]),
             ("SHA-256", d["sha256"]), ("Chunk size", d["chunk_size"]),
             ("Chunks", d["chunk_count"]), ("Stored bytes", d["stored_bytes"]),
             ("Generation", d["generation"]), ("Created", _fmt_s(d["created"])),

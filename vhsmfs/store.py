@@ -136,6 +136,7 @@ class TokenSummary:
     mtime_ns: int | None = None
     mode: int | None = None
     readable: bool = False  # metadata authenticated under the key given
+    kind: str = "file"  # "dir" for a directory marker made by the mount
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -151,6 +152,7 @@ class TokenSummary:
             "mtime_ns": self.mtime_ns,
             "mode": self.mode,
             "readable": self.readable,
+            "kind": self.kind if self.readable else None,
         }
 
 
@@ -460,6 +462,8 @@ class TokenStore:
         t = self.open_token(token)
         rel = safe_relative_path(t.meta.name, str(token))
         outdir = Path(outdir)
+        if t.meta.extra.get("kind") == "dir":
+            return self._retrieve_dir(t, outdir / rel, before_publish)
         created = _make_dirs(outdir)
         try:
             created += _make_dirs((outdir / rel).parent)
@@ -478,6 +482,25 @@ class TokenStore:
                 out.publish(force=force)
             finally:
                 out.close()
+        except BaseException:
+            for d in reversed(created):
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+            raise
+        return dest
+
+    @staticmethod
+    def _retrieve_dir(t: OpenedToken, dest: Path,
+                      before_publish: Callable[[Path], None] | None) -> Path:
+        """A directory marker (created through the mount): recreate the directory."""
+        if dest.exists() and not dest.is_dir():
+            raise OutputError(f"{dest} exists and is not a directory")
+        created = _make_dirs(dest)
+        try:
+            if before_publish is not None:
+                before_publish(dest)
+            if created:
+                os.chmod(dest, t.meta.mode & 0o777)
         except BaseException:
             for d in reversed(created):
                 with contextlib.suppress(OSError):
@@ -533,6 +556,7 @@ class TokenStore:
             m = t.meta
             s.name, s.size, s.sha256, s.created = m.name, m.size, m.sha256, m.created
             s.mtime_ns, s.mode, s.readable = m.mtime_ns, m.mode, True
+            s.kind = "dir" if m.extra.get("kind") == "dir" else "file"
         return s
 
     def list_tokens(self) -> list[uuid.UUID]:
