@@ -80,6 +80,10 @@ _UNESCAPES = {"25": "%", "7C": "|", "0A": "\n", "0D": "\r"}
 
 def escape_field(value: str) -> str:
     """Percent-escape `%`, `|`, CR and LF so a field can never forge a separator or a line."""
+    if len(value) <= _MAX_FIELD and not (
+        "%" in value or "|" in value or "\n" in value or "\r" in value
+    ):
+        return value  # the common case, without a regex pass
     out = _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group(0)], value)
     if len(out) > _MAX_FIELD:
         out = out[: _MAX_FIELD - 3]

@@ -25,10 +25,18 @@ VERSION = 1
 MAX_FRAME = 256 * 1024 * 1024 + 65536  # largest message: 256 MiB payload plus header
 _LEN = struct.Struct(">I")
 _HDR = struct.Struct(">BI")
+# Built once: json.dumps/json.loads with arguments build a new encoder/decoder on every call,
+# which is a large part of the per-request cost at thousands of requests per second.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+_loads = json.JSONDecoder().decode
+# Headers repeat (the same op on the same key from the same client): parse each once.
+_HEADER_CACHE: dict[bytes, dict[str, Any]] = {}
+_CACHE_MAX_HEADER = 256
+_CACHE_MAX_ENTRIES = 4096
 
 
 def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    j = json.dumps(header, separators=(",", ":")).encode()
+    j = _dumps(header).encode()
     n = _HDR.size + len(j) + len(payload)
     if n > MAX_FRAME:
         raise DaemonError(f"message too large ({len(payload)} bytes; limit 256 MiB)")
@@ -45,12 +53,20 @@ def decode(body: bytes | memoryview) -> tuple[dict[str, Any], bytes]:
     end = _HDR.size + jlen
     if end > len(body):
         raise DaemonError("frame header overruns the frame")
+    raw = bytes(body[_HDR.size : end])
+    cached = _HEADER_CACHE.get(raw)
+    if cached is not None:
+        return dict(cached), bytes(body[end:])  # a copy: callers may add fields
     try:
-        header = json.loads(bytes(body[_HDR.size : end]))
-    except ValueError:
+        header = _loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
         raise DaemonError("frame header is not JSON") from None
     if not isinstance(header, dict):
         raise DaemonError("frame header is not an object")
+    if len(raw) <= _CACHE_MAX_HEADER:
+        if len(_HEADER_CACHE) >= _CACHE_MAX_ENTRIES:
+            _HEADER_CACHE.clear()
+        _HEADER_CACHE[raw] = dict(header)
     return header, bytes(body[end:])
 
 
