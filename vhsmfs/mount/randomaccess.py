@@ -119,7 +119,8 @@ class TokenFile:
         self._woff = 0
         self._writing = contextlib.ExitStack()  # backend.writing() while uncommitted data exists
         self._swept = False
-        self._obj_sizes: dict[int, int] | None = None
+        # a token that never committed has no objects yet: nothing to list or sweep
+        self._obj_sizes: dict[int, int] | None = None if committed else {}
         self._readers: dict[int, ObjectReader] = {}
         self._cache_first = 0
         self._cache: bytearray | None = None  # decrypted plaintext of chunks from _cache_first
@@ -455,7 +456,9 @@ class TokenFile:
             self._finish_object()
             if not self._swept:
                 self._writing.enter_context(self.backend.writing(self.token))
-                self._sweep_orphans()
+                if self.committed:
+                    self._sweep_orphans()
+                self._swept = True
             self._wobj = self.next_object
             self.next_object += 1
             self._writer = self.backend.new_object(self.token, self._wobj)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import fcntl
 import logging
@@ -37,6 +38,9 @@ READY_TIMEOUT = 120.0
 # otherwise: the per-chunk cost in Python (an AEAD call, a record hash, a manifest entry) is paid
 # 8x less often than with the CLI's 8 KiB default. The chunk size is recorded per token.
 MOUNT_CHUNK_SIZE = 64 * 1024
+SYNC_TIMEOUT = 60.0  # seconds to let the kernel write back cached data on SIGINT/SIGTERM
+_LIBC = ctypes.CDLL(None, use_errno=True)
+SWITCH_INTERVAL = 0.0005  # seconds; see run()
 READ_AHEAD_KB = 1024  # kernel read-ahead for the mount: 1 MiB read requests instead of 128 KiB
 
 
@@ -100,6 +104,9 @@ async def _serve(ops: VaultOps, mnt: str) -> None:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for sig in signals:
                     log.info("signal %d: unmounting", sig)
+                    # Writes the kernel still caches (write-back cache) come to us first.
+                    with trio.move_on_after(SYNC_TIMEOUT):
+                        await trio.to_thread.run_sync(syncfs, mnt, abandon_on_cancel=True)
                     pyfuse3.terminate()
                     return
 
@@ -108,6 +115,18 @@ async def _serve(ops: VaultOps, mnt: str) -> None:
         nursery.start_soon(ops.housekeeping)
         await pyfuse3.main(min_tasks=2, max_tasks=64)
         nursery.cancel_scope.cancel()
+
+
+def syncfs(path: str) -> None:
+    """syncfs(2) through ctypes, which releases the GIL while the kernel writes back to us
+    (pyfuse3.syncfs keeps it, which would deadlock a call made from inside the mount)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            log.warning("syncfs %s: %s", path, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 def mount_chunk_size(chunk_size: int | None) -> int:
@@ -138,6 +157,9 @@ def run(store_dir: str, mountpoint: str, keys: KeyProvider, *, allow_other: bool
     """Mount and serve until unmounted or signalled. `ready` is a pipe fd the background
     parent waits on: "ok" or "error: <message>"."""
     store_dir = os.path.abspath(store_dir)
+    # Background threads (write-back, wipes, hashing) run Python code too; with the default
+    # 5 ms GIL switch interval the event loop could wait that long to answer each request.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         mnt = check_mountpoint(mountpoint)
         backend = LocalBackend(store_dir)
