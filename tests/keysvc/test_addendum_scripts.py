@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, Work
+from ksutil import Daemon, Work
 
 BATCH_SIGN = r"""#!/bin/bash
 # batch_sign.sh - Sign multiple files efficiently

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Work
+from ksutil import Work
 
 
 def _populate(work: Work) -> None:

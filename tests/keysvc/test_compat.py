@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Work
+from ksutil import Work
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

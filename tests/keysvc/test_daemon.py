@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, Work
+from ksutil import Daemon, Work
 
 import keysvc
 from keysvc import lifecycle, protocol
