@@ -818,14 +818,16 @@ class Vault:
         if node.tree_parent is not None and node.tree_name is not None:
             node.tree_parent.entries.pop(node.tree_name, None)
             self._touch_dir(node.tree_parent)
-            inval.append((node.tree_parent.ino, node.tree_name, node.ino))
+            if node.nlookup:  # the kernel can only have cached names of inodes it looked up
+                inval.append((node.tree_parent.ino, node.tree_name, node.ino))
             node.tree_parent = node.tree_name = None
         td = node.tokendir
         if td is not None:
             self.root.entries.pop(td.name, None)
             td.entries.clear()
             td.removed = True
-            inval.append((self.root.ino, td.name, td.ino))
+            if td.nlookup:
+                inval.append((self.root.ino, td.name, td.ino))
             with self._count_lock:
                 if td.nlookup == 0:
                     self.nodes.pop(td.ino, None)
