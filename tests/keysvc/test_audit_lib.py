@@ -116,3 +116,21 @@ def test_rotation_continues_chain(tmp_path: Path) -> None:
     assert audit.verify([log]).ok
     both = audit.verify([tmp_path / "hsm_audit.log.1", log])
     assert both.ok and both.entries == 6, both.message
+
+
+def test_logrotate_create_mode_continues_chain(tmp_path: Path) -> None:
+    """logrotate `create`: the log is renamed and an empty file is put in its place."""
+    log = tmp_path / "hsm_audit.log"
+    _write_events(log, 3)
+    os.rename(log, tmp_path / "hsm_audit.log.1")
+    log.touch(mode=0o600)
+    _write_events(log, 2)
+    text = log.read_text().splitlines()
+    assert text[0] == "# Virtual HSM Audit Log" and text[2].startswith("# Chain-Start: seq=3 ")
+    both = audit.verify([tmp_path / "hsm_audit.log.1", log])
+    assert both.ok and both.entries == 5, both.message
+    # a forged chain-start (no audit key) is rejected
+    forged = text[2].rsplit("mac=", 1)[0] + "mac=" + "0" * 64
+    log.write_text("\n".join([*text[:2], forged, *text[3:]]) + "\n")
+    res = audit.verify([log])
+    assert not res.ok and "forged chain-start" in res.message

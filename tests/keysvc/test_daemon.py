@@ -391,6 +391,9 @@ def test_kill9_under_load_loses_no_acknowledged_signature(
     signs = work.events("SIGN_OPERATION")
     assert len(signs) >= acked
     assert "OK" in work.vhsm("audit", "verify").stdout
+    # the dead daemon left its socket behind: the CLI sees "refused" and works in-process
+    assert d.sock.exists()
+    assert work.hsm("-list").stdout.split() == ["load"]
     # restart: the stale socket is replaced, service continues, chain still verifies
     d2 = daemon_factory(work).start()
     f = work.path / "after"
