@@ -1,10 +1,15 @@
 """`vhsm keysvc serve`: the key service daemon (trio, Unix socket).
 
-Event loop: accepts connections, reads frames, and hands them to a single batcher. The batcher
-takes *every* request that has arrived, makes one thread hop (trio.to_thread.run_sync) that
-decodes, executes, group-commits the audit lines (one write + one fdatasync) and encodes the
-replies, and then releases the replies. While one batch is in the thread, the next one gathers,
-so under load a single fdatasync serves as many requests as there are clients waiting.
+Two threads. The trio event loop accepts connections and reads frames: every client socket is
+in one epoll set of our own, so one wake-up serves every ready socket without a task switch per
+request. Frames go into a queue. A single worker thread, started once with
+trio.to_thread.run_sync, takes *everything* queued, decodes it, executes it in order (crypto),
+appends all audit lines with one write + one fdatasync (group commit), saves keystore.dat if
+the batch changed keys or lifecycle, and sends the replies with non-blocking writes; a reply too
+big for the socket buffer is handed back to the event loop, whose writer task finishes it.
+While the worker is in one batch (its fdatasync releases the GIL), the loop queues the next
+one, so under load one fdatasync serves every client that is waiting, and a batch costs no
+round trip between the loop and a thread.
 
 Durability: a reply leaves the daemon only after its audit line (and, for operations that change
 keys or lifecycle, the new keystore.dat) is on disk. A kill -9 can lose only requests that were
@@ -16,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import queue
 import resource
 import select
 import signal
 import socket as pysocket
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,11 +58,12 @@ class DaemonConfig:
 
 
 class _Conn:
-    """One client connection. Replies are written by the batcher directly (a non-blocking
-    send, which for small replies always completes); only a reply that does not fit the socket
-    buffer is finished by a writer task started for it."""
+    """One client connection. The worker thread writes replies directly (a non-blocking send,
+    which for small replies always completes); what does not fit is finished by a writer task
+    on the event loop. `lock` orders the two writers and keeps the worker from sending on a
+    socket the loop has closed (whose fd number could already belong to another client)."""
 
-    __slots__ = ("sock", "cred", "out", "writing", "closed")
+    __slots__ = ("sock", "cred", "out", "writing", "closed", "lock")
 
     def __init__(self, sock: pysocket.socket, cred: tuple[int, int, int]) -> None:
         self.sock = sock
@@ -63,27 +71,31 @@ class _Conn:
         self.out = bytearray()
         self.writing = False
         self.closed = False
+        self.lock = threading.Lock()
 
     def send(self, data: bytes) -> bool:
-        """Send or queue; True when something is left for a writer task."""
-        if self.closed:
-            return False
-        if not self.out:
+        """Send or queue (any thread); True when a writer task must be started."""
+        with self.lock:
+            if self.closed:
+                return False
+            if self.out:
+                self.out += data
+                return not self.writing
             try:
                 n = self.sock.send(data)
             except BlockingIOError:
                 n = 0
             except OSError:
-                self.closed = True
-                return False
+                return False  # the reader will see the error and close
             if n == len(data):
                 return False
-            data = data[n:]
-        self.out += data
-        return True
+            self.out += data[n:]
+            return not self.writing
 
 
 _OUT_LIMIT = 64 * 1024 * 1024  # stop reading from a client that does not read its replies
+_STOP = object()  # queue marker: finish and leave the worker loop
+_CHORES = object()  # queue marker: auto-rotation check and saving use counters
 
 
 def harden() -> list[str]:
@@ -130,13 +142,15 @@ class Daemon:
         del mk
         self.policy = Policy.load(self._policy_path(), self.owner)
         self.service = Service(ks, self.writer, policy=self.policy, flush_interval=float("inf"))
-        self._pending: list[tuple[bytes, _Conn]] = []
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._worker_exited = threading.Event()
+        self._worker_done = trio.Event()
+        self._next_rotation = 0.0
         self._callers: dict[tuple[Any, ...], Caller] = {}
         self._conns: dict[int, tuple[_Conn, bytearray]] = {}
         self._epoll = select.epoll()
         self._nursery: trio.Nursery | None = None
-        self._work = trio.Event()
-        self._batch_lock: trio.Lock | None = None
 
     def _policy_path(self) -> Path | None:
         if self.cfg.policy is not None:
@@ -189,33 +203,70 @@ class Daemon:
             out.append(protocol.encode(header, payload))
         return out
 
+    # -- the worker thread
+
+    def _worker_loop(self) -> None:
+        """Runs in the one worker thread for the daemon's whole life."""
+        try:
+            q = self._queue
+            while True:
+                items = [q.get()]
+                while True:
+                    try:
+                        items.append(q.get_nowait())
+                    except queue.Empty:
+                        break
+                batch: list[tuple[bytes, _Conn]] = []
+                stop = chores = False
+                for it in items:
+                    if it is _STOP:
+                        stop = True
+                    elif it is _CHORES:
+                        chores = True
+                    else:
+                        batch.extend(it)
+                if batch:
+                    frames = self._process(batch)
+                    for (_, conn), f in zip(batch, frames, strict=True):
+                        if conn.send(f):
+                            self._to_loop(self._start_writer, conn)
+                if chores:
+                    self._chores()
+                if stop:
+                    return
+        finally:
+            self._worker_exited.set()
+
+    def _chores(self) -> None:
+        if time.monotonic() >= self._next_rotation:
+            self._next_rotation = time.monotonic() + self.cfg.rotation_check_interval
+            auto_rotate_batch(self.service, self.me)
+        with contextlib.suppress(KeysvcError):
+            self.service.flush()
+
+    def _to_loop(self, fn: Any, *args: Any) -> None:
+        if self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(fn, *args)
+
     # -- trio tasks
 
-    async def _batcher(self) -> None:
-        assert self._batch_lock is not None
-        while True:
-            await self._work.wait()
-            self._work = trio.Event()
-            batch, self._pending = self._pending, []
-            async with self._batch_lock:
-                # one thread hop for the whole batch: crypto, audit group commit, encoding
-                frames = await trio.to_thread.run_sync(self._process, batch)
-            for (_, conn), f in zip(batch, frames, strict=True):
-                if conn.send(f):
-                    self._after_send(conn)
+    async def _worker_host(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self._worker_loop, abandon_on_cancel=True)
+        except trio.Cancelled:
+            # shutting down for another reason: let the worker finish its batch first
+            self._queue.put(_STOP)
+            self._worker_exited.wait(30)
+            raise
+        finally:
+            self._worker_done.set()
 
-    async def _housekeeping(self) -> None:
-        """Auto-rotation and saving usage counters, serialized with the batches."""
-        assert self._batch_lock is not None
-        next_rotation = 0.0
+    async def _ticker(self) -> None:
+        """Ask the worker for its chores regularly (serialized with the batches that way)."""
         while True:
             await trio.sleep(min(self.cfg.flush_interval, self.cfg.rotation_check_interval))
-            async with self._batch_lock:
-                if time.monotonic() >= next_rotation:
-                    next_rotation = time.monotonic() + self.cfg.rotation_check_interval
-                    await trio.to_thread.run_sync(auto_rotate_batch, self.service, self.me)
-                with contextlib.suppress(KeysvcError):
-                    await trio.to_thread.run_sync(self.service.flush)
+            self._queue.put(_CHORES)
 
     # Reading: all client sockets sit in one epoll set of our own, and one task waits on that
     # epoll fd through trio. A wake-up then serves every ready socket with plain non-blocking
@@ -241,19 +292,19 @@ class Daemon:
         if entry is None:
             return
         conn = entry[0]
-        conn.closed = True
         with contextlib.suppress(OSError, ValueError):
             self._epoll.unregister(fd)
-        if conn.writing:
-            trio.lowlevel.notify_closing(conn.sock)  # wakes its writer, which closes it
-        else:
-            conn.sock.close()
+        with conn.lock:
+            conn.closed = True
+            if conn.writing:
+                trio.lowlevel.notify_closing(conn.sock)  # wakes its writer, which closes it
+            else:
+                conn.sock.close()
 
     async def _poller(self) -> None:
         ep = self._epoll
         while True:
             await trio.lowlevel.wait_readable(ep.fileno())
-            got = False
             for fd, _events in ep.poll(0):
                 entry = self._conns.get(fd)
                 if entry is None:
@@ -276,44 +327,54 @@ class Daemon:
                     self._close(fd)
                     continue
                 if frames:
-                    self._pending.extend((f, conn) for f in frames)
-                    got = True
-            if got:
-                self._work.set()
+                    self._queue.put([(f, conn) for f in frames])
 
-    def _after_send(self, conn: _Conn) -> None:
+    def _start_writer(self, conn: _Conn) -> None:
         """A reply did not fit the socket buffer: finish it in a writer task, and stop reading
         from a client that lets replies pile up."""
-        if conn.out and not conn.writing and not conn.closed:
+        with conn.lock:
+            if conn.writing or conn.closed or not conn.out:
+                return
             conn.writing = True
-            assert self._nursery is not None
-            self._nursery.start_soon(self._writer, conn)
-            if len(conn.out) > _OUT_LIMIT:
-                with contextlib.suppress(OSError, ValueError):
-                    self._epoll.modify(conn.sock.fileno(), 0)
+            backlog = len(conn.out)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._writer, conn)
+        if backlog > _OUT_LIMIT:
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.modify(conn.sock.fileno(), 0)
 
     async def _writer(self, conn: _Conn) -> None:
         try:
-            while conn.out and not conn.closed:
+            while True:
+                with conn.lock:
+                    if conn.closed:
+                        break
+                    if not conn.out:
+                        conn.writing = False
+                        with contextlib.suppress(OSError, ValueError):
+                            self._epoll.modify(
+                                conn.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP
+                            )
+                        return
+                    try:
+                        n = conn.sock.send(conn.out)
+                        del conn.out[:n]
+                        continue
+                    except BlockingIOError:
+                        pass
                 await trio.lowlevel.wait_writable(conn.sock)
-                try:
-                    n = conn.sock.send(conn.out)
-                except BlockingIOError:
-                    continue
-                del conn.out[:n]
-            if not conn.closed:
-                with contextlib.suppress(OSError, ValueError):
-                    self._epoll.modify(conn.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         except (OSError, trio.ClosedResourceError):
-            conn.closed = True
-        finally:
+            pass
+        # the connection is gone (or failed): close it here, where nobody else writes
+        with conn.lock:
             conn.writing = False
-            if conn.closed:
-                fd = conn.sock.fileno()
-                if fd in self._conns:
-                    self._close(fd)
-                else:
-                    conn.sock.close()
+            conn.closed = True
+        fd = conn.sock.fileno()
+        if fd in self._conns:
+            self._close(fd)
+        else:
+            with conn.lock:
+                conn.sock.close()
 
     async def _accept(self, listener: pysocket.socket) -> None:
         while True:
@@ -336,6 +397,8 @@ class Daemon:
                         self._log(f"policy reload failed, keeping the old one: {e}")
                     continue
                 self._log(f"signal {signal.Signals(sig).name}: shutting down")
+                self._queue.put(_STOP)  # the batch in progress is finished and answered
+                await self._worker_done.wait()
                 cancel.cancel()
                 return
 
@@ -363,7 +426,7 @@ class Daemon:
         return s
 
     async def run(self) -> None:
-        self._batch_lock = trio.Lock()
+        self._token = trio.lowlevel.current_trio_token()
         listener = self._bind()
         listener.setblocking(False)
         self.writer.append(
@@ -382,8 +445,8 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
-                nursery.start_soon(self._batcher)
-                nursery.start_soon(self._housekeeping)
+                nursery.start_soon(self._worker_host)
+                nursery.start_soon(self._ticker)
                 self._nursery = nursery
                 nursery.start_soon(self._poller)
                 nursery.start_soon(self._accept, listener)
@@ -398,6 +461,7 @@ class Daemon:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        self._token = None
         try:
             self.service.flush()
             self.writer.append(
