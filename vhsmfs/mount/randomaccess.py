@@ -18,6 +18,7 @@ Not thread-safe by itself: callers hold `lock` (the mount serializes each file's
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import threading
@@ -97,6 +98,9 @@ class TokenFile:
         self.token = token
         self.keys = keys
         self.lock = threading.RLock()
+        # Guards `meta` alone, held for microseconds: attribute changes (the kernel's mtime
+        # updates under its write-back cache) need not wait for a write-back holding `lock`.
+        self.meta_lock = threading.Lock()
         self._salt = header.salt
         self._key_ref = header.key_ref
         self.cs = header.chunk_size
@@ -641,19 +645,25 @@ class TokenFile:
         self._write_back()
         self._compact()
         self._finish_object()
-        self.meta.size = self.size
-        self.meta.sha256 = sha
+        with self.meta_lock:  # a consistent snapshot; later setattrs mark it dirty again
+            self.meta.size = self.size
+            self.meta.sha256 = sha
+            meta = dataclasses.replace(self.meta, extra=dict(self.meta.extra))
+            self.meta_dirty = False
         header = Header(
             token_id=self.token, salt=self._salt, key_check=self.keys.key_check,
             generation=self.generation + 1, chunk_size=self.cs, chunk_count=self.count,
             next_object_id=self.next_object, manifest_digest=manifest_digest(self.manifest),
             key_ref=self._key_ref,
         )
-        data = self.store.seal(self.keys, header, self.manifest, self.meta)
-        self.backend.commit_metadata(self.token, data)
+        try:
+            data = self.store.seal(self.keys, header, self.manifest, meta)
+            self.backend.commit_metadata(self.token, data)
+        except BaseException:
+            self.meta_dirty = True
+            raise
         self.generation += 1
         self.committed = True
-        self.meta_dirty = False
         self._writing.close()  # the metadata now references every object written
         self._swept = False
         live = self._live_bytes()

@@ -676,12 +676,30 @@ class Vault:
                 self._setattr_dir(node, mode, uid, gid, atime_ns, mtime_ns)
             return node
         assert isinstance(node, FileNode)
+        tf = node.tf
+        if size is None and tf is not None and node.opens > 0:
+            # an open file: published by its next commit; no need for the file's lock
+            self._set_meta(tf, mode, uid, gid, atime_ns, mtime_ns)
+            return node
         with self._hold(node.lock):
             tf = self._loaded(node)
             if size is not None and self._nonblocking():
                 raise WouldBlock  # truncation may decrypt a chunk, and publishes
             if size is not None:
                 tf.truncate(size)
+            self._set_meta(tf, mode, uid, gid, atime_ns, mtime_ns)
+            if node.opens == 0 and not node.unlinked:
+                if size is not None:
+                    tf.commit(final=True)  # truncate(2) of a closed file: published at once
+                    self._drop_if_idle(node)
+                else:
+                    self._defer(node)  # chmod/chown/utime: batched, within about a second
+        return node
+
+    @staticmethod
+    def _set_meta(tf: TokenFile, mode: int | None, uid: int | None, gid: int | None,
+                  atime_ns: int | None, mtime_ns: int | None) -> None:
+        with tf.meta_lock:
             m = tf.meta
             if mode is not None:
                 m.mode = stat.S_IMODE(mode)
@@ -695,13 +713,6 @@ class Vault:
                 m.mtime_ns = mtime_ns
             m.ctime_ns = time.time_ns()
             tf.meta_dirty = True
-            if node.opens == 0 and not node.unlinked:
-                if size is not None:
-                    tf.commit(final=True)  # truncate(2) of a closed file: published at once
-                    self._drop_if_idle(node)
-                else:
-                    self._defer(node)  # chmod/chown/utime: batched, within about a second
-        return node
 
     # -- directories (worker thread, ns_lock) ----------------------------------------------------
     def mkdir(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> DirNode:
