@@ -425,3 +425,40 @@ def test_large_payloads_through_daemon(work: Work, daemon: Daemon) -> None:
     c.close()
     status = work.vhsm("keysvc", "status", "--socket", str(daemon.sock)).stdout
     assert int(status.split("requests: ")[1].split()[0]) >= 10
+
+
+def test_daemon_start_errors_are_one_line(work: Work, daemon_factory: type[Daemon]) -> None:
+    p = work.vhsm("keysvc", "status", check=False)
+    assert p.returncode == 3 and "not running" in p.stdout
+    d = daemon_factory(work).start()
+    # a second daemon on the same data dir: refused, the first keeps serving
+    p = work.vhsm("keysvc", "serve", "--socket", str(work.path / "second.sock"), check=False)
+    assert p.returncode == 1 and p.stderr.strip().startswith("Error: keystore")
+    assert "in use" in p.stderr
+    assert "running" in work.vhsm("keysvc", "status", "--socket", str(d.sock)).stdout
+    d.stop()
+    # a policy naming an unknown operation: the daemon does not start
+    bad = work.path / "bad-policy.toml"
+    bad.write_text('[[allow]]\nusers = [0]\noperations = ["sgin"]\n')
+    p = work.vhsm("keysvc", "serve", "--policy", str(bad), check=False)
+    assert p.returncode == 1 and "unknown operation 'sgin'" in p.stderr
+    # no master key: one line, nothing started
+    (work.path / "master.key").unlink()
+    p = work.vhsm("keysvc", "serve", check=False)
+    assert p.returncode == 1 and p.stderr.strip().startswith("Error: no master key")
+    assert not (work.path / ".vhsm-keysvc.sock").exists()
+
+
+def test_broken_policy_reload_keeps_old_policy(work: Work, daemon_factory: type[Daemon]) -> None:
+    policy = work.path / "keysvc-policy.toml"
+    policy.write_text("")
+    d = daemon_factory(work).start()  # picks up <data dir>/keysvc-policy.toml
+    policy.write_text("this is [not toml")
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "policy reload failed" not in d.stderr:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    work.hsm("-generate_key_pair", "still_works")  # the owner is still served
+    assert work.hsm("-list").stdout.split() == ["still_works"]
