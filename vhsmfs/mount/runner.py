@@ -117,6 +117,20 @@ async def _serve(ops: VaultOps, mnt: str) -> None:
         nursery.cancel_scope.cancel()
 
 
+def tune_malloc() -> None:
+    """Keep freed buffers in the heap. Every write-back run allocates a few MiB (plaintext run,
+    records); glibc serves such sizes with fresh mmap()s by default, and faulting in and zeroing
+    those pages, with the GIL held, cost more than the encryption. Memory stays bounded by the
+    per-file limits (docs/MOUNT.md, "Memory"). glibc only; a no-op elsewhere."""
+    try:
+        mallopt = _LIBC.mallopt
+    except AttributeError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 64 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
+
+
 def syncfs(path: str) -> None:
     """syncfs(2) through ctypes, which releases the GIL while the kernel writes back to us
     (pyfuse3.syncfs keeps it, which would deadlock a call made from inside the mount)."""
@@ -160,6 +174,7 @@ def run(store_dir: str, mountpoint: str, keys: KeyProvider, *, allow_other: bool
     # Background threads (write-back, wipes, hashing) run Python code too; with the default
     # 5 ms GIL switch interval the event loop could wait that long to answer each request.
     sys.setswitchinterval(SWITCH_INTERVAL)
+    tune_malloc()
     try:
         mnt = check_mountpoint(mountpoint)
         backend = LocalBackend(store_dir)
