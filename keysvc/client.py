@@ -19,6 +19,10 @@ from keysvc.errors import ERRORS_BY_CODE, DaemonError, KeysvcError, WrongMasterK
 from keysvc.keystore import open_keystore
 from keysvc.service import Caller, Service
 
+# below glibc's mmap threshold: recv(n) allocates n bytes first, and 1 MiB would cost an
+# mmap/munmap pair (and page faults) on every call
+_RECV_SIZE = 65536
+
 
 def raise_for(header: dict[str, Any]) -> None:
     if not header.get("ok"):
@@ -61,7 +65,7 @@ class DaemonClient:
                     rest = b"".join(len(f).to_bytes(4, "big") + f for f in frames[1:])
                     self._buf[:0] = rest
                 return protocol.decode(frames[0])
-            chunk = self.sock.recv(1 << 20)
+            chunk = self.sock.recv(_RECV_SIZE)
             if not chunk:
                 raise DaemonError("the key service closed the connection")
             self._buf += chunk

@@ -43,6 +43,9 @@ from keysvc.policy import Policy
 from keysvc.service import Caller, Service, auto_rotate_batch, error_reply
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# below glibc's mmap threshold: recv(n) allocates n bytes first, and 1 MiB would cost an
+# mmap/munmap pair (and page faults) on every call
+_RECV_SIZE = 65536
 
 
 @dataclass
@@ -311,7 +314,7 @@ class Daemon:
                     continue
                 conn, buf = entry
                 try:
-                    data = conn.sock.recv(1 << 20)
+                    data = conn.sock.recv(_RECV_SIZE)
                 except BlockingIOError:
                     continue
                 except OSError:
