@@ -50,6 +50,7 @@ def boundary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(self: VaultOps, *args: Any) -> T:
         t0 = time.perf_counter()
+        self.vault.last_request = time.monotonic()
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:

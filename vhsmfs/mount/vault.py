@@ -114,6 +114,8 @@ class Attr:
 Invalidation = tuple[int, str, int]  # (parent inode, name, inode that was removed or 0)
 IDLE_KEEP = 256  # recently closed files kept loaded (chmod/utime after close need no I/O)
 IDLE_MAX_CHUNKS = 4096  # ... if their manifest is small
+QUIET_GAP = 0.05  # seconds without requests before queued wipes run
+WIPE_MAX_DELAY = 5.0  # ... but no later than this after the unlink
 BLANKS = 32  # new tokens whose keys are derived ahead, in the background
 _KEYGEN = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-keygen")
 
@@ -147,6 +149,8 @@ class Vault:
         self._pending: dict[int, Node] = {}
         self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-delete")
         self._last_deletion: Future[None] | None = None
+        self._urgent = False
+        self.last_request = 0.0  # time.monotonic() of the latest FUSE request (set by fs.py)
         self.deleting: set[uuid.UUID] = set()
         self._local = threading.local()
         self._idle: dict[int, FileNode] = {}  # insertion-ordered: oldest first
@@ -623,8 +627,11 @@ class Vault:
     def _in_background(self, token: uuid.UUID, fn: Callable[[], None]) -> None:
         self.deleting.add(token)
 
+        queued = time.monotonic()
+
         def run() -> None:
             try:
+                self._wait_quiet(queued)
                 fn()
             except TokenNotFoundError:
                 pass  # already deleted by the CLI
@@ -636,10 +643,23 @@ class Vault:
         # One deletion thread, first in first out: the last job done means all are done.
         self._last_deletion = self._deleter.submit(run)
 
+    def _wait_quiet(self, queued: float) -> None:
+        """Wipes yield to requests: they start once the mount has been quiet for a moment, or
+        at the latest WIPE_MAX_DELAY after the unlink, or at once when someone waits for them."""
+        while not self._urgent:
+            now = time.monotonic()
+            if now - self.last_request >= QUIET_GAP or now - queued >= WIPE_MAX_DELAY:
+                return
+            time.sleep(QUIET_GAP / 2)
+
     def wait_deletions(self) -> None:
         last = self._last_deletion
         if last is not None:
-            last.result()
+            self._urgent = True
+            try:
+                last.result()
+            finally:
+                self._urgent = False
 
     def _defer(self, node: Node) -> None:
         with self._pend_lock:
