@@ -35,8 +35,34 @@ _CACHE_MAX_HEADER = 256
 _CACHE_MAX_ENTRIES = 4096
 
 
+_KEY_PREFIX: dict[str, str] = {}  # '"name":' for header names that need no escaping
+
+
+def _header_json(header: dict[str, Any]) -> str:
+    """JSON for the common flat header of ints and booleans without the generic encoder
+    (which costs more than the signature check of a small request); anything else falls back."""
+    parts = []
+    for k, v in header.items():
+        prefix = _KEY_PREFIX.get(k)
+        if prefix is None:
+            if not (k.isascii() and k.isidentifier()) or len(_KEY_PREFIX) > 256:
+                return _dumps(header)
+            prefix = _KEY_PREFIX[k] = f'"{k}":'
+        if v is True:
+            parts.append(prefix + "true")
+        elif v is False:
+            parts.append(prefix + "false")
+        elif v is None:
+            parts.append(prefix + "null")
+        elif type(v) is int:
+            parts.append(prefix + str(v))
+        else:
+            return _dumps(header)
+    return "{" + ",".join(parts) + "}"
+
+
 def encode(header: dict[str, Any], payload: bytes = b"") -> bytes:
-    j = _dumps(header).encode()
+    j = _header_json(header).encode()
     n = _HDR.size + len(j) + len(payload)
     if n > MAX_FRAME:
         raise DaemonError(f"message too large ({len(payload)} bytes; limit 256 MiB)")
