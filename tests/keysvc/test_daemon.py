@@ -224,15 +224,58 @@ def _world_executable(path: str) -> bool:
     return all(os.stat(q).st_mode & 0o001 for q in [p, *p.parents])
 
 
-def _interpreter_for_others() -> tuple[str, str]:
+def _readable_by_others(path: str) -> bool:
+    p = Path(path)
+    return bool(os.stat(p).st_mode & 0o004) and all(os.stat(q).st_mode & 0o001 for q in p.parents)
+
+
+def _interpreter_for_others(scratch: Path) -> tuple[str, str]:
     """A Python the other user may execute, and a PYTHONPATH giving it this checkout and the
-    virtualenv's packages (a pyenv interpreter under /root is out of its reach)."""
+    virtualenv's packages (a pyenv interpreter under /root is out of its reach). When the
+    checkout or the virtualenv is private, the packages the CLI imports are copied to
+    `scratch`, which the other user can read."""
     real = os.path.realpath(sys.executable)
     ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
     exe = real if _world_executable(real) else shutil.which(ver, path="/usr/bin:/usr/local/bin")
     assert exe and _world_executable(exe), "no Python interpreter usable by a second user"
     repo = str(Path(keysvc.__file__).resolve().parents[1])
-    return exe, f"{repo}:{sysconfig.get_paths()['purelib']}"
+    purelib = sysconfig.get_paths()["purelib"]
+    if _readable_by_others(repo) and _readable_by_others(purelib):
+        return exe, f"{repo}:{purelib}"
+    # the CLI's own import chain, seen from a fresh interpreter
+    files = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, cli.compat\n"
+            "for m in list(sys.modules.values()):\n"
+            "    print(getattr(m, '__file__', None) or '')",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    lib = scratch / "pylib"
+    lib.mkdir()
+    copied: set[str] = set()
+    for f in files:
+        for root in (purelib, repo):  # the virtualenv may sit inside the checkout: it first
+            if f.startswith(root + os.sep):
+                top = Path(f).relative_to(root).parts[0]
+                if top not in copied:
+                    copied.add(top)
+                    src = Path(root) / top
+                    if src.is_dir():
+                        shutil.copytree(src, lib / top)
+                    else:
+                        shutil.copy2(src, lib / top)
+                break
+    for dirpath, _dirnames, filenames in os.walk(lib):
+        os.chmod(dirpath, 0o755)
+        for n in filenames:
+            os.chmod(os.path.join(dirpath, n), 0o644)
+    return exe, str(lib)
 
 
 @pytest.fixture
@@ -260,7 +303,7 @@ def test_second_unix_user_denied_then_allowed_by_policy(
     work.hsm("-generate_key_pair", "release_key")
     work.hsm("-generate_key_pair", "other_key")
     d = daemon_factory(work, "--socket-mode", "0666", "--policy", str(policy), sock=sock).start()
-    exe, pythonpath = _interpreter_for_others()
+    exe, pythonpath = _interpreter_for_others(shared)
     env = {
         "PATH": "/usr/bin:/bin",
         "HSM_SOCKET": str(sock),
