@@ -579,6 +579,7 @@ def verify(log_paths: Iterable[str | os.PathLike[str]], *, check_head: bool = Tr
     seq: int | None = None
     prev = _GENESIS
     count = 0
+    first_start = 0
     chains: dict[int, bytes] = {}
     for path in files:
         try:
@@ -612,6 +613,8 @@ def verify(log_paths: Iterable[str | os.PathLike[str]], *, check_head: bool = Tr
                             f"{where}: file does not continue the previous one "
                             f"(expected seq {seq})",
                         )
+                    if seq is None:
+                        first_start = s
                     seq, prev = s, p
                 continue
             in_header = False
@@ -661,7 +664,11 @@ def verify(log_paths: Iterable[str | os.PathLike[str]], *, check_head: bool = Tr
                     last,
                     f"{files[-1]}: entry seq {hseq} differs from the head (log rewritten)",
                 )
-    return VerifyResult(True, count, last, f"OK: {count} entries, chain intact, last seq {last}")
+    msg = f"OK: {count} entries, chain intact, last seq {last}"
+    if first_start:
+        # a rotated (or deleted) predecessor holds seq 1..first_start: say so, it is not here
+        msg += f" (continues from seq {first_start}: verify older rotated files with it)"
+    return VerifyResult(True, count, last, msg)
 
 
 def _ct_eq(a: str, b: str) -> bool:
