@@ -205,7 +205,7 @@ class TokenFile:
         self._last_read_end = end
         if sequential and end >= base + len(c) and end < self.size:
             self._start_ahead(-(-end // cs))
-        return bytes(c[offset - base : end - base])
+        return bytes(memoryview(c)[offset - base : end - base])  # one copy
 
     def read_cached(self, offset: int, length: int) -> bytes | None:
         """The read if it needs no decryption or I/O (served from the decrypted window, or
@@ -218,7 +218,7 @@ class TokenFile:
         base = self._cache_first * self.cs
         if c is not None and offset >= base and end <= base + len(c):
             self._last_read_end = end
-            return bytes(c[offset - base : end - base])
+            return bytes(memoryview(c)[offset - base : end - base])  # one copy
         return None
 
     def _take_ahead(self, first: int, last: int) -> bytearray | None:
