@@ -210,16 +210,6 @@ def persist_user(user: str, data_dir: str | os.PathLike[str] | None = None) -> N
         raise InvalidInputError(f"cannot save the user context to {path}: {e.strerror}") from None
 
 
-@dataclass(slots=True)
-class SyncTicket:
-    """Lines written but not yet durable: `fd` (a dup of the log fd, -1 once durable) and the
-    last (seq, chain) they extend the log to."""
-
-    fd: int
-    seq: int
-    chain: bytes
-
-
 # --- writer -----------------------------------------------------------------------------------
 
 
@@ -252,43 +242,12 @@ class AuditWriter:
         """Write all records durably, in order; return the last seq. Raises AuditError."""
         if not records:
             return self._tail[2] if self._tail else 0
-        ticket = self._write(records, durable=True)
-        return ticket.seq
-
-    def write(self, records: Sequence[AuditRecord]) -> SyncTicket | None:
-        """First half of a pipelined group commit: append the lines (chained, in order) but do
-        not wait for the disk. Nothing that depends on these lines may be released before
-        `sync()` of the returned ticket has returned."""
-        if not records:
-            return None
-        return self._write(records, durable=False)
-
-    def sync(self, tickets: Sequence[SyncTicket]) -> None:
-        """Second half: one fdatasync per file covers every ticket (and everything written
-        before it). Runs without the append mutex so the next batch can be written meanwhile."""
-        try:
-            done: set[tuple[int, int]] = set()
-            for t in tickets:
-                st = os.fstat(t.fd)
-                if (st.st_dev, st.st_ino) not in done:
-                    os.fdatasync(t.fd)
-                    done.add((st.st_dev, st.st_ino))
-            last = max(tickets, key=lambda t: t.seq)
-            self._write_head(last.seq, last.chain)
-        except OSError as e:
-            raise AuditError(f"cannot sync audit log {self.path}: {e.strerror}") from None
-        finally:
-            for t in tickets:
-                with contextlib.suppress(OSError):
-                    os.close(t.fd)
-
-    def _write(self, records: Sequence[AuditRecord], *, durable: bool) -> SyncTicket:
         for r in records:
             if r.event not in EVENTS:
                 raise AuditError(f"unknown audit event type {r.event!r}")
         with self._mutex:
             try:
-                return self._append_locked(records, durable)
+                return self._append_locked(records)
             except AuditError:
                 self._tail = None
                 raise
@@ -308,7 +267,7 @@ class AuditWriter:
 
     # -- internals
 
-    def _append_locked(self, records: Sequence[AuditRecord], durable: bool) -> SyncTicket:
+    def _append_locked(self, records: Sequence[AuditRecord]) -> int:
         if self._lock_fd is None:
             self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
@@ -346,8 +305,7 @@ class AuditWriter:
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-                if durable:
-                    os.fdatasync(fd)
+                os.fdatasync(fd)
             except OSError:
                 # cut off whatever part of the batch reached the file: no half line may stay
                 with contextlib.suppress(OSError):
@@ -356,10 +314,8 @@ class AuditWriter:
                 raise
             new_size = size + len(data)
             self._tail = (st.st_ino, new_size, seq, prev)
-            if durable:
-                self._write_head(seq, prev)
-                return SyncTicket(-1, seq, prev)
-            return SyncTicket(os.dup(fd), seq, prev)
+            self._write_head(seq, prev)
+            return seq
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
@@ -476,7 +432,7 @@ class AuditWriter:
         # Not fsynced itself: after a power cut it may lag the log, never lead it (see docs).
         with self._head_lock:
             if seq <= self._head_seq:
-                return  # a later sync already recorded a newer head
+                return  # never move the head backwards
             if self._head_fd is None:
                 self._head_fd = os.open(
                     self._head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
