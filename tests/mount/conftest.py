@@ -27,8 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 
-if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-    pytest.skip("FUSE is not available here", allow_module_level=True)
+FUSE_MISSING = not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None
 
 
 def cli(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
@@ -156,6 +155,8 @@ def token_store(store_dir: Path, key_file: Path) -> TokenStore:
 @pytest.fixture
 def mounter(store_dir: Path, key_file: Path, tmp_path: Path) -> Iterator[callable]:
     """mounter() -> a started Mount of the test's store; every mount is stopped afterwards."""
+    if FUSE_MISSING:
+        pytest.skip("FUSE is not available here (/dev/fuse, fusermount3)")
     mounts: list[Mount] = []
 
     def make(*extra: str, mnt: Path | None = None) -> Mount:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -123,16 +126,49 @@ def other_user():
         subprocess.run(["userdel", "-f", name], capture_output=True, timeout=30, check=False)
 
 
-def test_second_user_is_denied(vault, other_user, tmp_path):
-    (vault.mnt / "secret.txt").write_text("mine")
-    os.chmod(tmp_path, 0o755)  # so only the mount itself stands in the way
-    assert stat.S_IMODE(os.stat(vault.mnt).st_mode) == 0o755  # readable by modes alone
-    script = (f"cat {vault.mnt}/secret.txt; echo rc=$?; ls {vault.mnt}; echo rc=$?; "
-              f"touch {vault.mnt}/theirs; echo rc=$?")
-    res = subprocess.run(["su", "-s", "/bin/sh", other_user.pw_name, "-c", script],
+@pytest.fixture
+def open_dir():
+    """A directory every user may traverse (pytest's own temp dirs are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="vhsm-mnt-", dir="/tmp"))
+    os.chmod(path, 0o755)
+    (path / "plain").mkdir(mode=0o755)
+    (path / "plain" / "f.txt").write_text("plain")
+    os.chmod(path / "plain" / "f.txt", 0o644)
+    yield path
+    if not subprocess.run(["mountpoint", "-q", str(path / "mnt")], check=False).returncode:
+        subprocess.run(["fusermount3", "-u", "-z", str(path / "mnt")], check=False, timeout=30)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_user(user, script: str) -> str:
+    res = subprocess.run(["su", "-s", "/bin/sh", user.pw_name, "-c", script],
                          capture_output=True, text=True, timeout=60, check=False)
-    out = res.stdout + res.stderr
+    return res.stdout + res.stderr
+
+
+def test_second_user_is_denied(open_dir, other_user, mounter):
+    m = mounter(mnt=open_dir / "mnt")
+    (m.mnt / "secret.txt").write_text("mine")
+    os.chmod(m.mnt / "secret.txt", 0o644)
+    assert stat.S_IMODE(os.stat(m.mnt).st_mode) == 0o755  # modes alone would let them in
+    # the same user reads a plain directory beside the mount: only the mount stands in the way
+    assert "plain" in as_user(other_user, f"cat {open_dir}/plain/f.txt")
+    out = as_user(other_user, f"cat {m.mnt}/secret.txt; echo rc=$?; ls {m.mnt}; echo rc=$?; "
+                              f"touch {m.mnt}/theirs; echo rc=$?")
     assert "mine" not in out
     assert out.count("rc=0") == 0, out
     assert "Permission denied" in out
-    assert not (vault.mnt / "theirs").exists()
+    assert not (m.mnt / "theirs").exists()
+
+
+def test_allow_other_still_applies_modes(open_dir, other_user, mounter):
+    """--allow-other lets other users in; default_permissions still checks each file's mode."""
+    m = mounter("--allow-other", mnt=open_dir / "mnt")
+    (m.mnt / "public.txt").write_text("for everyone")
+    os.chmod(m.mnt / "public.txt", 0o644)
+    (m.mnt / "private.txt").write_text("only root")
+    os.chmod(m.mnt / "private.txt", 0o600)
+    out = as_user(other_user, f"cat {m.mnt}/public.txt; echo; cat {m.mnt}/private.txt; "
+                              f"echo rc=$?; touch {m.mnt}/theirs")
+    assert "for everyone" in out
+    assert "only root" not in out and "Permission denied" in out
