@@ -322,6 +322,10 @@ class Daemon:
                 if not data:
                     self._close(fd)
                     continue
+                if not buf and len(data) >= 4 and int.from_bytes(data[:4], "big") == len(data) - 4:
+                    # the common case: exactly one whole request arrived; skip the buffer
+                    self._queue.put([(data[4:], conn)])
+                    continue
                 buf += data
                 try:
                     frames = protocol.split_frames(buf)
