@@ -70,7 +70,10 @@ def store_lock(store_dir: str) -> Iterator[None]:
             raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # no stale pid for `vhsm umount` to wait on
     finally:
         os.close(fd)
 
@@ -315,9 +318,12 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # a zombie child of ours counts as gone
+    try:  # a zombie counts as gone, and so does a reused pid that is not a mount
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
+            if f.read().split(") ")[-1][:1] == "Z":
+                return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"mount" in f.read()
     except OSError:
         return False
 
