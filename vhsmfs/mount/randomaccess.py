@@ -214,12 +214,24 @@ class TokenFile:
         if offset >= self.size or length <= 0:
             return b""
         end = min(self.size, offset + length)
+        cs = self.cs
         c = self._cache
-        base = self._cache_first * self.cs
-        if c is not None and offset >= base and end <= base + len(c):
-            self._last_read_end = end
-            return bytes(memoryview(c)[offset - base : end - base])  # one copy
-        return None
+        base = self._cache_first * cs
+        if c is None or offset < base or end > base + len(c):
+            # a finished read-ahead that starts at this read: take it without a hop
+            first, last = offset // cs, (end - 1) // cs
+            ahead = self._ahead
+            if ahead is None or not ahead[2].done() or ahead[0] != first or ahead[1] < last \
+                    or ahead[2].exception() is not None:
+                return None
+            self._ahead = None
+            c, base = ahead[2].result(), first * cs
+            self._cache, self._cache_first = c, first
+        sequential = offset == self._last_read_end
+        self._last_read_end = end
+        if sequential and end >= base + len(c) and end < self.size:
+            self._start_ahead(-(-end // cs), open_readers=False)
+        return bytes(memoryview(c)[offset - base : end - base])  # one copy
 
     def _take_ahead(self, first: int, last: int) -> bytearray | None:
         """The read-ahead result if it starts at `first` and covers `last`; else drop it."""
@@ -233,9 +245,10 @@ class TokenFile:
             return None  # decrypted again, synchronously, with the error reported there
         return data if a_first == first and a_last >= last else None
 
-    def _start_ahead(self, first: int) -> None:
+    def _start_ahead(self, first: int, *, open_readers: bool = True) -> None:
         """Decrypt the next window in the background while the kernel consumes this one. Only
-        for files with no pending writes, so the job reads nothing the caller may change."""
+        for files with no pending writes, so the job reads nothing the caller may change.
+        `open_readers=False` (on the event loop): give up rather than open an object."""
         if self._ahead is not None or self._dirty or self._inflight or self._holes:
             return
         last = min(self.count - 1, first + max(1, READAHEAD_BYTES // self.cs) - 1)
@@ -243,7 +256,7 @@ class TokenFile:
             return
         for i in range(first, last + 1):
             obj = self._entry(i)[0]
-            if obj == NO_OBJECT:
+            if obj == NO_OBJECT or (not open_readers and obj not in self._readers):
                 return
             self._reader(obj)  # opened here: the job only looks readers up
         self._ahead = (first, last, _READAHEAD.submit(self._decrypt, first, last))
