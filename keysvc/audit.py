@@ -27,7 +27,7 @@ import pwd
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,8 +238,16 @@ class AuditWriter:
 
     # -- public
 
-    def append(self, records: Sequence[AuditRecord]) -> int:
-        """Write all records durably, in order; return the last seq. Raises AuditError."""
+    def append(
+        self,
+        records: Sequence[AuditRecord],
+        before_write: Callable[[int], None] | None = None,
+    ) -> int:
+        """Write all records durably, in order; return the last seq. Raises AuditError.
+
+        `before_write(last_seq)` runs under the writers' lock once the seq the batch will end
+        at is known, before anything is written; if it raises, nothing is written. The key
+        service uses it to save keystore.dat stamped with exactly that seq."""
         if not records:
             return self._tail[2] if self._tail else 0
         for r in records:
@@ -247,7 +255,7 @@ class AuditWriter:
                 raise AuditError(f"unknown audit event type {r.event!r}")
         with self._mutex:
             try:
-                return self._append_locked(records)
+                return self._append_locked(records, before_write)
             except AuditError:
                 self._tail = None
                 raise
@@ -267,7 +275,9 @@ class AuditWriter:
 
     # -- internals
 
-    def _append_locked(self, records: Sequence[AuditRecord]) -> int:
+    def _append_locked(
+        self, records: Sequence[AuditRecord], before_write: Callable[[int], None] | None
+    ) -> int:
         if self._lock_fd is None:
             self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
@@ -288,6 +298,8 @@ class AuditWriter:
                 prefix = HEADER
                 if seq:
                     prefix += _chain_start_line(key, seq, prev)
+            if before_write is not None:
+                before_write(seq + len(records))
             ts = time.strftime(TS_FORMAT, time.localtime())
             parts = [prefix] if prefix else []
             base = self._mac_base(key)
@@ -551,6 +563,40 @@ def read_entries(log_path: str | os.PathLike[str]) -> Iterator[AuditEntry]:
                 e = parse_line(line, n)
                 if e is not None:
                     yield e
+
+
+def entries_after(log_path: str | os.PathLike[str], seq: int) -> list[AuditEntry]:
+    """Entries with a sequence number above `seq`, read backwards from the end of the log so
+    that the usual case (a few new lines) reads one block."""
+    try:
+        f = open(log_path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise AuditError(f"cannot read audit log {log_path}: {e.strerror}") from None
+    with f:
+        pos = f.seek(0, os.SEEK_END)
+        buf = b""
+        block = 65536
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step) + buf
+            lines = buf.split(b"\n")[0 if pos == 0 else 1 :]
+            first = next((ln for ln in lines if ln and not ln.startswith(b"#")), None)
+            e = parse_line(first.decode("utf-8", "replace"), 0) if first else None
+            if e is not None and e.seq <= seq:
+                break
+            block *= 2
+    lines = buf.split(b"\n")[0 if pos == 0 else 1 :]
+    out = []
+    for raw in lines:
+        if raw and not raw.startswith(b"#"):
+            e = parse_line(raw.decode("utf-8", "replace"), 0)
+            if e is not None and e.seq > seq:
+                out.append(e)
+    return out
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 from keysvc import audit, masterkey, paths, protocol, sockpath
 from keysvc.errors import ERRORS_BY_CODE, DaemonError, KeysvcError, WrongMasterKeyError
 from keysvc.keystore import open_keystore
-from keysvc.service import Caller, Service
+from keysvc.service import Caller, Service, replay_uses
 
 # below glibc's mmap threshold: recv(n) allocates n bytes first, and 1 MiB would cost an
 # mmap/munmap pair (and page faults) on every call
@@ -157,6 +157,7 @@ class Context:
             raise
         try:
             svc = Service(ks, writer, flush_interval=0.0)
+            replay_uses(svc)  # uses a killed daemon acknowledged after its last save
             [(reply, out)] = svc.run_batch([(header, payload, caller)])
         finally:
             ks.close()

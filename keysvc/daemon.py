@@ -40,7 +40,7 @@ from keysvc import audit, masterkey, paths, protocol, sockpath
 from keysvc.errors import DaemonError, KeysvcError
 from keysvc.keystore import open_keystore
 from keysvc.policy import Policy
-from keysvc.service import Caller, Service, auto_rotate_batch, error_reply
+from keysvc.service import Caller, Service, auto_rotate_batch, error_reply, replay_uses
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # below glibc's mmap threshold: recv(n) allocates n bytes first, and 1 MiB would cost an
@@ -145,6 +145,11 @@ class Daemon:
         del mk
         self.policy = Policy.load(self._policy_path(), self.owner)
         self.service = Service(ks, self.writer, policy=self.policy, flush_interval=float("inf"))
+        recovered = replay_uses(self.service)
+        if recovered:
+            # a previous daemon died between two saves of its counters: the log has the uses
+            self.service.flush()
+            self._log(f"recovered {recovered} use(s) from the audit log")
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._token: trio.lowlevel.TrioToken | None = None
         self._worker_exited = threading.Event()

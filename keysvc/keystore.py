@@ -141,6 +141,8 @@ class Keystore:
         self._mk = master_key
         self._set_salt(salt or os.urandom(16))
         self.keys: dict[str, KeyRecord] = {}
+        # audit seq up to which use counters are included (see Service and replay_uses)
+        self.uses_through = 0
         self._lock_fd: int | None = None
         self.exists = False
 
@@ -219,6 +221,7 @@ class Keystore:
                 self._k_meta.decrypt(bytes.fromhex(doc["meta"]["nonce"]), meta_ct, _META_AAD)
             )
             digests: dict[str, str] = meta["entries"]
+            uses_through = int(meta.get("uses_through", 0))
             keys: dict[str, KeyRecord] = {}
             for m in meta["keys"]:
                 rec = KeyRecord(
@@ -263,6 +266,7 @@ class Keystore:
         except (KeyError, ValueError, TypeError):
             raise KeystoreError(f"{self.path} is malformed") from None
         self.keys = keys
+        self.uses_through = uses_through
 
     # -- saving
 
@@ -309,7 +313,11 @@ class Keystore:
             )
         nonce = os.urandom(12)
         meta_ct = self._k_meta.encrypt(
-            nonce, json.dumps({"keys": metas, "entries": digests}).encode(), _META_AAD
+            nonce,
+            json.dumps(
+                {"keys": metas, "entries": digests, "uses_through": self.uses_through}
+            ).encode(),
+            _META_AAD,
         )
         doc = {
             "format": FORMAT,

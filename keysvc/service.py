@@ -21,8 +21,10 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from keysvc import audit as audit_mod
 from keysvc import keytypes, lifecycle
 from keysvc.audit import AuditRecord, AuditWriter
 from keysvc.errors import (
@@ -82,6 +84,7 @@ class Service:
         self._event_override: str | None = None
         self._follow_ups: list[tuple[str, str, str]] = []
         self._last_flush = time.monotonic()
+        self._last_seq = keystore.uses_through  # last audit seq this service wrote or counted
         self.started = time.time()
         self.requests = 0
         self.batches = 0
@@ -153,21 +156,34 @@ class Service:
             return error_reply(e)
 
     def _commit(self, records: list[AuditRecord], replies: list[Reply]) -> list[Reply]:
-        tmp = None
+        saved: list[Path] = []
         now = time.monotonic()
+        need_save = self._structural or (
+            self._dirty and now - self._last_flush >= self.flush_interval
+        )
+
+        def save_stamped(last_seq: int) -> None:
+            # under the audit writers' lock: the keystore records exactly which audit line its
+            # use counters run to, so a crash can be made good from the log (replay_uses)
+            self.ks.uses_through = last_seq
+            saved.append(self.ks.prepare_save())
+
         try:
-            if self._structural or (self._dirty and now - self._last_flush >= self.flush_interval):
-                tmp = self.ks.prepare_save()
-            self.audit.append(records)
+            if records:
+                self._last_seq = self.audit.append(
+                    records, before_write=save_stamped if need_save else None
+                )
+            elif need_save:
+                save_stamped(self._last_seq)
         except KeysvcError as e:
-            if tmp is not None:
+            for tmp in saved:
                 discard(tmp)
             if self._structural:
                 self.ks.load()  # back to the last durable state
             return [error_reply(e) if r[0].get("ok") else r for r in replies]
-        if tmp is not None:
+        if saved:
             try:
-                self.ks.publish(tmp)
+                self.ks.publish(saved[0])
             except KeysvcError as e:
                 self.ks.load()
                 return [error_reply(e) if r[0].get("ok") else r for r in replies]
@@ -178,6 +194,7 @@ class Service:
     def flush(self) -> None:
         """Save usage counters (on shutdown, and periodically from the daemon)."""
         if self._dirty:
+            self.ks.uses_through = self._last_seq
             self.ks.save()
             self._dirty = False
             self._last_flush = time.monotonic()
@@ -314,9 +331,9 @@ def _verify(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[di
     if not 0 <= n <= len(blob):
         raise InvalidInputError("sig_len out of range")
     sig, data = blob[:n], blob[n:]
-    s._used(rec)
     for v in rec.usable_versions():
         if keytypes.verify(rec.key_type, rec.key_obj(v), data, sig):
+            s._used(rec)  # counted on success only, like every use (replay_uses agrees)
             return {"version": v}, b"", f"Signature verified with v{v}"
     raise VerificationFailed(f"signature verification failed for key {rec.name}")
 
@@ -497,6 +514,35 @@ OPS: dict[str, OpSpec] = {
     "status": OpSpec(_status, None, needs_key=False),
     "_auto_rotate": OpSpec(_auto_rotate, None, needs_key=False, internal=True),
 }
+
+
+USE_EVENTS = frozenset({"SIGN_OPERATION", "VERIFY_OPERATION", "ENCRYPTION", "DECRYPTION"})
+
+
+def replay_uses(service: Service) -> int:
+    """Count the uses the log records after the keystore's `uses_through` (a daemon killed
+    between two saves of its counters): the audit log, not keystore.dat, is the record of
+    every acknowledged use. Returns how many were added."""
+    ks = service.ks
+    added = 0
+    last = ks.uses_through
+    for e in audit_mod.entries_after(service.audit.path, ks.uses_through):
+        last = max(last, e.seq)
+        rec = ks.keys.get(e.key)
+        if rec is None or not e.success or e.event not in USE_EVENTS:
+            continue
+        rec.use_count += 1
+        rec.uses_since_rotation += 1
+        try:
+            t = time.mktime(time.strptime(e.timestamp, audit_mod.TS_FORMAT))
+        except ValueError:
+            t = time.time()
+        rec.last_used = max(rec.last_used or 0.0, t)
+        added += 1
+    service._last_seq = last
+    if added:
+        service._dirty = True
+    return added
 
 
 def auto_rotate_batch(service: Service, caller: Caller) -> list[tuple[str, int, str]]:

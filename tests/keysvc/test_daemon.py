@@ -445,6 +445,14 @@ def test_kill9_under_load_loses_no_acknowledged_signature(
     assert "verified" in work.hsm("-verify", "load", "-i", str(f), "-s", "after.sig").stdout
     d2.stop()
     assert "OK" in work.vhsm("audit", "verify").stdout
+    # use counters the killed daemon had not saved yet were recovered from the audit log
+    # (here by the in-process `-list` above, the first to open the keystore after the crash)
+    uses = [
+        e
+        for e in work.audit_lines()
+        if e[2] == "load" and e[5] == "SUCCESS" and e[1] in ("SIGN_OPERATION", "VERIFY_OPERATION")
+    ]
+    assert f"Use Count: {len(uses)}\n" in work.hsm("-key_info", "load").stdout
 
 
 def test_large_payloads_through_daemon(work: Work, daemon: Daemon) -> None:
@@ -505,3 +513,20 @@ def test_broken_policy_reload_keeps_old_policy(work: Work, daemon_factory: type[
         time.sleep(0.05)
     work.hsm("-generate_key_pair", "still_works")  # the owner is still served
     assert work.hsm("-list").stdout.split() == ["still_works"]
+
+
+def test_restarted_daemon_recovers_unsaved_use_counts(
+    work: Work, daemon_factory: type[Daemon]
+) -> None:
+    work.hsm("-generate_key_pair", "k")
+    f = work.path / "m"
+    f.write_text("m")
+    d = daemon_factory(work, "--flush-interval", "600").start()  # no save before the kill
+    for i in range(5):
+        work.hsm("-sign", "k", "-i", str(f), "-o", f"s{i}")
+    d.kill9()
+    d2 = daemon_factory(work).start()
+    assert "recovered 5 use(s) from the audit log" in d2.stderr
+    assert "Use Count: 5\n" in work.hsm("-key_info", "k").stdout
+    d2.stop()
+    assert "Use Count: 5\n" in work.hsm("-key_info", "k").stdout  # saved, not counted twice
