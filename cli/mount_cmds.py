@@ -3,9 +3,15 @@ Parsing and printing only; the work is in vhsmfs.mount."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from cli.errors import run_guarded
+from cli.keyopts import ANY_KEY, key_option, provider
+from keysvc.errors import KeysvcError
+from vhsmfs.errors import VhsmError
 
 DEFAULT_STORE = "secure_storage"  # same default as `vhsm token`
 
@@ -15,9 +21,7 @@ DEFAULT_STORE = "secure_storage"  # same default as `vhsm token`
 @click.option("--store", "store_dir", envvar="VHSM_STORE", default=DEFAULT_STORE,
               show_default=True, type=click.Path(file_okay=False),
               help="Store directory (env VHSM_STORE).")
-@click.option("--key", "key_file", type=click.Path(dir_okay=False), default=None,
-              help="Key file (32 raw bytes, mode 0600).")
-@click.option("--key-service", is_flag=True, help="Get token keys from the key service.")
+@key_option
 @click.option("--background", is_flag=True,
               help="Detach once the mount is ready (prints the mount process id).")
 @click.option("--allow-other", is_flag=True,
@@ -27,27 +31,62 @@ DEFAULT_STORE = "secure_storage"  # same default as `vhsm token`
                    "(default: TOKEN_CHUNK_SIZE if set, else 64 KiB).")
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
               help="With --background: append the mount's log here.")
-def mount(mountpoint: str, store_dir: str, key_file: str | None, key_service: bool,
+@click.option("--ready-fd", type=int, default=None, hidden=True,
+              help="(internal) pipe on which the detached mount reports readiness.")
+def mount(mountpoint: str, store_dir: str, key_file: str | None, key_service: str | None,
           background: bool, allow_other: bool, chunk_size: int | None,
-          log_file: str | None) -> None:
+          log_file: str | None, ready_fd: int | None) -> None:
     """Mount the vault at MOUNTPOINT: one directory per token, plus the files you put there."""
     import logging
 
     from vhsmfs.mount import runner
 
     with run_guarded():
-        if key_file and key_service:
-            raise click.UsageError("use either --key or --key-service")
+        if key_service == ANY_KEY:
+            raise VhsmError("mount --key-service needs the name of an AES key (for new files)")
+        keys = provider(key_file, key_service)  # fails early, in the caller's terminal
+        if keys is None:
+            raise VhsmError("the mount needs a key: --key FILE or --key-service NAME")
         if background:
-            pid = runner.start_background(store_dir, mountpoint, key_file, key_service,
-                                          allow_other=allow_other, log_file=log_file,
-                                          chunk_size=chunk_size)
+            pid = runner.start_background(
+                _child_argv(mountpoint, store_dir, key_file, key_service, allow_other,
+                            chunk_size),
+                mountpoint, log_file=log_file, env=_child_env(key_service))
             click.echo(f"Mounted {store_dir} at {mountpoint} (pid {pid})")
             return
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s vhsm-mount %(levelname)s %(message)s")
-        keys = runner.key_provider(key_file, key_service)
-        runner.run(store_dir, mountpoint, keys, allow_other=allow_other, chunk_size=chunk_size)
+        try:
+            runner.run(store_dir, mountpoint, keys, allow_other=allow_other, ready=ready_fd,
+                       chunk_size=chunk_size)
+        except KeysvcError as e:  # run() itself reports VhsmError on the pipe
+            runner.report_ready(ready_fd, f"error: {e}")
+            raise
+
+
+def _child_argv(mountpoint: str, store_dir: str, key_file: str | None, key_service: str | None,
+                allow_other: bool, chunk_size: int | None) -> list[str]:
+    """The detached mount is this same command in the foreground, so that the key provider is
+    built here in the CLI (vhsmfs never imports the key service)."""
+    argv = [sys.executable, "-m", "cli.main", "mount", os.path.abspath(mountpoint),
+            "--store", os.path.abspath(store_dir)]
+    if key_file:
+        argv += ["--key", os.path.abspath(key_file)]
+    if key_service:
+        argv += ["--key-service", key_service]
+    if allow_other:
+        argv.append("--allow-other")
+    if chunk_size:
+        argv += ["--chunk-size", str(chunk_size)]
+    return argv
+
+
+def _child_env(key_service: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if key_service and "HSM_DATA_DIR" not in env:
+        # the detached process runs in /; the key service's files are found from here
+        env["HSM_DATA_DIR"] = os.getcwd()
+    return env
 
 
 @click.command()

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from cli.errors import run_guarded
+from cli.keyopts import ANY_KEY, key_option, provider
 from cli.progress import progress_bar
 from cli.tokenaudit import audit_token_event, audited
 from keysvc.errors import KeysvcError
@@ -25,7 +26,6 @@ from vhsmfs.keyfile import (
     KeyProvider,
     StaticKeyProvider,
     generate_key_file,
-    load_key_file,
 )
 from vhsmfs.store import TokenStore, parse_token
 
@@ -35,34 +35,8 @@ store_option = click.option(
     "--store", "store_dir", envvar="VHSM_STORE", default=DEFAULT_STORE, show_default=True,
     type=click.Path(file_okay=False), help="Store directory (env VHSM_STORE).",
 )
-ANY_KEY = "*"  # --key-service without a name: use whichever key each token names
-
-
-def key_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option(
-        "--key-service", "key_service", is_flag=False, flag_value=ANY_KEY, default=None,
-        metavar="[NAME]",
-        help="Use the key service: each token's data key is wrapped by the AES key NAME "
-             "(store needs NAME; reading uses the key recorded in the token).",
-    )(f)
-    return click.option(
-        "--key", "key_file", type=click.Path(dir_okay=False), default=None,
-        help="Key file (32 raw bytes, mode 0600).",
-    )(f)
-
-
-def _provider(key_file: str | None, key_service: str | None) -> KeyProvider | None:
-    if key_file and key_service:
-        raise VhsmError("--key and --key-service exclude each other")
-    if key_service:
-        from keysvc.tokenkeys import KeyServiceTokenKeys  # the key service only when asked
-
-        return KeyServiceTokenKeys(key_service)
-    return StaticKeyProvider(load_key_file(key_file)) if key_file else None
-
-
 def _open_store(store_dir: str, key_file: str | None, key_service: str | None = None) -> TokenStore:
-    return TokenStore(LocalBackend(store_dir, create=False), _provider(key_file, key_service))
+    return TokenStore(LocalBackend(store_dir, create=False), provider(key_file, key_service))
 
 
 @click.group()
@@ -98,7 +72,7 @@ def store(paths: tuple[str, ...], key_file: str | None, key_service: str | None,
             raise VhsmError("store --key-service needs the name of an AES key")
         keys: KeyProvider
         if key_file or key_service:
-            keys = _provider(key_file, key_service)  # type: ignore[assignment]
+            keys = provider(key_file, key_service)  # type: ignore[assignment]
         else:
             generated = os.urandom(KEY_LEN)
             keys = StaticKeyProvider(generated)

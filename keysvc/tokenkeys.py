@@ -68,7 +68,12 @@ class KeyServiceTokenKeys:
         if cached is not None:
             return cached
         name, wrapped = decode_ref(key_ref)
-        _reply, data_key = self.context.execute({"op": "unwrap", "key": name}, wrapped)
+        try:
+            _reply, data_key = self.context.execute({"op": "unwrap", "key": name}, wrapped)
+        except KeysvcError as e:
+            # "cannot open this token" for the token store (a LookupError), with the reason:
+            # a mount then skips the token instead of failing its whole scan
+            raise TokenKeyError(f"the key service did not unwrap its key: {e}") from None
         if len(data_key) != DATA_KEY_LEN:
             raise TokenKeyError(f"key service returned a malformed data key for token {token_id}")
         self._cache[key_ref] = data_key

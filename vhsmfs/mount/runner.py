@@ -48,9 +48,9 @@ class MountError(VhsmError):
     """The vault cannot be mounted or unmounted."""
 
 
-def key_provider(key_file: str | None, key_service: bool) -> KeyProvider:
-    if key_service:
-        raise MountError("--key-service is not available yet in this build; use --key FILE")
+def key_provider(key_file: str | None) -> KeyProvider:
+    """For `python -m vhsmfs.mount.runner --key FILE`. The CLI (`vhsm mount`) builds providers
+    itself, including the key service's, which vhsmfs does not import."""
     if not key_file:
         raise MountError("the mount needs a key: --key FILE")
     return StaticKeyProvider(load_key_file(key_file))
@@ -192,7 +192,7 @@ def run(store_dir: str, mountpoint: str, keys: KeyProvider, *, allow_other: bool
                 pyfuse3.init(ops, mnt, mount_options(store_dir, allow_other))
             except RuntimeError as e:
                 raise MountError(f"cannot mount on {mountpoint}: {e}") from None
-            _report(ready, "ok")
+            report_ready(ready, "ok")
             print(f"vhsm: mounted {store_dir} at {mnt} (pid {os.getpid()})", flush=True)
             clean = False
             try:
@@ -209,11 +209,11 @@ def run(store_dir: str, mountpoint: str, keys: KeyProvider, *, allow_other: bool
                     f"{k}={n}/{t:.2f}s" for k, (n, t) in sorted(ops.timing.items())))
                 log.info("unmounted %s (%s)", mnt, "clean" if clean else "after an error")
     except VhsmError as e:
-        _report(ready, f"error: {e}")
+        report_ready(ready, f"error: {e}")
         raise
 
 
-def _report(fd: int | None, message: str) -> None:
+def report_ready(fd: int | None, message: str) -> None:
     if fd is None:
         return
     with contextlib.suppress(OSError):
@@ -221,25 +221,17 @@ def _report(fd: int | None, message: str) -> None:
         os.close(fd)
 
 
-def start_background(store_dir: str, mountpoint: str, key_file: str | None, key_service: bool,
-                     *, allow_other: bool = False, log_file: str | None = None,
-                     chunk_size: int | None = None) -> int:
-    """Start a detached mount process; return its pid once the mount is ready."""
-    key_provider(key_file, key_service)  # fail early, in the caller's terminal
+def start_background(child_argv: list[str], mountpoint: str, *, log_file: str | None = None,
+                     env: dict[str, str] | None = None) -> int:
+    """Start `child_argv` (a foreground mount command) detached, passing it `--ready-fd N`;
+    return its pid once it reports the mount ready, or raise MountError with its message."""
     check_mountpoint(mountpoint)
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "vhsmfs.mount.runner", "--ready-fd", str(w),
-           "--store", os.path.abspath(store_dir), os.path.abspath(mountpoint)]
-    if key_file:
-        cmd += ["--key", os.path.abspath(key_file)]
-    if allow_other:
-        cmd.append("--allow-other")
-    if chunk_size:
-        cmd += ["--chunk-size", str(chunk_size)]
+    cmd = [*child_argv, "--ready-fd", str(w)]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                pass_fds=(w,), start_new_session=True, cwd="/")
+                                pass_fds=(w,), start_new_session=True, cwd="/", env=env)
     finally:
         os.close(w)
         if log_file:
@@ -332,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vhsmfs.mount.runner")
     p.add_argument("mountpoint")
     p.add_argument("--store", required=True)
-    p.add_argument("--key")
-    p.add_argument("--key-service", action="store_true")
+    p.add_argument("--key", required=True)
     p.add_argument("--allow-other", action="store_true")
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--chunk-size", type=int)
@@ -342,11 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
                         format="%(asctime)s vhsm-mount %(levelname)s %(message)s")
     try:
-        keys = key_provider(a.key, a.key_service)
+        keys = key_provider(a.key)
         run(a.store, a.mountpoint, keys, allow_other=a.allow_other, ready=a.ready_fd,
             chunk_size=a.chunk_size)
     except VhsmError as e:
-        _report(a.ready_fd, f"error: {e}")
+        report_ready(a.ready_fd, f"error: {e}")
         print(f"Error: {e}", file=sys.stderr)
         return 1
     return 0

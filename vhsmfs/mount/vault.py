@@ -34,6 +34,7 @@ from typing import TypeVar
 
 from vhsmfs.errors import TokenNotFoundError, VhsmError
 from vhsmfs.format import Metadata
+from vhsmfs.keyfile import StaticKeyProvider
 from vhsmfs.mount.randomaccess import TokenFile
 from vhsmfs.store import TokenStore, safe_relative_path
 
@@ -156,6 +157,9 @@ class Vault:
         self._idle: dict[int, FileNode] = {}  # insertion-ordered: oldest first
         self._idle_lock = threading.Lock()  # never held across I/O
         self._blanks: deque[TokenFile] = deque()  # new tokens with keys already derived
+        # Only a key file makes keys ahead for free; another provider (the key service) would
+        # wrap, and audit, a data key for every blank, used or not.
+        self._prefetch_keys = isinstance(store.keys, StaticKeyProvider)
         self._refilling = False
 
     # -- loading ---------------------------------------------------------------------------------
@@ -478,7 +482,8 @@ class Vault:
         (no crypto here, so create can answer on the event loop), else derived now."""
         with self._idle_lock:
             tf = self._blanks.popleft() if self._blanks else None
-            refill = len(self._blanks) < BLANKS // 2 and not self._refilling
+            refill = (self._prefetch_keys and len(self._blanks) < BLANKS // 2
+                      and not self._refilling)
             if refill:
                 self._refilling = True
         if refill:
