@@ -49,6 +49,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/token_vs_age
+	$(BIN)/python bench/mount_vs_gocryptfs
 	$(BIN)/python bench/sign_throughput
 
 clean:

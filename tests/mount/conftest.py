@@ -156,7 +156,8 @@ def token_store(store_dir: Path, key_file: Path) -> TokenStore:
 def mounter(store_dir: Path, key_file: Path, tmp_path: Path) -> Iterator[callable]:
     """mounter() -> a started Mount of the test's store; every mount is stopped afterwards."""
     if FUSE_MISSING:
-        pytest.skip("FUSE is not available here (/dev/fuse, fusermount3)")
+        # make test installs fuse3; a missing FUSE is a broken set-up, never a pass
+        pytest.fail("FUSE is not available here (/dev/fuse, fusermount3)")
     mounts: list[Mount] = []
 
     def make(*extra: str, mnt: Path | None = None) -> Mount:
