@@ -483,9 +483,7 @@ class TokenStore:
             finally:
                 out.close()
         except BaseException:
-            for d in reversed(created):
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+            _remove_dirs(created)
             raise
         return dest
 
@@ -502,9 +500,7 @@ class TokenStore:
             if created:
                 os.chmod(dest, t.meta.mode & 0o777)
         except BaseException:
-            for d in reversed(created):
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+            _remove_dirs(created)
             raise
         return dest
 
@@ -591,6 +587,13 @@ def _check_digests(token: uuid.UUID, records: bytes, lengths: list[int], digests
         pos += n
 
 
+def _remove_dirs(created: list[Path]) -> None:
+    """Undo _make_dirs: remove the directories it created, deepest first (if still empty)."""
+    for d in reversed(created):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 def _make_dirs(path: Path) -> list[Path]:
     """mkdir -p that returns the directories it created (to remove them again on failure)."""
     missing: list[Path] = []
@@ -607,9 +610,7 @@ def _make_dirs(path: Path) -> list[Path]:
         except FileExistsError:
             continue
         except OSError as e:
-            for c in reversed(created):
-                with contextlib.suppress(OSError):
-                    c.rmdir()
+            _remove_dirs(created)
             raise OutputError(f"cannot create {d}: {e.strerror}") from None
         created.append(d)
     if not path.is_dir():

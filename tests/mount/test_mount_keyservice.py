@@ -5,14 +5,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-VHSM = [sys.executable, "-m", "cli.main"]
-
-
-def vhsm(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*VHSM, *args], cwd=work, capture_output=True, text=True, timeout=120)
+from clirun import vhsm
 
 
 def test_key_service_mount_round_trip(tmp_path: Path) -> None:

@@ -6,14 +6,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-VHSM = [sys.executable, "-m", "cli.main"]
-
-
-def vhsm(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*VHSM, *args], cwd=work, capture_output=True, text=True, timeout=120)
+from clirun import vhsm
 
 
 def test_mount_made_directory_lists_and_retrieves_as_directory(tmp_path: Path) -> None:

@@ -3,17 +3,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-VHSM = [sys.executable, "-m", "cli.main"]
-
-
-def vhsm(work: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*VHSM, *args], cwd=work, capture_output=True, text=True, timeout=120)
+from clirun import vhsm
 
 
 @pytest.fixture
