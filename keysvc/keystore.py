@@ -142,7 +142,7 @@ class Keystore:
         self._set_salt(salt or os.urandom(16))
         self.keys: dict[str, KeyRecord] = {}
         # audit seq up to which use counters are included (see Service and replay_uses)
-        self.uses_through = 0
+        self.uses_through: int | None = 0
         self._lock_fd: int | None = None
         self.exists = False
 
@@ -221,7 +221,9 @@ class Keystore:
                 self._k_meta.decrypt(bytes.fromhex(doc["meta"]["nonce"]), meta_ct, _META_AAD)
             )
             digests: dict[str, str] = meta["entries"]
-            uses_through = int(meta.get("uses_through", 0))
+            # None: written before counters were stamped; replay_uses then starts at the log's end
+            ut = meta.get("uses_through")
+            uses_through = int(ut) if ut is not None else None
             keys: dict[str, KeyRecord] = {}
             for m in meta["keys"]:
                 rec = KeyRecord(

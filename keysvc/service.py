@@ -84,7 +84,8 @@ class Service:
         self._event_override: str | None = None
         self._follow_ups: list[tuple[str, str, str]] = []
         self._last_flush = time.monotonic()
-        self._last_seq = keystore.uses_through  # last audit seq this service wrote or counted
+        # last audit seq this service wrote or counted
+        self._last_seq = keystore.uses_through or 0
         self.started = time.time()
         self.requests = 0
         self.batches = 0
@@ -524,6 +525,11 @@ def replay_uses(service: Service) -> int:
     between two saves of its counters): the audit log, not keystore.dat, is the record of
     every acknowledged use. Returns how many were added."""
     ks = service.ks
+    if ks.uses_through is None:
+        # a keystore from before counters were stamped: nothing to tie them to; start now
+        head = audit_mod.read_head(service.audit.path)
+        service._last_seq = ks.uses_through = head[0] if head else 0
+        return 0
     added = 0
     last = ks.uses_through
     for e in audit_mod.entries_after(service.audit.path, ks.uses_through):
