@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from ksutil import Daemon, Work
 
-import keysvc
 from keysvc import lifecycle, protocol
 from keysvc.client import DaemonClient, raise_for
 from keysvc.errors import KeyStateError
@@ -238,7 +237,9 @@ def _interpreter_for_others(scratch: Path) -> tuple[str, str]:
     ver = f"python{sys.version_info.major}.{sys.version_info.minor}"
     exe = real if _world_executable(real) else shutil.which(ver, path="/usr/bin:/usr/local/bin")
     assert exe and _world_executable(exe), "no Python interpreter usable by a second user"
-    repo = str(Path(keysvc.__file__).resolve().parents[1])
+    # (a submodule's file: with pytest's pythonpath=tests, `keysvc` itself can resolve to the
+    # tests/keysvc namespace directory, whose __file__ is None)
+    repo = str(Path(lifecycle.__file__).resolve().parents[1])
     purelib = sysconfig.get_paths()["purelib"]
     if _readable_by_others(repo) and _readable_by_others(purelib):
         return exe, f"{repo}:{purelib}"
