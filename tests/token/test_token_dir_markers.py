@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from clirun import vhsm
+from token_helpers import vhsm_in as vhsm
 
 
 def test_mount_made_directory_lists_and_retrieves_as_directory(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from clirun import vhsm
+from token_helpers import vhsm_in as vhsm
 
 
 @pytest.fixture

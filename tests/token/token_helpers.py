@@ -45,6 +45,12 @@ def vhsm_argv() -> list[str]:
     return [sys.executable, "-m", "cli.main"]
 
 
+def vhsm_in(work: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`vhsm ARGS` run in `work` with text output; never raises on a non-zero exit."""
+    return subprocess.run([*vhsm_argv(), *args], cwd=work, capture_output=True, text=True,
+                          timeout=timeout, env=clean_env())
+
+
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("VHSM_STORE", "TOKEN_CHUNK_SIZE", "TOKEN_PARALLEL_CHUNKS")
