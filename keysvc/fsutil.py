@@ -53,9 +53,8 @@ def discard(tmp: Path) -> None:
         os.unlink(tmp)
 
 
-def check_private(path: Path, what: str, error: type[KeysvcError]) -> os.stat_result:
-    """Refuse a secret file that other users could read (or that is not a regular file)."""
-    st = os.stat(path)
+def _refuse_unsafe(st: os.stat_result, path: Path, what: str,
+                   error: type[KeysvcError]) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{what} {path} is not a regular file")
     if st.st_mode & 0o077:
@@ -63,20 +62,19 @@ def check_private(path: Path, what: str, error: type[KeysvcError]) -> os.stat_re
             f"{what} {path} is readable or writable by other users "
             f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
         )
+
+
+def check_private(path: Path, what: str, error: type[KeysvcError]) -> os.stat_result:
+    """Refuse a secret file that other users could read (or that is not a regular file)."""
+    st = os.stat(path)
+    _refuse_unsafe(st, path, what, error)
     return st
 
 
 def read_private(path: Path, what: str, error: type[KeysvcError]) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{what} {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise error(
-                f"{what} {path} is readable or writable by other users "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
-            )
+        _refuse_unsafe(os.fstat(fd), path, what, error)
         chunks = []
         while True:
             b = os.read(fd, 1 << 20)
