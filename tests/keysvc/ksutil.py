@@ -143,6 +143,26 @@ class Daemon:
         self.proc = None
 
 
+def openssl_verify_ed25519(
+    work: Work, pub: Path, data: Path, sig: Path
+) -> subprocess.CompletedProcess[str]:
+    """Verify a raw Ed25519 signature with OpenSSL (never raises on failure)."""
+    return work.run(
+        "openssl",
+        "pkeyutl",
+        "-verify",
+        "-pubin",
+        "-inkey",
+        str(pub),
+        "-rawin",
+        "-in",
+        str(data),
+        "-sigfile",
+        str(sig),
+        check=False,
+    )
+
+
 def _short(path: Path) -> str:
     s = str(path)
     if len(s) <= 100:

@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from ksutil import Daemon, Work
+from ksutil import Daemon, Work, openssl_verify_ed25519
 
 BATCH_SIGN = r"""#!/bin/bash
 # batch_sign.sh - Sign multiple files efficiently
@@ -106,20 +106,7 @@ def test_batch_sign(work: Work, mode: str) -> None:
     for f in files:
         sig = Path(f"{f}.sig")
         assert len(sig.read_bytes()) == 64
-        ok = work.run(
-            "openssl",
-            "pkeyutl",
-            "-verify",
-            "-pubin",
-            "-inkey",
-            str(pub),
-            "-rawin",
-            "-in",
-            str(f),
-            "-sigfile",
-            str(sig),
-            check=False,
-        )
+        ok = openssl_verify_ed25519(work, pub, Path(f), sig)
         assert ok.returncode == 0, ok.stderr
     assert not (docs / "notes.txt.sig").exists()
     assert len(work.events("SIGN_OPERATION")) == 3

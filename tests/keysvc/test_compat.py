@@ -5,32 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
-from ksutil import Work
+from ksutil import Work, openssl_verify_ed25519
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def openssl_verify_ed25519(
-    work: Work, pub: Path, data: Path, sig: Path
-) -> subprocess.CompletedProcess[str]:
-    return work.run(
-        "openssl",
-        "pkeyutl",
-        "-verify",
-        "-pubin",
-        "-inkey",
-        str(pub),
-        "-rawin",
-        "-in",
-        str(data),
-        "-sigfile",
-        str(sig),
-        check=False,
-    )
 
 
 def test_generate_master_key(tmp_path: Path) -> None:

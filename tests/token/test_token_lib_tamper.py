@@ -286,6 +286,23 @@ def test_record_spliced_and_manifest_forged(pair, tmp_path: Path) -> None:
     assert failures(ts, a, tmp_path / "out", nokey=False) == []
 
 
+def _graft_metadata(root: Path, src, dst) -> None:  # type: ignore[no-untyped-def]
+    """Put token src's metadata file under dst's name, its token id field rewritten to dst's
+    and its trailer recomputed (what an attacker with write access can do)."""
+    from vhsmfs.format import build_file, parse_file
+
+    parsed = parse_file(meta_path(root, src).read_bytes(), src)
+    parsed.header.token_id = dst
+    meta_path(root, dst).write_bytes(
+        build_file(parsed.header, parsed.manifest, parsed.meta_nonce, parsed.meta_ciphertext))
+
+
+def _swap_first_two_digests(e):  # type: ignore[no-untyped-def]
+    """Manifest fix-up: swap the record digests of chunks 0 and 1 (after swapping records)."""
+    e[0], e[1] = (*e[0][:3], e[1][3]), (*e[1][:3], e[0][3])
+    return e
+
+
 def test_metadata_swapped_between_tokens(pair, tmp_path: Path) -> None:
     ts, root, (a, _), (b, _) = pair
     _swap_files(meta_path(root, a), meta_path(root, b))
@@ -297,12 +314,7 @@ def test_metadata_copied_with_token_id_patched(pair, tmp_path: Path) -> None:
     """B's metadata placed under A's name with the token id field rewritten to A's and the
     trailer recomputed: the token id is bound into the key derivation and the metadata AAD."""
     ts, root, (a, _), (b, _) = pair
-    from vhsmfs.format import build_file, parse_file
-
-    parsed = parse_file(meta_path(root, b).read_bytes(), b)
-    parsed.header.token_id = a
-    meta_path(root, a).write_bytes(
-        build_file(parsed.header, parsed.manifest, parsed.meta_nonce, parsed.meta_ciphertext))
+    _graft_metadata(root, b, a)
     with pytest.raises((IntegrityError, WrongKeyError)):
         ts.retrieve(a, tmp_path / "out")
     assert failures(ts, a, tmp_path / "out", nokey=False) == []
@@ -312,14 +324,9 @@ def test_whole_token_renamed_never_yields_other_content(pair, tmp_path: Path) ->
     """B's metadata and data renamed to A (token id patched too): retrieving A must never
     give B's plaintext."""
     ts, root, (a, _), (b, db) = pair
-    from vhsmfs.format import build_file, parse_file
-
     shutil.rmtree(root / f"{a}.data")
     (root / f"{b}.data").rename(root / f"{a}.data")
-    parsed = parse_file(meta_path(root, b).read_bytes(), b)
-    parsed.header.token_id = a
-    meta_path(root, a).write_bytes(
-        build_file(parsed.header, parsed.manifest, parsed.meta_nonce, parsed.meta_ciphertext))
+    _graft_metadata(root, b, a)
     meta_path(root, b).unlink()
     assert failures(ts, a, tmp_path / "out", nokey=False) == []
     for dirpath, _, files in os.walk(tmp_path):
@@ -360,11 +367,7 @@ def test_records_reordered_and_manifest_digests_fixed(three, tmp_path: Path) -> 
     ts, tok, _, root = three
     _swap_records(root, tok, 0, 1)
 
-    def fix(e):  # type: ignore[no-untyped-def]
-        e[0], e[1] = (*e[0][:3], e[1][3]), (*e[1][:3], e[0][3])
-        return e
-
-    rewrite_manifest(root, tok, fix)
+    rewrite_manifest(root, tok, _swap_first_two_digests)
     with pytest.raises(IntegrityError, match="metadata failed authentication"):
         ts.retrieve(tok, tmp_path / "out")
     assert failures(ts, tok, tmp_path / "out", nokey=False) == []
@@ -374,11 +377,7 @@ def test_records_reordered_digests_fixed_header_digest_stale(three, tmp_path: Pa
     ts, tok, _, root = three
     _swap_records(root, tok, 0, 1)
 
-    def fix(e):  # type: ignore[no-untyped-def]
-        e[0], e[1] = (*e[0][:3], e[1][3]), (*e[1][:3], e[0][3])
-        return e
-
-    rewrite_manifest(root, tok, fix, fix_header_digest=False)
+    rewrite_manifest(root, tok, _swap_first_two_digests, fix_header_digest=False)
     assert failures(ts, tok, tmp_path / "out") == []
 
 
@@ -410,11 +409,7 @@ def test_nokey_verify_cannot_detect_consistent_manifest_forgery(three, tmp_path:
     ts, tok, _, root = three
     _swap_records(root, tok, 0, 1)
 
-    def fix(e):  # type: ignore[no-untyped-def]
-        e[0], e[1] = (*e[0][:3], e[1][3]), (*e[1][:3], e[0][3])
-        return e
-
-    rewrite_manifest(root, tok, fix)
+    rewrite_manifest(root, tok, _swap_first_two_digests)
     ts.verify_ciphertext(tok)  # passes: the documented limitation
     with pytest.raises(IntegrityError):
         ts.verify_full(tok)
