@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
@@ -455,24 +456,30 @@ class AuditWriter:
 
 def _read_tail(path: Path, size: int) -> tuple[bytes, bool]:
     """The last complete lines of the log (at least one entry line if there is one)."""
+    buf = b""
     with open(path, "rb") as f:
-        pos = size
-        buf = b""
-        block = 8192
-        while pos > 0:
-            step = min(block, pos)
-            pos -= step
-            f.seek(pos)
-            buf = f.read(step) + buf
-            lines = [x for x in buf.rstrip(b"\n").split(b"\n")]
+        for pos, buf in _tail_blocks(f, size, 8192):
+            lines = buf.rstrip(b"\n").split(b"\n")
             # a complete entry line: not the first fragment unless we reached the start
             candidates = lines[1:] if pos > 0 else lines
             if any(c and not c.startswith(b"#") for c in candidates) or any(
                 c.startswith(b"# Chain-Start") for c in candidates
             ):
                 return (buf if pos == 0 else buf[buf.index(b"\n") + 1 :]), pos == 0
-            block *= 2
         return buf, True
+
+
+def _tail_blocks(f: BinaryIO, size: int, block: int) -> Iterator[tuple[int, bytes]]:
+    """Read a file backwards from `size`: yields (start offset, everything from there to the
+    end), the block doubling each time, until the caller stops or the start is reached."""
+    pos, buf = size, b""
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        f.seek(pos)
+        buf = f.read(step) + buf
+        yield pos, buf
+        block *= 2
 
 
 def read_head(log_path: str | os.PathLike[str]) -> tuple[int, bytes] | None:
@@ -574,21 +581,14 @@ def entries_after(log_path: str | os.PathLike[str], seq: int) -> list[AuditEntry
         return []
     except OSError as e:
         raise AuditError(f"cannot read audit log {log_path}: {e.strerror}") from None
+    pos, buf = 0, b""
     with f:
-        pos = f.seek(0, os.SEEK_END)
-        buf = b""
-        block = 65536
-        while pos > 0:
-            step = min(block, pos)
-            pos -= step
-            f.seek(pos)
-            buf = f.read(step) + buf
+        for pos, buf in _tail_blocks(f, f.seek(0, os.SEEK_END), 65536):
             lines = buf.split(b"\n")[0 if pos == 0 else 1 :]
             first = next((ln for ln in lines if ln and not ln.startswith(b"#")), None)
             e = parse_line(first.decode("utf-8", "replace"), 0) if first else None
             if e is not None and e.seq <= seq:
                 break
-            block *= 2
     lines = buf.split(b"\n")[0 if pos == 0 else 1 :]
     out = []
     for raw in lines:
