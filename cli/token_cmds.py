@@ -161,12 +161,12 @@ def retrieve(token_id: str, outdir: str, key_file: str | None, key_service: str 
         if ts.keys is None:
             raise VhsmError("retrieve needs the key: --key FILE or --key-service")
         try:
-            h = ts.parse(tok).header
-            with progress_bar(h.chunk_count * h.chunk_size, str(tok), progress) as advance:
+            opened = ts.open_token(tok)
+            with progress_bar(opened.meta.size, str(tok), progress) as advance:
                 # audited after every check passed, before the file gets its name: if the
                 # line cannot be written, nothing is released (fail closed)
                 dest = ts.retrieve(
-                    tok, outdir, force=force, progress=advance,
+                    opened, outdir, force=force, progress=advance,
                     before_publish=lambda d: audit_token_event("DECRYPTION", tok, "retrieved",
                                                                d.name),
                 )

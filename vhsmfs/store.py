@@ -450,17 +450,19 @@ class TokenStore:
 
     # -- retrieve ---------------------------------------------------------------------------------
     def retrieve(
-        self, token: uuid.UUID, outdir: str | os.PathLike[str], *, force: bool = False,
-        progress: Progress | None = None,
+        self, token: uuid.UUID | OpenedToken, outdir: str | os.PathLike[str], *,
+        force: bool = False, progress: Progress | None = None,
         before_publish: Callable[[Path], None] | None = None,
     ) -> Path:
         """Decrypt a token to OUTDIR/<its relative path>. Nothing appears unless all checks pass.
 
-        `before_publish(dest)` runs after every check passed and before the file gets its name
-        (the CLI writes its audit line there); if it raises, nothing is left behind either.
+        `token` may be a token already opened with open_token (so a caller that needs its size
+        first reads the metadata once). `before_publish(dest)` runs after every check passed and
+        before the file gets its name (the CLI writes its audit line there); if it raises,
+        nothing is left behind either.
         """
-        t = self.open_token(token)
-        rel = safe_relative_path(t.meta.name, str(token))
+        t = token if isinstance(token, OpenedToken) else self.open_token(token)
+        rel = safe_relative_path(t.meta.name, str(t.token))
         outdir = Path(outdir)
         if t.meta.extra.get("kind") == "dir":
             return self._retrieve_dir(t, outdir / rel, before_publish)
