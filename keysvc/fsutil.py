@@ -53,8 +53,7 @@ def discard(tmp: Path) -> None:
         os.unlink(tmp)
 
 
-def _refuse_unsafe(st: os.stat_result, path: Path, what: str,
-                   error: type[KeysvcError]) -> None:
+def _refuse_unsafe(st: os.stat_result, path: Path, what: str, error: type[KeysvcError]) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise error(f"{what} {path} is not a regular file")
     if st.st_mode & 0o077:

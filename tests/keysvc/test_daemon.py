@@ -479,6 +479,35 @@ def test_large_payloads_through_daemon(work: Work, daemon: Daemon) -> None:
     assert int(status.split("requests: ")[1].split()[0]) >= 10
 
 
+def test_clients_vanishing_mid_request_or_mid_reply_disturb_nobody(
+    work: Work, daemon: Daemon
+) -> None:
+    """Connections that close with a reply still being written, or halfway through a request,
+    while others open and close around a working client: the worker and the event loop both
+    close connections, and a reused fd number must never cost another client its replies."""
+    work.vhsm("key", "generate", "aes", "--type", "aes-256-gcm")
+    work.vhsm("key", "generate", "ed")
+    steady = client(daemon)
+    for round_ in range(20):
+        # a reply far bigger than the socket buffer, abandoned: the writer task meets EPIPE
+        gone = client(daemon)
+        gone.send({"op": "encrypt", "key": "aes"}, os.urandom(4 * 1024 * 1024))
+        # half a request, then gone
+        half = client(daemon)
+        half.sock.sendall(protocol.encode({"op": "sign", "key": "ed"}, b"x" * 100)[:20])
+        churn = [client(daemon) for _ in range(5)]
+        for c in (gone, half, *churn):
+            c.close()
+        for i in range(5):
+            msg = f"{round_}-{i}".encode()
+            reply, sig = call(steady, op="sign", key="ed", payload=msg, id=i)
+            assert reply["ok"] and reply["id"] == i and len(sig) == 64
+    steady.close()
+    signs = [ln for ln in work.audit_lines() if ln[1] == "SIGN_OPERATION" and ln[2] == "ed"]
+    assert len(signs) == 100
+    assert "chain intact" in work.vhsm("audit", "verify").stdout
+
+
 def test_daemon_start_errors_are_one_line(work: Work, daemon_factory: type[Daemon]) -> None:
     p = work.vhsm("keysvc", "status", check=False)
     assert p.returncode == 3 and "not running" in p.stdout
