@@ -113,6 +113,50 @@ def test_kill9_recovery_keeps_fsynced_data(mounter, token_store, run_cli, is_mou
     assert res.returncode == 0
 
 
+def store_leftovers(store: Path) -> list[str]:
+    """Names in the store that belong to no committed token: data directories without
+    metadata, tombstones of unfinished deletes."""
+    names_ = os.listdir(store)
+    return sorted(n for n in names_ if n.endswith(".deleting")
+                  or (n.endswith(".data") and n[:-5] + ".metadata" not in names_))
+
+
+def test_queued_wipes_finish_before_unmount_returns(mounter, token_store):
+    """Wipes run in the background after unlink; unmount waits for every one of them."""
+    m = mounter()
+    (m.mnt / "d").mkdir()
+    for i in range(60):
+        (m.mnt / "d" / f"f{i}.bin").write_bytes(os.urandom(70_000))
+    assert len(token_store.list_tokens()) >= 60  # (the directory's marker is batched)
+    shutil.rmtree(m.mnt / "d")
+    assert m.stop() == 0  # at once: wipes are still queued (they wait for a quiet mount)
+    assert token_store.list_tokens() == []
+    assert store_leftovers(m.store) == []
+
+
+def test_kill9_with_queued_wipes_leaves_a_store_gc_cleans(mounter, token_store, run_cli):
+    m = mounter()
+    keep = os.urandom(100_000)
+    (m.mnt / "keep.bin").write_bytes(keep)
+    for i in range(60):
+        (m.mnt / f"gone{i}.bin").write_bytes(os.urandom(70_000))
+    for i in range(60):
+        os.unlink(m.mnt / f"gone{i}.bin")
+    m.kill9()  # wipes queued or half done
+    run_cli("umount", str(m.mnt))
+    store = ["--store", str(m.store)]
+    assert run_cli("token", "verify", "--key", str(m.key), *store).returncode == 0
+    assert run_cli("token", "gc", *store).returncode == 0
+    assert store_leftovers(m.store) == []
+    # files whose wipe never started come back (documented); every token still verifies
+    found = names(token_store)
+    assert set(found) <= {"keep.bin"} | {f"gone{i}.bin" for i in range(60)}
+    for tok in found.values():
+        token_store.verify_full(tok)
+    m2 = mounter()
+    assert (m2.mnt / "keep.bin").read_bytes() == keep
+
+
 @pytest.fixture
 def other_user():
     name = f"vhsmt{uuid.uuid4().hex[:6]}"

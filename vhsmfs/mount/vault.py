@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -148,9 +148,15 @@ class Vault:
         # deletions run on one background thread. fsync/fsyncdir and unmount wait for both.
         self._pend_lock = threading.Lock()
         self._pending: dict[int, Node] = {}
-        self._deleter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-delete")
-        self._last_deletion: Future[None] | None = None
-        self._urgent = False
+        # Wipes: a FIFO served by one thread, started on first use. Queuing one costs an
+        # append under an uncontended lock (a ThreadPoolExecutor.submit per unlink cost more
+        # than the rest of unlink).
+        self._wipe_cv = threading.Condition(threading.Lock())
+        self._wipes: deque[tuple[uuid.UUID, Callable[[], None], float]] = deque()
+        self._wipes_open = 0  # queued or running
+        self._wiper: threading.Thread | None = None
+        self._wiper_idle = False
+        self._urgent = 0  # threads waiting for all wipes: then they run without waiting
         self.last_request = 0.0  # time.monotonic() of the latest FUSE request (set by fs.py)
         self.deleting: set[uuid.UUID] = set()
         self._local = threading.local()
@@ -631,10 +637,25 @@ class Vault:
 
     def _in_background(self, token: uuid.UUID, fn: Callable[[], None]) -> None:
         self.deleting.add(token)
+        with self._wipe_cv:
+            self._wipes.append((token, fn, time.monotonic()))
+            self._wipes_open += 1
+            if self._wiper is None:
+                self._wiper = threading.Thread(target=self._wipe_loop, name="vhsm-delete",
+                                               daemon=True)
+                self._wiper.start()
+            elif self._wiper_idle:
+                self._wipe_cv.notify_all()
 
-        queued = time.monotonic()
-
-        def run() -> None:
+    def _wipe_loop(self) -> None:
+        """The deletion thread: one wipe at a time, first in first out."""
+        while True:
+            with self._wipe_cv:
+                while not self._wipes:
+                    self._wiper_idle = True
+                    self._wipe_cv.wait()
+                self._wiper_idle = False
+                token, fn, queued = self._wipes.popleft()
             try:
                 self._wait_quiet(queued)
                 fn()
@@ -642,11 +663,14 @@ class Vault:
                 pass  # already deleted by the CLI
             except (OSError, VhsmError) as e:
                 log.error("could not delete token %s: %s", token, e)
+            except Exception:
+                log.exception("deleting token %s failed", token)
             finally:
                 self.deleting.discard(token)
-
-        # One deletion thread, first in first out: the last job done means all are done.
-        self._last_deletion = self._deleter.submit(run)
+                with self._wipe_cv:
+                    self._wipes_open -= 1
+                    if not self._wipes_open:
+                        self._wipe_cv.notify_all()
 
     def _wait_quiet(self, queued: float) -> None:
         """Wipes yield to requests: they start once the mount has been quiet for a moment, or
@@ -658,13 +682,16 @@ class Vault:
             time.sleep(QUIET_GAP / 2)
 
     def wait_deletions(self) -> None:
-        last = self._last_deletion
-        if last is not None:
-            self._urgent = True
+        """Until every queued wipe is done (fsync of a directory, unmount)."""
+        with self._wipe_cv:
+            if not self._wipes_open:
+                return
+            self._urgent += 1
             try:
-                last.result()
+                while self._wipes_open:
+                    self._wipe_cv.wait()
             finally:
-                self._urgent = False
+                self._urgent -= 1
 
     def _defer(self, node: Node) -> None:
         with self._pend_lock:
@@ -701,6 +728,10 @@ class Vault:
                 self._setattr_dir(node, mode, uid, gid, atime_ns, mtime_ns)
             return node
         assert isinstance(node, FileNode)
+        if node.deleted and node.opens == 0:
+            # Unlinked and closed: nothing can reach it any more. The kernel still sends the
+            # c/mtime it kept (write-back cache) when it drops the inode after unlink.
+            return node
         tf = node.tf
         if size is None and tf is not None and node.opens > 0:
             # an open file: published by its next commit; no need for the file's lock
