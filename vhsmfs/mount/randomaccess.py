@@ -20,13 +20,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import os
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from vhsmfs.backend import ObjectReader, ObjectWriter
 from vhsmfs.errors import IntegrityError
@@ -55,6 +57,7 @@ RUN_BYTES = 4 << 20  # plaintext per encrypt/decrypt call: amortises per-call ov
 READAHEAD_BYTES = 1 << 20  # decrypted ahead, in the background, for sequential reads
 OBJECT_TARGET = 64 << 20  # roll to a new object past this size
 HASH_AT_CLOSE_LIMIT = 1 << 30  # recompute the whole-file SHA-256 at close up to this size
+HASH_HOLD_BYTES = 256 << 10  # a file's first bytes are hashed at commit, not on the hash thread
 
 # Background work, shared by all files: encryption of written-back chunks, decryption ahead of
 # sequential readers, and the running whole-file hash. Each file has at most one write-back and
@@ -66,26 +69,55 @@ _HASHING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-hash")  # 
 
 class RunningHash:
     """SHA-256 fed on the hash thread, so hashing overlaps encryption. At most `depth` buffers
-    wait to be hashed; one hash thread keeps each file's updates in order."""
+    wait to be hashed; one hash thread keeps each file's updates in order.
 
-    def __init__(self, depth: int = 8) -> None:
+    The first `hold` bytes are only kept (references to the callers' immutable buffers), not
+    handed over: a small file, written in one or two requests, is then hashed by hexdigest() on
+    the committing thread, with no hand-off to the hash thread and back (which cost more than
+    hashing a few KiB). Past `hold` bytes, everything goes to the hash thread in order."""
+
+    def __init__(self, depth: int = 8, hold: int = HASH_HOLD_BYTES) -> None:
         self._h = hashlib.sha256()
         self._pending: deque[Future[None]] = deque()
         self._depth = depth
+        self._held: list[bytes | bytearray | memoryview] | None = [] if hold else None
+        self._held_bytes = 0
+        self._hold = hold
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
+        held = self._held
+        if held is not None:
+            if self._held_bytes + len(data) <= self._hold:
+                held.append(data)
+                self._held_bytes += len(data)
+                return
+            self._held = None  # from now on, in the background
+            if held:
+                self._submit(self._update_all, held)
+        self._submit(self._h.update, data)
+
+    def _submit(self, fn: Callable[[Any], None], arg: Any) -> None:
         while len(self._pending) >= self._depth:
             self._pending.popleft().result()
-        self._pending.append(_HASHING.submit(self._h.update, data))
+        self._pending.append(_HASHING.submit(fn, arg))
+
+    def _update_all(self, bufs: list[bytes | bytearray | memoryview]) -> None:
+        for b in bufs:
+            self._h.update(b)
 
     def has_room(self) -> bool:
-        """update() would not wait."""
-        return len(self._pending) < self._depth or self._pending[0].done()
+        """update() would not wait (it may submit two jobs: the held bytes, then the new)."""
+        p = self._pending
+        return len(p) <= self._depth - 2 or all(f.done() for f in itertools.islice(p, 2))
 
     def hexdigest(self) -> str:
+        """Not on the event loop: may hash up to `hold` bytes here."""
         while self._pending:
             self._pending.popleft().result()
-        return self._h.copy().hexdigest()
+        h = self._h.copy()
+        for b in self._held or ():
+            h.update(b)
+        return h.hexdigest()
 
 
 class TokenFile:
