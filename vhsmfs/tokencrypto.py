@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 import uuid
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -84,14 +85,22 @@ class TokenKeys:
         """
         src = memoryview(plaintext)
         n = -(-len(src) // chunk_size) if len(src) else 1
-        out = bytearray(len(src) + n * RECORD_OVERHEAD)
+        return self.encrypt_chunks(
+            [src[k * chunk_size : (k + 1) * chunk_size] for k in range(n)], first_index,
+            final_index)
+
+    def encrypt_chunks(
+        self, chunks: Sequence[bytes | bytearray | memoryview], first_index: int, final_index: int,
+    ) -> tuple[bytearray, list[tuple[int, bytes]]]:
+        """encrypt_run() for plaintext given chunk by chunk (consecutive indexes from
+        `first_index`), so callers holding separate chunk buffers need not join them first."""
+        out = bytearray(sum(map(len, chunks)) + len(chunks) * RECORD_OVERHEAD)
         dst = memoryview(out)
-        nonces = os.urandom(NONCE_LEN * n)  # one syscall per run, not per chunk
+        nonces = os.urandom(NONCE_LEN * len(chunks))  # one syscall per run, not per chunk
         prefix, tail, aead, sha = self._aad_prefix, CHUNK_AAD_TAIL.pack, self._data, hashlib.sha256
         entries: list[tuple[int, bytes]] = []
         pos = 0
-        for k in range(n):
-            piece = src[k * chunk_size : (k + 1) * chunk_size]
+        for k, piece in enumerate(chunks):
             index = first_index + k
             nonce = nonces[k * NONCE_LEN : (k + 1) * NONCE_LEN]
             rlen = len(piece) + RECORD_OVERHEAD

@@ -63,6 +63,7 @@ HASH_HOLD_BYTES = 256 << 10  # a file's first bytes are hashed at commit, not on
 # sequential readers, and the running whole-file hash. Each file has at most one write-back and
 # one read-ahead job in flight, so memory stays bounded whatever the file sizes.
 _WRITEBACK = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-writeback")
+_ENCRYPT = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-encrypt")  # never waits
 _READAHEAD = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-readahead")
 _HASHING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-hash")  # FIFO: in order
 
@@ -143,10 +144,12 @@ class TokenFile:
         self.size = meta.size
         self.committed = committed  # a metadata file exists for this token
         self.meta_dirty = not committed
-        self._dirty: dict[int, bytearray] = {}
+        # Dirty plaintext per chunk: a bytearray, or a read-only view of the write request that
+        # replaced the whole chunk (not copied; made a bytearray if later written in part).
+        self._dirty: dict[int, bytearray | memoryview] = {}
         self._dirty_bytes = 0
         # chunks handed to the background write-back job: read from here until it completes
-        self._inflight: dict[int, bytearray] = {}
+        self._inflight: dict[int, bytearray | memoryview] = {}
         self._job: Future[list[tuple[int, int, int, list[tuple[int, bytes]]]]] | None = None
         self._ahead: tuple[int, int, Future[bytearray]] | None = None  # read-ahead job
         self._holes: set[int] = set()  # sentinel entries that are not dirty: read as zeros
@@ -412,6 +415,7 @@ class TokenFile:
         if end > self.size:
             self._resize(end)
         src = memoryview(data)
+        immutable = isinstance(data, bytes)  # whole chunks may then be kept as views of it
         pos = 0
         for i in range(offset // cs, (end - 1) // cs + 1):
             base = i * cs
@@ -422,11 +426,14 @@ class TokenFile:
             buf = self._dirty.get(i)
             if buf is None:
                 if a == 0 and b >= self._clen(i):
-                    self._dirty[i] = bytearray(piece)  # whole chunk replaced: nothing to load
+                    # whole chunk replaced: nothing to load, and nothing to copy
+                    self._dirty[i] = piece if immutable else bytearray(piece)
                     self._dirty_bytes += cs
                     self._holes.discard(i)
                     continue
                 buf = self._make_dirty(i)
+            elif not isinstance(buf, bytearray):
+                buf = self._dirty[i] = bytearray(buf)
             if len(buf) < a:
                 buf.extend(bytes(a - len(buf)))
             buf[a:b] = piece
@@ -447,6 +454,8 @@ class TokenFile:
         """Bring chunk i into the dirty set with its current plaintext (stored, or zeros)."""
         buf = self._dirty.get(i)
         if buf is not None:
+            if not isinstance(buf, bytearray):
+                buf = self._dirty[i] = bytearray(buf)
             return buf
         if i in self._inflight:
             self._drain()
@@ -497,7 +506,10 @@ class TokenFile:
             last = self._dirty.get(new_count - 1)
             keep = self._clen(new_count - 1)
             if last is not None and len(last) > keep:
-                del last[keep:]
+                if isinstance(last, bytearray):
+                    del last[keep:]
+                else:
+                    self._dirty[new_count - 1] = last[:keep]
 
     # -- write-back and commit -------------------------------------------------------------------
     def _append(self, records: bytes | bytearray) -> tuple[int, int]:
@@ -582,19 +594,19 @@ class TokenFile:
                 pack_into(self.manifest, (first + n) * ENTRY, obj, off, rlen, digest)
                 off += rlen
 
-    def _encrypt_append(self, todo: list[int], bufs: list[bytearray | None], final: int
-                        ) -> list[tuple[int, int, int, list[tuple[int, bytes]]]]:
+    def _encrypt_append(self, todo: list[int], bufs: list[bytearray | memoryview | None],
+                        final: int) -> list[tuple[int, int, int, list[tuple[int, bytes]]]]:
         """Encrypt chunks (consecutive runs of `todo`, plaintext `bufs`, None = zeros) and append
         the records to the current new object. Touches only the object writer, so it can run
         in the background while the owner buffers more writes."""
         cs = self.cs
-        placed = []
+        runs: list[tuple[int, list[bytes | bytearray | memoryview]]] = []
         k = 0
         while k < len(todo):
             j = k + 1
             while j < len(todo) and todo[j] == todo[j - 1] + 1 and (j - k) * cs < RUN_BYTES:
                 j += 1
-            parts: list[bytes | bytearray] = []
+            parts: list[bytes | bytearray | memoryview] = []
             for i, buf in zip(todo[k:j], bufs[k:j], strict=True):
                 want = self._clen(i) if i == final else cs
                 if buf is None:
@@ -602,11 +614,24 @@ class TokenFile:
                 elif len(buf) == want:
                     parts.append(buf)
                 else:
-                    parts.append(buf[:want] + bytes(max(0, want - len(buf))))
-            records, entries = self.keys.encrypt_run(b"".join(parts), todo[k], cs, final)
-            obj, off = self._append(records)
-            placed.append((todo[k], obj, off, entries))
+                    parts.append(bytes(buf[:want]) + bytes(max(0, want - len(buf))))
+            runs.append((todo[k], parts))
             k = j
+        # Runs after the first are encrypted meanwhile on the encryption threads (AES-GCM and
+        # SHA-256 release the GIL): one thread per file capped sequential writes at what one
+        # core encrypts and hashes. Records are appended in order, as each run is ready.
+        encrypt = self.keys.encrypt_chunks
+        ahead = [_ENCRYPT.submit(encrypt, parts, first, final) for first, parts in runs[1:]]
+        placed = []
+        try:
+            for n, (first, parts) in enumerate(runs):
+                records, entries = encrypt(parts, first, final) if n == 0 else ahead[n - 1].result()
+                obj, off = self._append(records)
+                placed.append((first, obj, off, entries))
+        finally:
+            for fut in ahead:  # on failure: nothing may still read the buffers afterwards
+                with contextlib.suppress(Exception):
+                    fut.result()
         return placed
 
     def _write_back(self) -> None:
