@@ -92,6 +92,27 @@ def test_whole_file_hash_kept_or_recomputed(store, small_buffers):
     store.verify_full(tf.token)
 
 
+@pytest.mark.parametrize("hold", [0, 10_000, 1 << 20])
+def test_whole_file_hash_across_commits_and_appends(store, small_buffers, monkeypatch, hold):
+    """The first bytes of a file are hashed at commit, the rest on the hash thread; either way
+    the recorded hash is the whole file's, across commits and appends after them."""
+    import hashlib
+
+    monkeypatch.setattr(ra, "HASH_HOLD_BYTES", hold)
+    tf = ra.TokenFile.create(store, "grow.bin", 0o600)
+    data = b""
+    for step, size in enumerate([3_000, 5_000, 1, 40_000, 0, 70_000, 9_000]):
+        piece = os.urandom(size)
+        tf.write(len(data), piece)
+        data += piece
+        if step % 2:
+            tf.commit()
+            assert store.open_token(tf.token).meta.sha256 == hashlib.sha256(data).hexdigest()
+    tf.commit()
+    assert store.open_token(tf.token).meta.sha256 == hashlib.sha256(data).hexdigest()
+    store.verify_full(tf.token)
+
+
 def test_orphans_of_a_killed_session_are_swept(store, small_buffers):
     tf = ra.TokenFile.create(store, "f.bin", 0o600)
     tf.write(0, os.urandom(100_000))

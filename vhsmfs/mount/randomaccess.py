@@ -77,7 +77,8 @@ class RunningHash:
     the committing thread, with no hand-off to the hash thread and back (which cost more than
     hashing a few KiB). Past `hold` bytes, everything goes to the hash thread in order."""
 
-    def __init__(self, depth: int = 8, hold: int = HASH_HOLD_BYTES) -> None:
+    def __init__(self, depth: int = 8, hold: int | None = None) -> None:
+        hold = HASH_HOLD_BYTES if hold is None else hold
         self._h = hashlib.sha256()
         self._pending: deque[Future[None]] = deque()
         self._depth = depth
@@ -112,13 +113,14 @@ class RunningHash:
         return len(p) <= self._depth - 2 or all(f.done() for f in itertools.islice(p, 2))
 
     def hexdigest(self) -> str:
-        """Not on the event loop: may hash up to `hold` bytes here."""
+        """Not on the event loop: hashes the bytes held so far here (and lets go of them)."""
         while self._pending:
             self._pending.popleft().result()
-        h = self._h.copy()
-        for b in self._held or ():
-            h.update(b)
-        return h.hexdigest()
+        if self._held:
+            for b in self._held:
+                self._h.update(b)
+            self._held = []  # the byte count stays: later writes are held only up to `hold`
+        return self._h.copy().hexdigest()
 
 
 class TokenFile:

@@ -463,17 +463,24 @@ class Vault:
             with self._idle_lock:
                 self._idle.pop(node.ino, None)
                 self._idle[node.ino] = node
-                evict = []
-                while len(self._idle) > IDLE_KEEP and not self._nonblocking():
-                    evict.append(self._idle.pop(next(iter(self._idle))))
-            for old in evict:
-                if old is not node and old.lock.acquire(blocking=False):
-                    try:
-                        self._unload(old)
-                    finally:
-                        old.lock.release()
+            if not self._nonblocking():
+                self._trim_idle(keep=node)
             return
         self._unload(node)
+
+    def _trim_idle(self, keep: FileNode | None = None) -> None:
+        """Unload the oldest idle files beyond IDLE_KEEP (in a worker thread: a release on the
+        event loop only adds to the set, and the next flush or commit trims it)."""
+        with self._idle_lock:
+            evict = []
+            while len(self._idle) > IDLE_KEEP:
+                evict.append(self._idle.pop(next(iter(self._idle))))
+        for old in evict:
+            if old is not keep and old.lock.acquire(blocking=False):
+                try:
+                    self._unload(old)
+                finally:
+                    old.lock.release()
 
     @staticmethod
     def _unload(node: FileNode) -> None:
@@ -593,6 +600,8 @@ class Vault:
         with node.lock:
             if node.tf is not None and not node.unlinked:
                 node.tf.commit(final=True)
+        if len(self._idle) > IDLE_KEEP:
+            self._trim_idle()
 
     def fsync(self, node: FileNode) -> None:
         self.flush(node)
