@@ -1,13 +1,19 @@
 """`vhsm keysvc serve`: the key service daemon (trio, Unix socket).
 
-Two threads. The trio event loop accepts connections, handles signals and timers, and finishes
-replies too big for a socket buffer (writer tasks). The hot path is one worker thread, started
-once with trio.to_thread.run_sync: it waits on an epoll set holding every client socket, reads
-every request that is ready, decodes and executes them in order (crypto), appends all their
-audit lines with one write + one fdatasync (group commit), saves keystore.dat if the batch
-changed keys or lifecycle, and sends the replies with non-blocking writes. Requests that arrive
-while a batch is on disk wait in their socket buffers and form the next batch, so under load
-one fdatasync serves every client that is waiting.
+Three threads. The trio event loop accepts connections, handles signals and timers, and
+finishes replies too big for a socket buffer (writer tasks). The hot path is two threads:
+
+* the worker (started once with trio.to_thread.run_sync) waits on an epoll set holding every
+  client socket, reads every request that is ready, and decodes and executes them in order as
+  one batch (crypto; Ed25519 signing releases the GIL);
+* the committer takes every batch executed meanwhile, appends all their audit lines with one
+  write + one fdatasync (group commit) and sends the replies with non-blocking writes.
+
+So batch n+1 executes while batch n is on disk and being answered, and requests that arrive
+meanwhile form the next batch. Batches are committed in the order they executed. A batch that
+must save keystore.dat (it changed keys or lifecycle) and the periodic chores wait until the
+committer is idle and then run in the worker, so keystore.dat is only ever saved with every
+executed use already in the log.
 
 Why the worker reads the sockets itself: when the event loop read them and queued the frames,
 every request cost a hand-over between two threads competing for the GIL, which measured as
@@ -43,7 +49,7 @@ from keysvc import audit, masterkey, paths, protocol, sockpath
 from keysvc.errors import DaemonError, KeysvcError
 from keysvc.keystore import open_keystore
 from keysvc.policy import Policy
-from keysvc.service import Caller, Service, auto_rotate_batch, error_reply, replay_uses
+from keysvc.service import Caller, Pending, Service, auto_rotate_batch, error_reply, replay_uses
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # below glibc's mmap threshold: recv(n) allocates n bytes first, and 1 MiB would cost an
@@ -100,6 +106,17 @@ class _Conn:
             return not self.writing
 
 
+@dataclass(slots=True)
+class _Executed:
+    """A batch the worker executed, on its way to the committer."""
+
+    batch: list[tuple[bytes, _Conn]]
+    ids: list[Any]  # request ids, echoed in the replies
+    slots: list[int | bytes]  # per frame: index into the replies, or an encoded error reply
+    pending: Pending | None
+
+
+_FLUSH = object()  # end of what the committer took from its queue
 _OUT_LIMIT = 64 * 1024 * 1024  # stop reading from a client that does not read its replies
 _STOP = object()  # queue marker: finish and leave the worker loop
 _CHORES = object()  # queue marker: auto-rotation check and saving use counters
@@ -156,6 +173,10 @@ class Daemon:
             self._log(f"recovered {recovered} use(s) from the audit log")
         # messages for the worker (stop, chores), with a pipe in its epoll set to wake it
         self._control: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # executed batches waiting for the committer; bounded, so that execution cannot run
+        # ahead of the disk by more than a few batches
+        self._commits: queue.Queue[Any] = queue.Queue(maxsize=8)
+        self._commit_failure: BaseException | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._token: trio.lowlevel.TrioToken | None = None
         self._worker_exited = threading.Event()
@@ -195,7 +216,7 @@ class Daemon:
             self._callers[key] = c
         return c
 
-    def _process(self, batch: list[tuple[bytes, _Conn]]) -> list[bytes]:
+    def _execute(self, batch: list[tuple[bytes, _Conn]]) -> _Executed:
         items: list[tuple[dict[str, Any], bytes, Caller]] = []
         slots: list[int | bytes] = []
         for frame, conn in batch:
@@ -207,20 +228,43 @@ class Daemon:
             caller = self._caller(conn.cred, header.get("user"), header.get("mk_check"))
             items.append((header, payload, caller))
             slots.append(len(items) - 1)
-        replies = self.service.run_batch(items) if items else []
-        out = []
-        for s in slots:
-            if isinstance(s, bytes):
-                out.append(s)
-                continue
-            header, payload = replies[s]
-            rid = items[s][0].get("id")
-            if rid is not None:
-                header["id"] = rid
-            out.append(protocol.encode(header, payload))
-        return out
+        pending = self.service.execute(items) if items else None
+        return _Executed(batch, [h.get("id") for h, _, _ in items], slots, pending)
 
-    # -- the worker thread
+    def _finish(self, run: list[_Executed]) -> None:
+        """Commit executed batches with one audit append (one write, one fdatasync), then
+        send their replies."""
+        pendings = [ex.pending for ex in run if ex.pending is not None]
+        if len(pendings) == 1:
+            replies = self.service.commit(pendings[0])
+        elif pendings:
+            replies = self.service.commit(
+                Pending(
+                    [r for p in pendings for r in p.records],
+                    [r for p in pendings for r in p.replies],
+                    structural=False,  # structural batches are committed alone
+                    need_save=False,
+                )
+            )
+        else:
+            replies = []
+        base = 0
+        for ex in run:
+            for (_, conn), slot in zip(ex.batch, ex.slots, strict=True):
+                if isinstance(slot, bytes):
+                    frame = slot
+                else:
+                    header, payload = replies[base + slot]
+                    rid = ex.ids[slot]
+                    if rid is not None:
+                        header["id"] = rid
+                    frame = protocol.encode(header, payload)
+                if conn.send(frame):
+                    self._to_loop(self._start_writer, conn)
+            if ex.pending is not None:
+                base += len(ex.pending.replies)
+
+    # -- the worker threads
 
     def _worker_loop(self) -> None:
         """The hot path, in one worker thread for the daemon's whole life: wait on the epoll
@@ -229,6 +273,8 @@ class Daemon:
         while a batch is on disk wait in their socket buffers and make the next batch."""
         ep = self._epoll
         wake = self._wake_r
+        committer = threading.Thread(target=self._commit_loop, name="vhsm-keysvc-commit")
+        committer.start()
         try:
             while True:
                 events = ep.poll()
@@ -249,16 +295,61 @@ class Daemon:
                             stop = True
                         elif it is _CHORES:
                             chores = True
+                if self._commit_failure is not None:
+                    raise self._commit_failure
                 if batch:
-                    for (_, conn), f in zip(batch, self._process(batch), strict=True):
-                        if conn.send(f):
-                            self._to_loop(self._start_writer, conn)
+                    ex = self._execute(batch)
+                    if ex.pending is not None and ex.pending.need_save:
+                        self._drain()  # keystore.dat is saved with every executed use logged
+                        self._finish([ex])
+                    else:
+                        self._commits.put(ex)
                 if chores:
+                    self._drain()
                     self._chores()
                 if stop:
+                    self._drain()
                     return
         finally:
+            self._commits.put(None)
+            committer.join()
             self._worker_exited.set()
+
+    def _commit_loop(self) -> None:
+        """The committer thread: group commit of everything executed while the previous
+        commit was on disk. A threading.Event in the queue is set once every batch before
+        it is committed and answered (see _drain); None ends the thread."""
+        q = self._commits
+        while True:
+            items = [q.get()]
+            while True:
+                try:
+                    items.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            run: list[_Executed] = []
+            for it in [*items, _FLUSH]:
+                if isinstance(it, _Executed):
+                    run.append(it)
+                    continue
+                if run:
+                    try:
+                        self._finish(run)
+                    except BaseException as e:
+                        # a bug, not a failed commit (those become error replies): the worker
+                        # raises it, and the daemon stops rather than serve on
+                        self._commit_failure = e
+                    run = []
+                if it is None:
+                    return
+                if isinstance(it, threading.Event):
+                    it.set()
+
+    def _drain(self) -> None:
+        """Wait until every batch handed to the committer is committed and answered."""
+        done = threading.Event()
+        self._commits.put(done)
+        done.wait()
 
     def _tell_worker(self, item: object) -> None:
         self._control.put(item)

@@ -66,6 +66,16 @@ class OpSpec:
     internal: bool = False  # only the daemon itself may call it
 
 
+@dataclass(slots=True)
+class Pending:
+    """An executed batch whose audit lines are not durable yet: its replies are held back."""
+
+    records: list[AuditRecord]
+    replies: list[Reply]
+    structural: bool  # keys or lifecycle changed: undone from keystore.dat if the commit fails
+    need_save: bool  # keystore.dat is saved with the batch (structural, or counters due)
+
+
 class Service:
     def __init__(
         self,
@@ -93,6 +103,10 @@ class Service:
     # -- batch execution
 
     def run_batch(self, items: list[tuple[dict[str, Any], bytes, Caller]]) -> list[Reply]:
+        return self.commit(self.execute(items))
+
+    def execute(self, items: list[tuple[dict[str, Any], bytes, Caller]]) -> Pending:
+        """Step 1: check and execute every request; nothing is released yet."""
         records: list[AuditRecord] = []
         replies: list[Reply] = []
         self._structural = False
@@ -100,7 +114,12 @@ class Service:
             replies.append(self._one(req, blob, caller, records))
         self.requests += len(items)
         self.batches += 1
-        return self._commit(records, replies)
+        return Pending(records, replies, self._structural, self._save_due())
+
+    def _save_due(self) -> bool:
+        return self._structural or (
+            self._dirty and time.monotonic() - self._last_flush >= self.flush_interval
+        )
 
     def _one(
         self, req: dict[str, Any], blob: bytes, caller: Caller, records: list[AuditRecord]
@@ -156,12 +175,17 @@ class Service:
                 )
             return error_reply(e)
 
-    def _commit(self, records: list[AuditRecord], replies: list[Reply]) -> list[Reply]:
+    def commit(self, pending: Pending) -> list[Reply]:
+        """Steps 2-4: make the batch durable, then hand back its replies.
+
+        A batch without `need_save` touches nothing but the audit writer and `_last_seq`, so
+        the daemon commits it in another thread while the next batch executes (batches are
+        still committed in the order they executed). A batch with `need_save` is committed
+        only once every earlier batch is, and before the next one executes."""
+        records, replies = pending.records, pending.replies
         saved: list[Path] = []
         now = time.monotonic()
-        need_save = self._structural or (
-            self._dirty and now - self._last_flush >= self.flush_interval
-        )
+        need_save = pending.need_save
 
         def save_stamped(last_seq: int) -> None:
             # under the audit writers' lock: the keystore records exactly which audit line its
@@ -179,7 +203,7 @@ class Service:
         except KeysvcError as e:
             for tmp in saved:
                 discard(tmp)
-            if self._structural:
+            if pending.structural:
                 self.ks.load()  # back to the last durable state
             return [error_reply(e) if r[0].get("ok") else r for r in replies]
         if saved:
@@ -568,5 +592,5 @@ def auto_rotate_batch(service: Service, caller: Caller) -> list[tuple[str, int, 
                 caller.uid,
             )
         )
-    service._commit(records, [reply])
+    service.commit(Pending(records, [reply], service._structural, service._save_due()))
     return rotated
