@@ -267,10 +267,10 @@ class Daemon:
     # -- the worker threads
 
     def _worker_loop(self) -> None:
-        """The hot path, in one worker thread for the daemon's whole life: wait on the epoll
-        set of client sockets, read every ready request, execute them as one batch, commit
-        the batch (one write + one fdatasync) and send the replies. Requests that arrive
-        while a batch is on disk wait in their socket buffers and make the next batch."""
+        """The worker, for the daemon's whole life: wait on the epoll set of client sockets,
+        read every ready request, execute them as one batch and hand it to the committer
+        (started here). Requests that arrive meanwhile wait in their socket buffers and make
+        the next batch."""
         ep = self._epoll
         wake = self._wake_r
         committer = threading.Thread(target=self._commit_loop, name="vhsm-keysvc-commit")
