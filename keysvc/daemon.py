@@ -116,6 +116,13 @@ class _Executed:
     pending: Pending | None
 
 
+@dataclass(slots=True)
+class _Goodbyes:
+    """Connections that broke the framing: an error reply each, then the close."""
+
+    items: list[tuple[_Conn, bytes]]
+
+
 _FLUSH = object()  # end of what the committer took from its queue
 _OUT_LIMIT = 64 * 1024 * 1024  # stop reading from a client that does not read its replies
 _STOP = object()  # queue marker: finish and leave the worker loop
@@ -279,10 +286,11 @@ class Daemon:
             while True:
                 events = ep.poll()
                 batch: list[tuple[bytes, _Conn]] = []
+                goodbyes: list[tuple[_Conn, bytes]] = []
                 stop = chores = False
                 for fd, _ev in events:
                     if fd != wake:
-                        self._read(fd, batch)
+                        self._read(fd, batch, goodbyes)
                         continue
                     with contextlib.suppress(BlockingIOError):
                         os.read(wake, 4096)
@@ -304,6 +312,8 @@ class Daemon:
                         self._finish([ex])
                     else:
                         self._commits.put(ex)
+                if goodbyes:
+                    self._commits.put(_Goodbyes(goodbyes))
                 if chores:
                     self._drain()
                     self._chores()
@@ -344,6 +354,10 @@ class Daemon:
                     return
                 if isinstance(it, threading.Event):
                     it.set()
+                elif isinstance(it, _Goodbyes):
+                    for conn, frame in it.items:
+                        conn.send(frame)
+                        self._close(conn)
 
     def _drain(self) -> None:
         """Wait until every batch handed to the committer is committed and answered."""
@@ -356,8 +370,14 @@ class Daemon:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
-    def _read(self, fd: int, batch: list[tuple[bytes, _Conn]]) -> None:
-        """Read what one client sent; whole requests go into the batch."""
+    def _read(
+        self,
+        fd: int,
+        batch: list[tuple[bytes, _Conn]],
+        goodbyes: list[tuple[_Conn, bytes]],
+    ) -> None:
+        """Read what one client sent; whole requests go into the batch, a connection that
+        broke the framing into goodbyes (an error reply, then the close)."""
         entry = self._conns.get(fd)
         if entry is None:
             return
@@ -375,13 +395,19 @@ class Daemon:
             batch.append((data[4:], conn))  # the common case: exactly one whole request
             return
         buf += data
-        try:
-            frames = protocol.split_frames(buf)
-        except DaemonError as e:
-            conn.send(protocol.encode(*error_reply(e)))
-            self._close(conn)
-            return
-        batch.extend((f, conn) for f in frames)
+        while True:
+            try:
+                frames = protocol.split_frames(buf)
+            except DaemonError as e:
+                # read nothing more from it; the error and the close go through the committer,
+                # after the replies to the requests it sent before
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.modify(conn.fd, 0)
+                goodbyes.append((conn, protocol.encode(*error_reply(e))))
+                return
+            if not frames:
+                return
+            batch.extend((f, conn) for f in frames)
 
     def _chores(self) -> None:
         if time.monotonic() >= self._next_rotation:

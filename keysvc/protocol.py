@@ -97,13 +97,18 @@ def decode(body: bytes | memoryview) -> tuple[dict[str, Any], bytes]:
 
 
 def split_frames(buf: bytearray) -> list[bytes]:
-    """Remove and return every complete frame body at the start of buf."""
-    out = []
+    """Remove and return every complete frame body at the start of buf.
+
+    A frame whose length exceeds the limit raises DaemonError once it is at the start of buf;
+    complete frames before it are returned first (call again to meet it)."""
+    out: list[bytes] = []
     pos = 0
     n = len(buf)
     while n - pos >= 4:
         (length,) = _LEN.unpack_from(buf, pos)
         if length > MAX_FRAME:
+            if out:
+                break
             raise DaemonError(f"frame of {length} bytes exceeds the limit")
         if n - pos - 4 < length:
             break

@@ -191,6 +191,23 @@ def test_protocol_errors(work: Work, daemon: Daemon) -> None:
     r1, r2, r3 = c.recv(), c.recv(), c.recv()
     assert [r1[0]["id"], r2[0]["id"], r3[0]["id"]] == [1, 2, 3]
     assert r1[0]["ok"] and r2[0]["ok"] and len(r2[1]) == 64 and not r3[0]["ok"]
+    # requests sent before a frame that breaks the framing (a length over the limit), in the
+    # same write, are answered in order; then the error, then the connection closes
+    c3 = client(daemon)
+    bad = (protocol.MAX_FRAME + 1).to_bytes(4, "big") + b"\x01"
+    c3.sock.sendall(
+        b"".join(
+            protocol.encode({"op": "sign", "key": "p1", "id": i}, b"m%d" % i) for i in range(3)
+        )
+        + bad
+    )
+    answers = [c3.recv() for _ in range(4)]
+    assert [h.get("id") for h, _ in answers[:3]] == [0, 1, 2]
+    assert all(h["ok"] and len(sig) == 64 for h, sig in answers[:3])
+    assert not answers[3][0]["ok"] and "exceeds the limit" in answers[3][0]["message"]
+    c3.sock.settimeout(10)
+    assert c3.sock.recv(100) == b""  # closed by the daemon
+    c3.close()
     # a garbage header closes nothing else: a new connection still works
     c.sock.sendall(b"\x00\x00\x00\x05\x01\x00\x00\x00\x10")
     reply, _ = c.recv()
