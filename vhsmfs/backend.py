@@ -324,7 +324,7 @@ class LocalBackend:
                     os.close(fd)
             elif name.startswith(".") and ".metadata." in name:
                 pid = name.split(".")[3] if name.count(".") >= 4 else ""
-                if pid.isdigit() and not _pid_alive(int(pid)):
+                if pid.isdigit() and not pid_alive(int(pid)):
                     wipe_file(path)
                     removed.append(f"removed stale temp file {name}")
         if removed:
@@ -345,7 +345,8 @@ def _same_dir(fd: int, path: str) -> bool:
     return (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino) and held.st_nlink > 0
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (also one we may not signal)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

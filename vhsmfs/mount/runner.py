@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import pyfuse3
 import trio
 
-from vhsmfs.backend import LocalBackend
+from vhsmfs.backend import LocalBackend, pid_alive
 from vhsmfs.errors import VhsmError
 from vhsmfs.keyfile import KeyProvider, StaticKeyProvider, load_key_file
 from vhsmfs.mount.fs import VaultOps
@@ -359,12 +359,8 @@ def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 120.0) -> N
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:  # a zombie counts as gone, and so does a reused pid that is not a mount
         with open(f"/proc/{pid}/stat") as f:
             if f.read().split(") ")[-1][:1] == "Z":
