@@ -570,8 +570,7 @@ class Daemon:
                     probe.close()
             s.bind(p)
         os.chmod(path, self.cfg.socket_mode)
-        s.listen(512)
-        return s
+        return s  # listen() comes once the daemon is ready (see run)
 
     async def run(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -590,6 +589,8 @@ class Daemon:
                 )
             ]
         )
+        # Connections are refused until now: a client that got in finds the start in the log.
+        listener.listen(512)
         self._log(f"listening on {self.cfg.socket} (pid {os.getpid()})")
         try:
             async with trio.open_nursery() as nursery:
