@@ -42,10 +42,12 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check vhsmfs keysvc cli tests bench $(wildcard bench/*)
+	$(BIN)/ruff format --check vhsmfs keysvc cli tests bench $(wildcard bench/*)
 	$(BIN)/pytest -q tests
 
 lint: venv
 	$(BIN)/ruff check vhsmfs keysvc cli tests bench $(wildcard bench/*)
+	$(BIN)/ruff format --check vhsmfs keysvc cli tests bench $(wildcard bench/*)
 
 bench: venv
 	$(BIN)/python bench/token_vs_age
