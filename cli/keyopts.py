@@ -16,13 +16,20 @@ ANY_KEY = "*"  # --key-service without a name: use whichever key each token name
 
 def key_option(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option(
-        "--key-service", "key_service", is_flag=False, flag_value=ANY_KEY, default=None,
+        "--key-service",
+        "key_service",
+        is_flag=False,
+        flag_value=ANY_KEY,
+        default=None,
         metavar="[NAME]",
         help="Use the key service: each token's data key is wrapped by the AES key NAME "
-             "(new tokens need NAME; reading uses the key recorded in the token).",
+        "(new tokens need NAME; reading uses the key recorded in the token).",
     )(f)
     return click.option(
-        "--key", "key_file", type=click.Path(dir_okay=False), default=None,
+        "--key",
+        "key_file",
+        type=click.Path(dir_okay=False),
+        default=None,
         help="Key file (32 raw bytes, mode 0600).",
     )(f)
 

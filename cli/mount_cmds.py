@@ -18,24 +18,58 @@ DEFAULT_STORE = "secure_storage"  # same default as `vhsm token`
 
 @click.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False))
-@click.option("--store", "store_dir", envvar="VHSM_STORE", default=DEFAULT_STORE,
-              show_default=True, type=click.Path(file_okay=False),
-              help="Store directory (env VHSM_STORE).")
+@click.option(
+    "--store",
+    "store_dir",
+    envvar="VHSM_STORE",
+    default=DEFAULT_STORE,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Store directory (env VHSM_STORE).",
+)
 @key_option
-@click.option("--background", is_flag=True,
-              help="Detach once the mount is ready (prints the mount process id).")
-@click.option("--allow-other", is_flag=True,
-              help="Let other users in (modes still apply; needs user_allow_other).")
-@click.option("--chunk-size", type=click.IntRange(512, 16 * 1024 * 1024), default=None,
-              help="Chunk size of files created through the mount "
-                   "(default: TOKEN_CHUNK_SIZE if set, else 64 KiB).")
-@click.option("--log", "log_file", type=click.Path(dir_okay=False), default=None,
-              help="With --background: append the mount's log here.")
-@click.option("--ready-fd", type=int, default=None, hidden=True,
-              help="(internal) pipe on which the detached mount reports readiness.")
-def mount(mountpoint: str, store_dir: str, key_file: str | None, key_service: str | None,
-          background: bool, allow_other: bool, chunk_size: int | None,
-          log_file: str | None, ready_fd: int | None) -> None:
+@click.option(
+    "--background",
+    is_flag=True,
+    help="Detach once the mount is ready (prints the mount process id).",
+)
+@click.option(
+    "--allow-other",
+    is_flag=True,
+    help="Let other users in (modes still apply; needs user_allow_other).",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(512, 16 * 1024 * 1024),
+    default=None,
+    help="Chunk size of files created through the mount "
+    "(default: TOKEN_CHUNK_SIZE if set, else 64 KiB).",
+)
+@click.option(
+    "--log",
+    "log_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --background: append the mount's log here.",
+)
+@click.option(
+    "--ready-fd",
+    type=int,
+    default=None,
+    hidden=True,
+    help="(internal) pipe on which the detached mount reports readiness.",
+)
+def mount(
+    mountpoint: str,
+    store_dir: str,
+    key_file: str | None,
+    key_service: str | None,
+    background: bool,
+    allow_other: bool,
+    chunk_size: int | None,
+    log_file: str | None,
+    ready_fd: int | None,
+) -> None:
     """Mount the vault at MOUNTPOINT: one directory per token, plus the files you put there."""
     import logging
 
@@ -49,27 +83,49 @@ def mount(mountpoint: str, store_dir: str, key_file: str | None, key_service: st
             raise VhsmError("the mount needs a key: --key FILE or --key-service NAME")
         if background:
             pid = runner.start_background(
-                _child_argv(mountpoint, store_dir, key_file, key_service, allow_other,
-                            chunk_size),
-                mountpoint, log_file=log_file, env=_child_env(key_service))
+                _child_argv(mountpoint, store_dir, key_file, key_service, allow_other, chunk_size),
+                mountpoint,
+                log_file=log_file,
+                env=_child_env(key_service),
+            )
             click.echo(f"Mounted {store_dir} at {mountpoint} (pid {pid})")
             return
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s vhsm-mount %(levelname)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s vhsm-mount %(levelname)s %(message)s"
+        )
         try:
-            runner.run(store_dir, mountpoint, keys, allow_other=allow_other, ready=ready_fd,
-                       chunk_size=chunk_size)
+            runner.run(
+                store_dir,
+                mountpoint,
+                keys,
+                allow_other=allow_other,
+                ready=ready_fd,
+                chunk_size=chunk_size,
+            )
         except KeysvcError as e:  # run() itself reports VhsmError on the pipe
             runner.report_ready(ready_fd, f"error: {e}")
             raise
 
 
-def _child_argv(mountpoint: str, store_dir: str, key_file: str | None, key_service: str | None,
-                allow_other: bool, chunk_size: int | None) -> list[str]:
+def _child_argv(
+    mountpoint: str,
+    store_dir: str,
+    key_file: str | None,
+    key_service: str | None,
+    allow_other: bool,
+    chunk_size: int | None,
+) -> list[str]:
     """The detached mount is this same command in the foreground, so that the key provider is
     built here in the CLI (vhsmfs never imports the key service)."""
-    argv = [sys.executable, "-m", "cli.main", "mount", os.path.abspath(mountpoint),
-            "--store", os.path.abspath(store_dir)]
+    argv = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "mount",
+        os.path.abspath(mountpoint),
+        "--store",
+        os.path.abspath(store_dir),
+    ]
     if key_file:
         argv += ["--key", os.path.abspath(key_file)]
     if key_service:

@@ -17,6 +17,13 @@ def progress_bar(total: int, label: str, wanted: bool | None) -> Iterator[Callab
         return
     from tqdm import tqdm  # imported only when a bar is shown: keeps scripted calls fast
 
-    with tqdm(total=total, desc=label[-30:], unit="B", unit_scale=True, unit_divisor=1024,
-              file=sys.stderr, leave=False) as bar:
+    with tqdm(
+        total=total,
+        desc=label[-30:],
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        leave=False,
+    ) as bar:
         yield bar.update

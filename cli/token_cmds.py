@@ -32,9 +32,16 @@ from vhsmfs.store import TokenStore, parse_token
 DEFAULT_STORE = "secure_storage"
 
 store_option = click.option(
-    "--store", "store_dir", envvar="VHSM_STORE", default=DEFAULT_STORE, show_default=True,
-    type=click.Path(file_okay=False), help="Store directory (env VHSM_STORE).",
+    "--store",
+    "store_dir",
+    envvar="VHSM_STORE",
+    default=DEFAULT_STORE,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Store directory (env VHSM_STORE).",
 )
+
+
 def _open_store(store_dir: str, key_file: str | None, key_service: str | None = None) -> TokenStore:
     return TokenStore(LocalBackend(store_dir, create=False), provider(key_file, key_service))
 
@@ -60,10 +67,20 @@ def generate_key(file: str, force: bool) -> None:
 @store_option
 @click.option("-r", "--recursive", is_flag=True, help="Store every file under a directory.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the token(s).")
-@click.option("--progress/--no-progress", default=None,
-              help="Progress bar on stderr (default: only when stderr is a terminal).")
-def store(paths: tuple[str, ...], key_file: str | None, key_service: str | None, store_dir: str,
-          recursive: bool, quiet: bool, progress: bool | None) -> None:
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar on stderr (default: only when stderr is a terminal).",
+)
+def store(
+    paths: tuple[str, ...],
+    key_file: str | None,
+    key_service: str | None,
+    store_dir: str,
+    recursive: bool,
+    quiet: bool,
+    progress: bool | None,
+) -> None:
     """Encrypt files into the store; prints one `Token: <uuid>` line per file."""
     with run_guarded():
         files = list(_expand_inputs(paths, recursive))
@@ -152,8 +169,15 @@ def _walk_error(e: OSError) -> None:
 @store_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--progress/--no-progress", default=None)
-def retrieve(token_id: str, outdir: str, key_file: str | None, key_service: str | None,
-             store_dir: str, force: bool, progress: bool | None) -> None:
+def retrieve(
+    token_id: str,
+    outdir: str,
+    key_file: str | None,
+    key_service: str | None,
+    store_dir: str,
+    force: bool,
+    progress: bool | None,
+) -> None:
     """Decrypt TOKEN into OUTDIR/<original name>; prints the path written."""
     with run_guarded():
         tok = parse_token(token_id)
@@ -166,9 +190,13 @@ def retrieve(token_id: str, outdir: str, key_file: str | None, key_service: str 
                 # audited after every check passed, before the file gets its name: if the
                 # line cannot be written, nothing is released (fail closed)
                 dest = ts.retrieve(
-                    opened, outdir, force=force, progress=advance,
-                    before_publish=lambda d: audit_token_event("DECRYPTION", tok, "retrieved",
-                                                               d.name),
+                    opened,
+                    outdir,
+                    force=force,
+                    progress=advance,
+                    before_publish=lambda d: audit_token_event(
+                        "DECRYPTION", tok, "retrieved", d.name
+                    ),
                 )
         except WrongKeyError:
             audit_token_event("AUTH_FAILURE", tok, "wrong key", None, success=False)
@@ -183,8 +211,7 @@ def retrieve(token_id: str, outdir: str, key_file: str | None, key_service: str 
 @key_option
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_cmd(key_file: str | None, key_service: str | None, store_dir: str,
-             as_json: bool) -> None:
+def list_cmd(key_file: str | None, key_service: str | None, store_dir: str, as_json: bool) -> None:
     """List tokens (with --key: also names and sizes of tokens under that key)."""
     with run_guarded():
         ts = _open_store(store_dir, key_file, key_service)
@@ -209,8 +236,10 @@ def list_cmd(key_file: str | None, key_service: str | None, store_dir: str,
             name = r["name"] if r["readable"] else "(encrypted: other key or no --key)"
             if r.get("kind") == "dir":
                 name, size = f"{name}/", "-"  # a directory created through the mount
-            click.echo(f"{r['token']:36}  {size:>12}  {r['chunk_count']:>7}  "
-                       f"{_fmt_ns(r['mtime_ns'])}  {name}")
+            click.echo(
+                f"{r['token']:36}  {size:>12}  {r['chunk_count']:>7}  "
+                f"{_fmt_ns(r['mtime_ns'])}  {name}"
+            )
 
 
 @token.command()
@@ -218,8 +247,9 @@ def list_cmd(key_file: str | None, key_service: str | None, store_dir: str,
 @key_option
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(token_id: str, key_file: str | None, key_service: str | None, store_dir: str,
-         as_json: bool) -> None:
+def info(
+    token_id: str, key_file: str | None, key_service: str | None, store_dir: str, as_json: bool
+) -> None:
     """Show what is known about TOKEN (names and sizes need its key)."""
     with run_guarded():
         tok = parse_token(token_id)
@@ -232,10 +262,16 @@ def info(token_id: str, key_file: str | None, key_service: str | None, store_dir
             click.echo(json.dumps(d, indent=2))
             return
         labels: list[tuple[str, Any]] = [
-            ("Token", d["token"]), ("Name", d["name"]), ("Kind", d["kind"]), ("Size", d["size"]),
-            ("SHA-256", d["sha256"]), ("Chunk size", d["chunk_size"]),
-            ("Chunks", d["chunk_count"]), ("Stored bytes", d["stored_bytes"]),
-            ("Generation", d["generation"]), ("Created", _fmt_s(d["created"])),
+            ("Token", d["token"]),
+            ("Name", d["name"]),
+            ("Kind", d["kind"]),
+            ("Size", d["size"]),
+            ("SHA-256", d["sha256"]),
+            ("Chunk size", d["chunk_size"]),
+            ("Chunks", d["chunk_count"]),
+            ("Stored bytes", d["stored_bytes"]),
+            ("Generation", d["generation"]),
+            ("Created", _fmt_s(d["created"])),
             ("Modified", _fmt_ns(d["mtime_ns"])),
             ("Mode", f"{d['mode']:04o}" if d["mode"] is not None else None),
         ]
@@ -250,10 +286,16 @@ def info(token_id: str, key_file: str | None, key_service: str | None, store_dir
 @click.argument("token_ids", nargs=-1, metavar="[TOKEN]...")
 @key_option
 @store_option
-@click.option("--no-key", is_flag=True,
-              help="Check ciphertext checksums only (for backups; no key needed).")
-def verify(token_ids: tuple[str, ...], key_file: str | None, key_service: str | None,
-           store_dir: str, no_key: bool) -> None:
+@click.option(
+    "--no-key", is_flag=True, help="Check ciphertext checksums only (for backups; no key needed)."
+)
+def verify(
+    token_ids: tuple[str, ...],
+    key_file: str | None,
+    key_service: str | None,
+    store_dir: str,
+    no_key: bool,
+) -> None:
     """Check tokens (all when none named). Exit 1 if any fails."""
     with run_guarded():
         has_key = bool(key_file or key_service)

@@ -19,8 +19,9 @@ class AuditError(VhsmError):
     pass
 
 
-def audit_token_event(event: str, tok: uuid.UUID, what: str, name: str | None, *,
-                      success: bool = True) -> None:
+def audit_token_event(
+    event: str, tok: uuid.UUID, what: str, name: str | None, *, success: bool = True
+) -> None:
     details = f"token {tok} {what}"
     if name and os.environ.get("VHSM_AUDIT_FILENAMES") == "1":
         details += f" ({name})"

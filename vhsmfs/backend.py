@@ -303,8 +303,11 @@ class LocalBackend:
                 self._wipe_data_dir(token)
                 wipe_file(path)
                 removed.append(f"finished deleting token {token}")
-            elif (name.endswith(".data") and os.path.isdir(path)
-                  and not os.path.exists(path[:-5] + ".metadata")):
+            elif (
+                name.endswith(".data")
+                and os.path.isdir(path)
+                and not os.path.exists(path[:-5] + ".metadata")
+            ):
                 fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
                 try:
                     try:

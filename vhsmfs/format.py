@@ -113,7 +113,14 @@ class Metadata:
     def from_json(cls, raw: bytes) -> Metadata:
         doc = json.loads(raw)
         known = {
-            "name", "size", "sha256", "mode", "mtime_ns", "atime_ns", "ctime_ns", "created",
+            "name",
+            "size",
+            "sha256",
+            "mode",
+            "mtime_ns",
+            "atime_ns",
+            "ctime_ns",
+            "created",
             "parallel_chunks",
         }
         if doc.get("v") != FORMAT_VERSION:
@@ -208,8 +215,13 @@ def parse_file(data: bytes, expected_token: uuid.UUID) -> ParsedFile:
     if manifest_digest(manifest) != mdig:
         raise IntegrityError(f"token {tid}: chunk manifest does not match its digest")
     header = Header(uuid.UUID(bytes=tok), salt, kcv, gen, csize, count, next_obj, mdig, key_ref)
-    return ParsedFile(header, header_bytes, manifest, bytes(body[pos : pos + NONCE_LEN]),
-                      bytes(body[pos + NONCE_LEN :]))
+    return ParsedFile(
+        header,
+        header_bytes,
+        manifest,
+        bytes(body[pos : pos + NONCE_LEN]),
+        bytes(body[pos + NONCE_LEN :]),
+    )
 
 
 def record_len(chunk_size: int, size: int, index: int, count: int) -> int:

@@ -29,8 +29,9 @@ class PendingFile:
             if e.errno not in _NO_TMPFILE:
                 raise OutputError(f"cannot write to {dest.parent}: {e.strerror}") from None
             try:
-                self.fd, self._tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.",
-                                                      suffix=".vhsm-part")
+                self.fd, self._tmp = tempfile.mkstemp(
+                    dir=dest.parent, prefix=f".{dest.name}.", suffix=".vhsm-part"
+                )
             except OSError as e2:
                 raise OutputError(f"cannot write to {dest.parent}: {e2.strerror}") from None
 

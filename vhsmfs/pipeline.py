@@ -17,7 +17,11 @@ R = TypeVar("R")
 
 
 def run_ordered(
-    items: Iterable[T], work: Callable[[T], R], consume: Callable[[R], None], *, workers: int,
+    items: Iterable[T],
+    work: Callable[[T], R],
+    consume: Callable[[R], None],
+    *,
+    workers: int,
     depth: int | None = None,
 ) -> None:
     workers = max(1, workers)

@@ -210,7 +210,11 @@ class _ObjectSink:
 
 class TokenStore:
     def __init__(
-        self, backend: Backend, keys: KeyProvider | None = None, *, chunk_size: int | None = None,
+        self,
+        backend: Backend,
+        keys: KeyProvider | None = None,
+        *,
+        chunk_size: int | None = None,
         parallel: int | None = None,
     ) -> None:
         self.backend = backend
@@ -226,8 +230,9 @@ class TokenStore:
         return self.keys
 
     # -- metadata ---------------------------------------------------------------------------------
-    def seal(self, keys: TokenKeys, header: Header, manifest: bytes | bytearray,
-             meta: Metadata) -> list[bytes | bytearray]:
+    def seal(
+        self, keys: TokenKeys, header: Header, manifest: bytes | bytearray, meta: Metadata
+    ) -> list[bytes | bytearray]:
         """The metadata file's parts (see format.build_parts), ready for commit_metadata."""
         header_bytes = header.pack()
         nonce, ct = keys.seal_metadata(meta.to_json(), header_bytes)
@@ -270,7 +275,10 @@ class TokenStore:
 
     # -- store ------------------------------------------------------------------------------------
     def store_file(
-        self, src: str | os.PathLike[str], *, name: str | None = None,
+        self,
+        src: str | os.PathLike[str],
+        *,
+        name: str | None = None,
         progress: Progress | None = None,
     ) -> uuid.UUID:
         """Encrypt one regular file into a new token; returns the token id."""
@@ -289,12 +297,20 @@ class TokenStore:
             if not stat.S_ISREG(st.st_mode):
                 raise InputError(f"{src} is not a regular file")
             return self._store_stream(
-                f, name=name if name is not None else os.path.basename(src), st=st,
+                f,
+                name=name if name is not None else os.path.basename(src),
+                st=st,
                 progress=progress,
             )
 
-    def _store_stream(self, f, *, name: str, st: os.stat_result,  # type: ignore[no-untyped-def]
-                      progress: Progress | None) -> uuid.UUID:
+    def _store_stream(
+        self,
+        f,
+        *,
+        name: str,
+        st: os.stat_result,  # type: ignore[no-untyped-def]
+        progress: Progress | None,
+    ) -> uuid.UUID:
         token = uuid.uuid4()
         salt = os.urandom(SALT_LEN)
         ikm, key_ref = self._need_keys().new_token_key(token)
@@ -346,15 +362,25 @@ class TokenStore:
                     raise _disk_error(e, f"token {token} to {self.backend.describe()}") from None
                 now = time.time()
                 header = Header(
-                    token_id=token, salt=salt, key_check=keys.key_check, generation=1,
-                    chunk_size=cs, chunk_count=len(manifest) // MANIFEST_ENTRY.size,
-                    next_object_id=sink.next_object, manifest_digest=manifest_digest(manifest),
+                    token_id=token,
+                    salt=salt,
+                    key_check=keys.key_check,
+                    generation=1,
+                    chunk_size=cs,
+                    chunk_count=len(manifest) // MANIFEST_ENTRY.size,
+                    next_object_id=sink.next_object,
+                    manifest_digest=manifest_digest(manifest),
                     key_ref=key_ref,
                 )
                 meta = Metadata(
-                    name=name, size=total, sha256=hasher.digest().hex(),
-                    mode=stat.S_IMODE(st.st_mode), mtime_ns=st.st_mtime_ns,
-                    atime_ns=st.st_atime_ns, ctime_ns=time.time_ns(), created=int(now),
+                    name=name,
+                    size=total,
+                    sha256=hasher.digest().hex(),
+                    mode=stat.S_IMODE(st.st_mode),
+                    mtime_ns=st.st_mtime_ns,
+                    atime_ns=st.st_atime_ns,
+                    ctime_ns=time.time_ns(),
+                    created=int(now),
                     parallel_chunks=self.parallel,
                 )
                 try:
@@ -390,7 +416,11 @@ class TokenStore:
             yield obj, off, lengths, first, digests
 
     def _decrypt_stream(
-        self, t: OpenedToken, sink: Callable[[bytearray], None] | None, *, check_digests: bool,
+        self,
+        t: OpenedToken,
+        sink: Callable[[bytearray], None] | None,
+        *,
+        check_digests: bool,
         progress: Progress | None = None,
     ) -> None:
         """Authenticate and decrypt every chunk in order, feeding plaintext to `sink`; then check
@@ -450,8 +480,12 @@ class TokenStore:
 
     # -- retrieve ---------------------------------------------------------------------------------
     def retrieve(
-        self, token: uuid.UUID | OpenedToken, outdir: str | os.PathLike[str], *,
-        force: bool = False, progress: Progress | None = None,
+        self,
+        token: uuid.UUID | OpenedToken,
+        outdir: str | os.PathLike[str],
+        *,
+        force: bool = False,
+        progress: Progress | None = None,
         before_publish: Callable[[Path], None] | None = None,
     ) -> Path:
         """Decrypt a token to OUTDIR/<its relative path>. Nothing appears unless all checks pass.
@@ -490,8 +524,9 @@ class TokenStore:
         return dest
 
     @staticmethod
-    def _retrieve_dir(t: OpenedToken, dest: Path,
-                      before_publish: Callable[[Path], None] | None) -> Path:
+    def _retrieve_dir(
+        t: OpenedToken, dest: Path, before_publish: Callable[[Path], None] | None
+    ) -> Path:
         """A directory marker (created through the mount): recreate the directory."""
         if dest.exists() and not dest.is_dir():
             raise OutputError(f"{dest} exists and is not a directory")
@@ -512,10 +547,12 @@ class TokenStore:
         parsed = self.parse(token)
         h = parsed.header
         full = h.chunk_size + RECORD_OVERHEAD
-        entries = [MANIFEST_ENTRY.unpack_from(parsed.manifest, i * MANIFEST_ENTRY.size)
-                   for i in range(h.chunk_count)]
+        entries = [
+            MANIFEST_ENTRY.unpack_from(parsed.manifest, i * MANIFEST_ENTRY.size)
+            for i in range(h.chunk_count)
+        ]
         for i, (_, _, rlen, _) in enumerate(entries):
-            if (rlen != full if i < h.chunk_count - 1 else not RECORD_OVERHEAD < rlen <= full):
+            if rlen != full if i < h.chunk_count - 1 else not RECORD_OVERHEAD < rlen <= full:
                 raise IntegrityError(f"token {token}: chunk {i} has the wrong length")
         readers: dict[int, ObjectReader] = {}
         try:
@@ -525,7 +562,8 @@ class TokenStore:
                         readers[obj] = self.backend.open_object(token, obj)
                     except FileNotFoundError:
                         raise IntegrityError(
-                            f"token {token}: object {obj:08x} is missing") from None
+                            f"token {token}: object {obj:08x} is missing"
+                        ) from None
                 rec = readers[obj].pread(off, rlen)
                 if len(rec) != rlen:
                     raise IntegrityError(f"token {token}: chunk {i} is truncated or missing")
@@ -579,8 +617,9 @@ def _first_short(lengths: list[int], got: int) -> int:
     return len(lengths) - 1
 
 
-def _check_digests(token: uuid.UUID, records: bytes, lengths: list[int], digests: list[bytes],
-                   first: int) -> None:
+def _check_digests(
+    token: uuid.UUID, records: bytes, lengths: list[int], digests: list[bytes], first: int
+) -> None:
     view = memoryview(records)
     pos = 0
     for k, n in enumerate(lengths):

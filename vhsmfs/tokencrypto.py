@@ -75,7 +75,10 @@ class TokenKeys:
 
     # -- chunks -----------------------------------------------------------------------------
     def encrypt_run(
-        self, plaintext: bytes | bytearray | memoryview, first_index: int, chunk_size: int,
+        self,
+        plaintext: bytes | bytearray | memoryview,
+        first_index: int,
+        chunk_size: int,
         final_index: int,
     ) -> tuple[bytearray, list[tuple[int, bytes]]]:
         """Encrypt consecutive chunks starting at `first_index` into one buffer of records.
@@ -86,11 +89,14 @@ class TokenKeys:
         src = memoryview(plaintext)
         n = -(-len(src) // chunk_size) if len(src) else 1
         return self.encrypt_chunks(
-            [src[k * chunk_size : (k + 1) * chunk_size] for k in range(n)], first_index,
-            final_index)
+            [src[k * chunk_size : (k + 1) * chunk_size] for k in range(n)], first_index, final_index
+        )
 
     def encrypt_chunks(
-        self, chunks: Sequence[bytes | bytearray | memoryview], first_index: int, final_index: int,
+        self,
+        chunks: Sequence[bytes | bytearray | memoryview],
+        first_index: int,
+        final_index: int,
     ) -> tuple[bytearray, list[tuple[int, bytes]]]:
         """encrypt_run() for plaintext given chunk by chunk (consecutive indexes from
         `first_index`), so callers holding separate chunk buffers need not join them first."""
@@ -106,7 +112,9 @@ class TokenKeys:
             rlen = len(piece) + RECORD_OVERHEAD
             dst[pos : pos + NONCE_LEN] = nonce
             aead.encrypt_into(
-                nonce, piece, prefix + tail(index, index == final_index),
+                nonce,
+                piece,
+                prefix + tail(index, index == final_index),
                 dst[pos + NONCE_LEN : pos + rlen],
             )
             entries.append((rlen, sha(dst[pos : pos + rlen]).digest()))
@@ -114,7 +122,10 @@ class TokenKeys:
         return out, entries
 
     def decrypt_run(
-        self, records: bytes | bytearray | memoryview, lengths: list[int], first_index: int,
+        self,
+        records: bytes | bytearray | memoryview,
+        lengths: list[int],
+        first_index: int,
         final_index: int,
     ) -> bytearray:
         """Authenticate and decrypt consecutive records; raise ChunkAuthError on the first bad one.
@@ -133,8 +144,10 @@ class TokenKeys:
                 raise ChunkAuthError(index)
             try:
                 aead.decrypt_into(
-                    src[spos : spos + NONCE_LEN], src[spos + NONCE_LEN : spos + rlen],
-                    prefix + tail(index, index == final_index), dst[dpos : dpos + plen],
+                    src[spos : spos + NONCE_LEN],
+                    src[spos + NONCE_LEN : spos + rlen],
+                    prefix + tail(index, index == final_index),
+                    dst[dpos : dpos + plen],
                 )
             except InvalidTag:
                 raise ChunkAuthError(index) from None

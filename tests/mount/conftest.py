@@ -33,11 +33,19 @@ FUSE_MISSING = not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is
 def cli(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """Run the real `vhsm` CLI in a subprocess."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True,
-                         text=True, timeout=timeout, env=env, cwd=kw.pop("cwd", None), **kw)
+    res = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=kw.pop("cwd", None),
+        **kw,
+    )
     if check and res.returncode != 0:
-        raise AssertionError(f"vhsm {' '.join(args)} failed ({res.returncode}):\n"
-                             f"{res.stdout}\n{res.stderr}")
+        raise AssertionError(
+            f"vhsm {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+        )
     return res
 
 
@@ -50,8 +58,9 @@ def mounted(path: Path) -> bool:
 
 def force_unmount(mnt: Path) -> None:
     if mounted(mnt):
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30,
-                       check=False)
+        subprocess.run(
+            ["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30, check=False
+        )
 
 
 class Mount:
@@ -67,9 +76,23 @@ class Mount:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cli.main", "mount", "--store", str(self.store),
-                 "--key", str(self.key), *self.extra, str(self.mnt)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                [
+                    sys.executable,
+                    "-m",
+                    "cli.main",
+                    "mount",
+                    "--store",
+                    str(self.store),
+                    "--key",
+                    str(self.key),
+                    *self.extra,
+                    str(self.mnt),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + READY_TIMEOUT
         while not os.path.ismount(self.mnt):
             if self.proc.poll() is not None:
@@ -181,8 +204,12 @@ def tmpfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private tmpfs (large tests keep their store in RAM); a plain temp dir if mounting
     tmpfs is not allowed here."""
     path = tmp_path_factory.mktemp("tmpfs")
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3g,mode=0700", "tmpfs", str(path)],
-                         capture_output=True, check=False, timeout=30)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3g,mode=0700", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
     yield path
     if res.returncode == 0:
         subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False, timeout=30)

@@ -48,8 +48,13 @@ def test_dd_one_gib_write_and_read_back(tmpfs, mounter, key_file, tmp_path):
     try:
         m = mounter("--store", str(store))  # the last --store wins: keep it in RAM
         dst = m.mnt / "big.bin"
-        res = subprocess.run(["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=fsync"],
-                             capture_output=True, text=True, timeout=300, check=False)
+        res = subprocess.run(
+            ["dd", f"if={src}", f"of={dst}", "bs=1M", "conv=fsync"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert res.returncode == 0, res.stderr
         assert os.path.getsize(dst) == GIB
         # remount: a fresh inode, so the read really goes through decryption, not page cache

@@ -117,8 +117,11 @@ def store_leftovers(store: Path) -> list[str]:
     """Names in the store that belong to no committed token: data directories without
     metadata, tombstones of unfinished deletes."""
     names_ = os.listdir(store)
-    return sorted(n for n in names_ if n.endswith(".deleting")
-                  or (n.endswith(".data") and n[:-5] + ".metadata" not in names_))
+    return sorted(
+        n
+        for n in names_
+        if n.endswith(".deleting") or (n.endswith(".data") and n[:-5] + ".metadata" not in names_)
+    )
 
 
 def test_queued_wipes_finish_before_unmount_returns(mounter, token_store):
@@ -160,8 +163,13 @@ def test_kill9_with_queued_wipes_leaves_a_store_gc_cleans(mounter, token_store, 
 @pytest.fixture
 def other_user():
     name = f"vhsmt{uuid.uuid4().hex[:6]}"
-    res = subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name],
-                         capture_output=True, text=True, timeout=30, check=False)
+    res = subprocess.run(
+        ["useradd", "--no-create-home", "--shell", "/bin/sh", name],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     if res.returncode != 0:
         pytest.fail(f"cannot add a user here: {res.stderr.strip()}")  # tests run as root
     try:
@@ -185,8 +193,13 @@ def open_dir():
 
 
 def as_user(user, script: str) -> str:
-    res = subprocess.run(["su", "-s", "/bin/sh", user.pw_name, "-c", script],
-                         capture_output=True, text=True, timeout=60, check=False)
+    res = subprocess.run(
+        ["su", "-s", "/bin/sh", user.pw_name, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     return res.stdout + res.stderr
 
 
@@ -197,8 +210,11 @@ def test_second_user_is_denied(open_dir, other_user, mounter):
     assert stat.S_IMODE(os.stat(m.mnt).st_mode) == 0o755  # modes alone would let them in
     # the same user reads a plain directory beside the mount: only the mount stands in the way
     assert "plain" in as_user(other_user, f"cat {open_dir}/plain/f.txt")
-    out = as_user(other_user, f"cat {m.mnt}/secret.txt; echo rc=$?; ls {m.mnt}; echo rc=$?; "
-                              f"touch {m.mnt}/theirs; echo rc=$?")
+    out = as_user(
+        other_user,
+        f"cat {m.mnt}/secret.txt; echo rc=$?; ls {m.mnt}; echo rc=$?; "
+        f"touch {m.mnt}/theirs; echo rc=$?",
+    )
     assert "mine" not in out
     assert out.count("rc=0") == 0, out
     assert "Permission denied" in out
@@ -212,7 +228,9 @@ def test_allow_other_still_applies_modes(open_dir, other_user, mounter):
     os.chmod(m.mnt / "public.txt", 0o644)
     (m.mnt / "private.txt").write_text("only root")
     os.chmod(m.mnt / "private.txt", 0o600)
-    out = as_user(other_user, f"cat {m.mnt}/public.txt; echo; cat {m.mnt}/private.txt; "
-                              f"echo rc=$?; touch {m.mnt}/theirs")
+    out = as_user(
+        other_user,
+        f"cat {m.mnt}/public.txt; echo; cat {m.mnt}/private.txt; echo rc=$?; touch {m.mnt}/theirs",
+    )
     assert "for everyone" in out
     assert "only root" not in out and "Permission denied" in out

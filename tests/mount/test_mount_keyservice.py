@@ -27,8 +27,16 @@ def test_key_service_mount_round_trip(tmp_path: Path, vhsm) -> None:  # type: ig
     assert r.returncode == 0, r.stderr
     cli_token = r.stdout.strip()
 
-    r = vhsm(work, "mount", "--store", "secure_storage", "--key-service", "vaultkey",
-             "--background", str(vault))
+    r = vhsm(
+        work,
+        "mount",
+        "--store",
+        "secure_storage",
+        "--key-service",
+        "vaultkey",
+        "--background",
+        str(vault),
+    )
     assert r.returncode == 0, r.stderr
     try:
         assert (vault / cli_token / "cli.txt").read_text() == "stored by the CLI\n"

@@ -37,8 +37,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return out
 
 
-def test_random_operations_match_a_plain_directory(mounter, tmp_path, monkeypatch,
-                                                   token_store):
+def test_random_operations_match_a_plain_directory(mounter, tmp_path, monkeypatch, token_store):
     # small chunks: many chunk boundaries, final-chunk changes and holes per operation
     monkeypatch.setenv("TOKEN_CHUNK_SIZE", "4096")
     # and early background write-back, so writes race with chunks still being encrypted

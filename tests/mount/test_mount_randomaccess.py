@@ -19,8 +19,9 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def store(tmp_path) -> TokenStore:
-    return TokenStore(LocalBackend(tmp_path / "store"), StaticKeyProvider(os.urandom(32)),
-                      chunk_size=4096)
+    return TokenStore(
+        LocalBackend(tmp_path / "store"), StaticKeyProvider(os.urandom(32)), chunk_size=4096
+    )
 
 
 @pytest.fixture

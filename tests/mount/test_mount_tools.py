@@ -44,8 +44,7 @@ def source_tree(tmp_path_factory) -> Path:
     """A real source tree: part of the Python standard library, with varied modes and times."""
     root = tmp_path_factory.mktemp("src") / "pysrc"
     for d in SOURCE_DIRS:
-        shutil.copytree(STDLIB / d, root / d,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(STDLIB / d, root / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (root / "empty-dir").mkdir()
     (root / "run.sh").write_text("#!/bin/sh\necho hi\n")
     os.chmod(root / "run.sh", 0o750)
@@ -108,7 +107,8 @@ def test_tar_x_of_source_tree(vault, source_tree, tmp_path):
     out.mkdir()
     run("tar", "-x", "-f", str(tmp_path / "again.tar"), "-C", str(out))
     assert tree(out / "pysrc", times=True, resolution=10**9) == tree(
-        source_tree, times=True, resolution=10**9)
+        source_tree, times=True, resolution=10**9
+    )
 
 
 def test_shutil_copy2(vault, source_tree):

@@ -32,11 +32,18 @@ def master_key() -> bytes:
 def make_store(tmp_path: Path, master_key: bytes) -> Callable[..., TokenStore]:
     """Library-level store factory: TokenStore over a LocalBackend in tmp_path."""
 
-    def make(root: Path | None = None, *, chunk_size: int = 512, key: bytes | None = None,
-             parallel: int = 1, keyless: bool = False) -> TokenStore:
+    def make(
+        root: Path | None = None,
+        *,
+        chunk_size: int = 512,
+        key: bytes | None = None,
+        parallel: int = 1,
+        keyless: bool = False,
+    ) -> TokenStore:
         keys = None if keyless else StaticKeyProvider(key if key is not None else master_key)
-        return TokenStore(LocalBackend(root or tmp_path / "store"), keys,
-                          chunk_size=chunk_size, parallel=parallel)
+        return TokenStore(
+            LocalBackend(root or tmp_path / "store"), keys, chunk_size=chunk_size, parallel=parallel
+        )
 
     return make
 
@@ -56,8 +63,11 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     def mount(name: str, size: str = "2m") -> Path:
         d = tmp_path / name
         d.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(d)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(d)],
+            check=True,
+            capture_output=True,
+        )
         mounted.append(d)
         return d
 

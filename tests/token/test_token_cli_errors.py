@@ -51,6 +51,7 @@ def expect_clean_failure(cli: Cli, *args, **kw) -> str:  # type: ignore[no-untyp
 
 # -- keys ---------------------------------------------------------------------------------------
 
+
 def test_wrong_key(stored) -> None:  # type: ignore[no-untyped-def]
     cli, _, tok, _ = stored
     other = cli.keygen("other.key")
@@ -93,9 +94,16 @@ def test_missing_key_file_and_symlinked_key(stored) -> None:  # type: ignore[no-
 
 # -- tokens -------------------------------------------------------------------------------------
 
-MALFORMED = ["not-a-token", "", "1234", "../../etc/passwd", "x" * 36,
-             "4297e228871048bfb9b72981f77570d5",  # a UUID, but not in the canonical form
-             "4297e228-8710-4bf4-b9b7-2981f77570d5x", "{4297e228-8710-4bf4-b9b7-2981f77570d5}"]
+MALFORMED = [
+    "not-a-token",
+    "",
+    "1234",
+    "../../etc/passwd",
+    "x" * 36,
+    "4297e228871048bfb9b72981f77570d5",  # a UUID, but not in the canonical form
+    "4297e228-8710-4bf4-b9b7-2981f77570d5x",
+    "{4297e228-8710-4bf4-b9b7-2981f77570d5}",
+]
 
 
 @pytest.mark.parametrize("bad", MALFORMED)
@@ -125,6 +133,7 @@ def test_unknown_token(stored) -> None:  # type: ignore[no-untyped-def]
 
 # -- input files --------------------------------------------------------------------------------
 
+
 def test_missing_input_file(stored) -> None:  # type: ignore[no-untyped-def]
     cli, key, _, _ = stored
     line = expect_clean_failure(cli, "token", "store", "missing.txt", "--key", key)
@@ -146,8 +155,9 @@ def test_unreadable_input_file(stored, unprivileged_ok) -> None:  # type: ignore
     cli, key, _, _ = stored
     (cli.cwd / "secret.txt").write_bytes(b"top secret")
     (cli.cwd / "secret.txt").chmod(0)
-    line = expect_clean_failure(cli, "token", "store", "secret.txt", "--key", key,
-                                unprivileged=True)
+    line = expect_clean_failure(
+        cli, "token", "store", "secret.txt", "--key", key, unprivileged=True
+    )
     assert "secret.txt" in line
     # the same process can store a readable file (the failure was the mode, not setpriv)
     cli.ok("token", "store", "doc.bin", "--key", key, unprivileged=True)
@@ -173,8 +183,7 @@ def test_recursive_tree_with_unreadable_subdirectory_fails(cli: Cli, unprivilege
     write_random(cli.cwd / "tree/locked/inner.txt", 10, 2)
     (cli.cwd / "tree/locked").chmod(0)
     try:
-        expect_clean_failure(cli, "token", "store", "tree", "-r", "--key", key,
-                             unprivileged=True)
+        expect_clean_failure(cli, "token", "store", "tree", "-r", "--key", key, unprivileged=True)
     finally:
         (cli.cwd / "tree/locked").chmod(0o700)
     assert not cli.store_dir.exists() or snapshot(cli.store_dir).keys() <= {"VHSM-STORE"}
@@ -198,6 +207,7 @@ def test_input_or_key_is_a_fifo_fails_at_once(stored) -> None:  # type: ignore[n
 
 # -- output -------------------------------------------------------------------------------------
 
+
 def test_output_directory_not_writable(stored, unprivileged_ok) -> None:  # type: ignore[no-untyped-def]
     cli, key, tok, _ = stored
     out = cli.cwd / "ro"
@@ -206,8 +216,7 @@ def test_output_directory_not_writable(stored, unprivileged_ok) -> None:  # type
     expect_clean_failure(cli, "token", "retrieve", tok, "ro", "--key", key, unprivileged=True)
     assert os.listdir(out) == []
     # OUTDIR missing and its parent not writable: not created
-    expect_clean_failure(cli, "token", "retrieve", tok, "ro/sub", "--key", key,
-                         unprivileged=True)
+    expect_clean_failure(cli, "token", "retrieve", tok, "ro/sub", "--key", key, unprivileged=True)
     assert not (out / "sub").exists()
     out.chmod(0o700)
     cli.ok("token", "retrieve", tok, "ro", "--key", key, unprivileged=True)
@@ -241,6 +250,7 @@ def test_outdir_is_a_file(stored) -> None:  # type: ignore[no-untyped-def]
 
 # -- disk full ----------------------------------------------------------------------------------
 
+
 def test_disk_full_during_store(cli: Cli, tmpfs) -> None:  # type: ignore[no-untyped-def]
     key = cli.keygen()
     write_random(cli.cwd / "big.bin", 4 << 20, seed=5)
@@ -263,8 +273,7 @@ def test_disk_full_during_retrieve(stored, tmpfs) -> None:  # type: ignore[no-un
     write_random(cli.cwd / "big.bin", 4 << 20, seed=7)
     tok = cli.store("big.bin", key)
     small = tmpfs("small", "2m")
-    line = expect_clean_failure(cli, "token", "retrieve", tok, small / "new" / "dir", "--key",
-                                key)
+    line = expect_clean_failure(cli, "token", "retrieve", tok, small / "new" / "dir", "--key", key)
     assert "space" in line.lower()
     assert os.listdir(small) == []
     expect_clean_failure(cli, "token", "retrieve", tok, small, "--key", key)
@@ -272,6 +281,7 @@ def test_disk_full_during_retrieve(stored, tmpfs) -> None:  # type: ignore[no-un
 
 
 # -- tampering (a CLI sample; every byte is covered at library level) ---------------------------
+
 
 def _flip(path: Path, pos: int) -> bytes:
     original = path.read_bytes()
@@ -338,14 +348,15 @@ def test_chunks_reordered_cli(stored) -> None:  # type: ignore[no-untyped-def]
     e = read_manifest(cli.store_dir, tok)
     obj = object_paths(cli.store_dir, tok)[0]
     buf = bytearray(obj.read_bytes())
-    r0, r1 = bytes(buf[e[0][1]: e[0][1] + e[0][2]]), bytes(buf[e[1][1]: e[1][1] + e[1][2]])
-    buf[e[0][1]: e[0][1] + e[0][2]] = r1
-    buf[e[1][1]: e[1][1] + e[1][2]] = r0
+    r0, r1 = bytes(buf[e[0][1] : e[0][1] + e[0][2]]), bytes(buf[e[1][1] : e[1][1] + e[1][2]])
+    buf[e[0][1] : e[0][1] + e[0][2]] = r1
+    buf[e[1][1] : e[1][1] + e[1][2]] = r0
     obj.write_bytes(buf)
     _assert_detected(cli, key, tok)
 
 
 # -- the audit log cannot be written: fail closed, undo, leave nothing ---------------------------
+
 
 def test_audit_log_unwritable_store_fails_closed(stored, unprivileged_ok) -> None:  # type: ignore[no-untyped-def]
     cli, key, tok, _ = stored

@@ -149,8 +149,7 @@ def test_env_chunk_size_recorded_and_round_trips(cli: Cli, cs: int) -> None:
     res = cli.ok("token", "store", *files, "--key", key, env=env)
     toks = res.tokens()
     assert len(toks) == len(sizes)
-    rows = {r["token"]: r for r in json.loads(cli.ok("token", "list", "--key", key,
-                                                         "--json").out)}
+    rows = {r["token"]: r for r in json.loads(cli.ok("token", "list", "--key", key, "--json").out)}
     for tok, n in zip(toks, sizes, strict=True):
         assert rows[tok]["chunk_size"] == cs
         assert rows[tok]["chunk_count"] == -(-n // cs)
@@ -167,14 +166,14 @@ def test_bad_chunk_size_env_refused(cli: Cli) -> None:
     for bad in ["abc", "0", "100", str(1 << 30)]:
         res = cli("token", "store", "f", "--key", key, env={"TOKEN_CHUNK_SIZE": bad})
         assert_one_line_error(res)
-    assert not cli.store_dir.exists() or [p.name for p in cli.store_dir.iterdir()] == [
-        "VHSM-STORE"]
+    assert not cli.store_dir.exists() or [p.name for p in cli.store_dir.iterdir()] == ["VHSM-STORE"]
 
 
 @settings(max_examples=6, deadline=None, database=None)
 @given(cs=st.sampled_from([512, 4096, 8192]), k=st.integers(0, 3), d=st.integers(-1, 1))
-def test_cli_roundtrip_property(tmp_path_factory: pytest.TempPathFactory, cs: int, k: int,
-                                d: int) -> None:
+def test_cli_roundtrip_property(
+    tmp_path_factory: pytest.TempPathFactory, cs: int, k: int, d: int
+) -> None:
     size = max(0, k * cs + d)
     cli = Cli(tmp_path_factory.mktemp("prop"))
     key = cli.keygen()
@@ -200,8 +199,7 @@ def test_list_and_info(cli: Cli) -> None:
     for r in rows:  # without a key names and sizes stay encrypted
         assert r["readable"] is False and r["name"] is None and r["size"] is None
 
-    rows = {r["token"]: r for r in json.loads(cli.ok("token", "list", "--key", key,
-                                                         "--json").out)}
+    rows = {r["token"]: r for r in json.loads(cli.ok("token", "list", "--key", key, "--json").out)}
     assert rows[ta]["readable"] is True and rows[ta]["name"] == "alpha.txt"
     assert rows[ta]["size"] == 20_000
     assert rows[ta]["sha256"] == hashlib.sha256(a).hexdigest()
@@ -288,7 +286,8 @@ def test_delete(cli: Cli) -> None:
     res = cli.ok("token", "delete", tb)
     assert tb in res.out
     assert sorted(p.name for p in cli.store_dir.iterdir()) == sorted(
-        ["VHSM-STORE", f"{ta}.metadata", f"{ta}.data"])
+        ["VHSM-STORE", f"{ta}.metadata", f"{ta}.data"]
+    )
     rows = json.loads(cli.ok("token", "list", "--json").out)
     assert [r["token"] for r in rows] == [ta]
     assert_one_line_error(cli("token", "retrieve", tb, "o", "--key", key))
@@ -341,8 +340,9 @@ def test_addendum_secure_document_management_script(cli: Cli) -> None:
     script = cli.cwd / "workflow.sh"
     script.write_text(ADDENDUM_SCRIPT)
     script.chmod(0o700)
-    p = subprocess.run([str(script)], cwd=cli.cwd, env=clean_env(), capture_output=True,
-                       timeout=120)
+    p = subprocess.run(
+        [str(script)], cwd=cli.cwd, env=clean_env(), capture_output=True, timeout=120
+    )
     assert p.returncode == 0, p.stderr.decode()
     key = (cli.cwd / "doc_master.key").read_bytes()
     cli.keys.append(key)
@@ -354,7 +354,8 @@ def test_addendum_secure_document_management_script(cli: Cli) -> None:
     assert os.listdir(cli.cwd / "retrieved_docs") == ["contract.pdf"]
     cli.ok("token", "retrieve", t2, "r2", "--key", "doc_master.key")
     assert (cli.cwd / "r2/financial_report.xlsx").read_bytes() == (
-        cli.cwd / "financial_report.xlsx").read_bytes()
+        cli.cwd / "financial_report.xlsx"
+    ).read_bytes()
 
 
 def test_random_bytes_helper_is_deterministic() -> None:

@@ -35,6 +35,7 @@ def _unnamed_output_size(pid: int, outdir: Path) -> int:
             continue
     return 0
 
+
 def _listed(cli: Cli, key: Path) -> dict[str, dict]:
     rows = json.loads(cli.ok("token", "list", "--key", key, "--json").out)
     return {r["token"]: r for r in rows}
@@ -81,8 +82,9 @@ def test_kill_9_during_store_leaves_no_half_token(cli: Cli, tmpfs) -> None:  # t
     kills = 0
     for i in range(10):
         before_data = _data_bytes(store)
-        p = subprocess.Popen(argv, cwd=fast, env=clean_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            argv, cwd=fast, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         if i % 2 == 0:
             # progress-triggered: kill once a random fraction of the ciphertext is on disk
             target = before_data + int(BIG * rng.uniform(0.02, 0.9))
@@ -110,9 +112,13 @@ def test_kill_9_during_store_leaves_no_half_token(cli: Cli, tmpfs) -> None:  # t
     # file never appears under its name and nothing at all is left behind
     out = fast / "killed_out"
     for frac in (0.1, 0.5, 0.9):
-        p = subprocess.Popen([*vhsm_argv(), "token", "retrieve", first, str(out), "--key",
-                              str(key)], cwd=fast, env=clean_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
+        p = subprocess.Popen(
+            [*vhsm_argv(), "token", "retrieve", first, str(out), "--key", str(key)],
+            cwd=fast,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
 
         def part_size(p=p, frac=frac) -> bool:  # type: ignore[no-untyped-def]
             if p.poll() is not None:
@@ -130,8 +136,13 @@ def test_kill_9_during_store_leaves_no_half_token(cli: Cli, tmpfs) -> None:  # t
 
     # kill -9 during a delete: hidden at once, finished by gc
     victim = first
-    p = subprocess.Popen([*vhsm_argv(), "token", "delete", victim], cwd=fast, env=clean_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [*vhsm_argv(), "token", "delete", victim],
+        cwd=fast,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     _wait_for(lambda: not (store / f"{victim}.metadata").exists() or p.poll() is not None)
     p.send_signal(signal.SIGKILL)
     p.communicate()
@@ -168,9 +179,16 @@ def test_eight_concurrent_stores(cli: Cli, tmpfs) -> None:  # type: ignore[no-un
     for i in range(8):
         size = [0, 1, 8191, 8192, 3 << 20, (3 << 20) + 1, 5 << 20, 4 << 20][i]
         files[f"f{i}.bin"] = write_random(fast / f"f{i}.bin", size, seed=100 + i)
-    procs = [subprocess.Popen([*vhsm_argv(), "token", "store", name, "--key", str(key)],
-                              cwd=fast, env=clean_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for name in files]
+    procs = [
+        subprocess.Popen(
+            [*vhsm_argv(), "token", "store", name, "--key", str(key)],
+            cwd=fast,
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for name in files
+    ]
     tokens = {}
     try:
         # a concurrent gc must not reap stores in progress
@@ -197,7 +215,8 @@ def test_eight_concurrent_stores(cli: Cli, tmpfs) -> None:  # type: ignore[no-un
     assert sorted(os.listdir(fast / "out")) == sorted(files)
     store = fast / "secure_storage"
     assert set(os.listdir(store)) == {"VHSM-STORE"} | {f"{t}.metadata" for t in tokens} | {
-        f"{t}.data" for t in tokens}
+        f"{t}.data" for t in tokens
+    }
     # the audit log recorded every store
     log = (fast / "hsm_audit.log").read_text()
     for tok in tokens:

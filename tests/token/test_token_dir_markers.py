@@ -16,8 +16,9 @@ def test_mount_made_directory_lists_and_retrieves_as_directory(tmp_path: Path) -
     vault = work / "vault"
     vault.mkdir(parents=True)
     assert vhsm(work, "token", "generate-key", "k.key").returncode == 0
-    r = vhsm(work, "mount", "--store", "secure_storage", "--key", "k.key", "--background",
-             str(vault))
+    r = vhsm(
+        work, "mount", "--store", "secure_storage", "--key", "k.key", "--background", str(vault)
+    )
     assert r.returncode == 0, r.stderr
     try:
         os.mkdir(vault / "reports", 0o750)

@@ -14,8 +14,12 @@ from vhsmfs.store import TokenStore
 
 
 def test_gc_keeps_a_token_that_committed_after_the_listing(tmp_path: Path) -> None:
-    ts = TokenStore(LocalBackend(tmp_path / "store"), StaticKeyProvider(os.urandom(32)),
-                    chunk_size=1024, parallel=1)
+    ts = TokenStore(
+        LocalBackend(tmp_path / "store"),
+        StaticKeyProvider(os.urandom(32)),
+        chunk_size=1024,
+        parallel=1,
+    )
     src = tmp_path / "f.bin"
     src.write_bytes(os.urandom(10_000))
     tok = ts.store_file(src)

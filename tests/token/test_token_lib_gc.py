@@ -173,6 +173,7 @@ def test_tiny_tokens_survive_gc(make_store, tmp_path: Path, size: int) -> None:
 
 # -- gc running while a store is under way ------------------------------------------------------
 
+
 def _gc_during_store(ts: TokenStore, tmp: Path, *, race_start: bool) -> uuid.UUID | None:
     """Store a file while gc runs after every run of chunks is written. With race_start, one
     more gc lands between the writer's open() of its data directory and its flock() -- a window
@@ -194,8 +195,10 @@ def _gc_during_store(ts: TokenStore, tmp: Path, *, race_start: bool) -> uuid.UUI
 
     src = tmp / "src.bin"
     src.write_bytes(random_bytes(20_000, 9))
-    with mock.patch("vhsmfs.backend.fcntl.flock", flock), \
-         mock.patch.object(store_mod, "RUN_TARGET", 4096):
+    with (
+        mock.patch("vhsmfs.backend.fcntl.flock", flock),
+        mock.patch.object(store_mod, "RUN_TARGET", 4096),
+    ):
         try:
             return ts.store_file(src, progress=lambda _n: backend.collect_garbage())
         except VhsmError:
@@ -209,8 +212,9 @@ def test_gc_during_store_does_not_reap_it(make_store, tmp_path: Path) -> None:
     ts.verify_full(tok)
 
 
-def test_gc_racing_the_start_of_a_store_never_commits_a_broken_token(make_store,
-                                                                    tmp_path: Path) -> None:
+def test_gc_racing_the_start_of_a_store_never_commits_a_broken_token(
+    make_store, tmp_path: Path
+) -> None:
     """gc can wipe and rmdir the data directory after the writer opened it but before it took
     its shared flock. The writer must notice it locked a dead directory and start again;
     otherwise new_object() recreates an unlocked one, the next gc wipes the objects in it, and

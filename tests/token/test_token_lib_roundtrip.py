@@ -23,8 +23,9 @@ from vhsmfs.format import RECORD_OVERHEAD
 from vhsmfs.keyfile import StaticKeyProvider
 from vhsmfs.store import TokenStore
 
-PROPERTY = settings(max_examples=40, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def boundary_sizes(cs: int) -> list[int]:
@@ -52,7 +53,8 @@ def roundtrip(ts: TokenStore, data: bytes, work: Path, name: str = "f.bin") -> u
     assert s.stored_bytes == len(data) + count * RECORD_OVERHEAD
     entries = read_manifest(ts.backend.root, tok)  # type: ignore[attr-defined]
     assert [e[2] - RECORD_OVERHEAD for e in entries] == [
-        min(cs, len(data) - i * cs) for i in range(count)]
+        min(cs, len(data) - i * cs) for i in range(count)
+    ]
     return tok
 
 
@@ -75,8 +77,10 @@ def test_roundtrip_many_runs_and_objects(make_store, tmp_path: Path) -> None:
     """Small run and object targets: a file spans several pipeline runs and several objects,
     with runs that do and do not fall on chunk boundaries."""
     ts = make_store(chunk_size=512, parallel=3)
-    with mock.patch.object(store_mod, "RUN_TARGET", 1500), \
-         mock.patch.object(store_mod, "OBJECT_TARGET", 3000):
+    with (
+        mock.patch.object(store_mod, "RUN_TARGET", 1500),
+        mock.patch.object(store_mod, "OBJECT_TARGET", 3000),
+    ):
         for i, size in enumerate([1023, 1024, 1025, 3 * 1024, 20_000, 20_480]):
             tok = roundtrip(ts, random_bytes(size, seed=i), tmp_path / f"w{i}")
             if size >= 20_000:
@@ -130,12 +134,18 @@ def test_roundtrip_property(case: tuple[int, int, int, int], small_targets: bool
     data = random_bytes(size, seed)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        ts = TokenStore(LocalBackend(work / "store"), StaticKeyProvider(os.urandom(32)),
-                        chunk_size=cs, parallel=parallel)
+        ts = TokenStore(
+            LocalBackend(work / "store"),
+            StaticKeyProvider(os.urandom(32)),
+            chunk_size=cs,
+            parallel=parallel,
+        )
         run = 2 * cs + 3 if small_targets else store_mod.RUN_TARGET
         obj = 3 * cs if small_targets else store_mod.OBJECT_TARGET
-        with mock.patch.object(store_mod, "RUN_TARGET", run), \
-             mock.patch.object(store_mod, "OBJECT_TARGET", obj):
+        with (
+            mock.patch.object(store_mod, "RUN_TARGET", run),
+            mock.patch.object(store_mod, "OBJECT_TARGET", obj),
+        ):
             roundtrip(ts, data, work)
 
 
@@ -144,8 +154,12 @@ def test_roundtrip_property(case: tuple[int, int, int, int], small_targets: bool
 def test_roundtrip_arbitrary_content(data: bytes, cs: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
-        ts = TokenStore(LocalBackend(work / "store"), StaticKeyProvider(os.urandom(32)),
-                        chunk_size=cs, parallel=1)
+        ts = TokenStore(
+            LocalBackend(work / "store"),
+            StaticKeyProvider(os.urandom(32)),
+            chunk_size=cs,
+            parallel=1,
+        )
         roundtrip(ts, data, work)
         shutil.rmtree(work / "out")
 

@@ -40,8 +40,9 @@ CS = 512
 SIZE = 3 * CS - 100  # three chunks: 512, 512, 412
 
 
-def store_one(ts: TokenStore, tmp: Path, name: str = "doc.bin", seed: int = 1,
-              size: int = SIZE) -> tuple[uuid.UUID, bytes]:
+def store_one(
+    ts: TokenStore, tmp: Path, name: str = "doc.bin", seed: int = 1, size: int = SIZE
+) -> tuple[uuid.UUID, bytes]:
     data = random_bytes(size, seed)
     src = tmp / "src" / name
     src.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +93,7 @@ def three(make_store, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 # -- every single-byte change -------------------------------------------------------------------
 
+
 def _sweep(ts: TokenStore, tok: uuid.UUID, files: list[Path], out: Path) -> list[str]:
     undetected = []
     for path in files:
@@ -125,8 +127,10 @@ def test_every_byte_of_every_object(three, tmp_path: Path) -> None:
 def test_every_byte_one_record_per_object(make_store, tmp_path: Path) -> None:
     """Same sweep when each chunk lives in an object of its own (object roll-over path)."""
     ts = make_store(chunk_size=CS)
-    with mock.patch.object(store_mod, "RUN_TARGET", CS), \
-         mock.patch.object(store_mod, "OBJECT_TARGET", 1):
+    with (
+        mock.patch.object(store_mod, "RUN_TARGET", CS),
+        mock.patch.object(store_mod, "OBJECT_TARGET", 1),
+    ):
         tok, data = store_one(ts, tmp_path)
     root = Path(ts.backend.root)
     objs = object_paths(root, tok)
@@ -136,13 +140,21 @@ def test_every_byte_one_record_per_object(make_store, tmp_path: Path) -> None:
 
 
 @settings(max_examples=150, deadline=None, database=None)
-@given(which=st.integers(0, 1), pos=st.integers(0, 10**6), xor=st.integers(1, 255),
-       size=st.sampled_from([1, CS - 1, CS, CS + 1, SIZE]))
+@given(
+    which=st.integers(0, 1),
+    pos=st.integers(0, 10**6),
+    xor=st.integers(1, 255),
+    size=st.sampled_from([1, CS - 1, CS, CS + 1, SIZE]),
+)
 def test_any_byte_value_change(which: int, pos: int, xor: int, size: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        ts = TokenStore(LocalBackend(tmp / "store"), StaticKeyProvider(os.urandom(32)),
-                        chunk_size=CS, parallel=1)
+        ts = TokenStore(
+            LocalBackend(tmp / "store"),
+            StaticKeyProvider(os.urandom(32)),
+            chunk_size=CS,
+            parallel=1,
+        )
         tok, _ = store_one(ts, tmp, size=size)
         path = [meta_path(tmp / "store", tok), *object_paths(tmp / "store", tok)][which]
         buf = bytearray(path.read_bytes())
@@ -152,6 +164,7 @@ def test_any_byte_value_change(which: int, pos: int, xor: int, size: int) -> Non
 
 
 # -- deleted, truncated or extended files ------------------------------------------------------
+
 
 def test_object_deleted(three, tmp_path: Path) -> None:
     ts, tok, _, root = three
@@ -193,8 +206,10 @@ def test_metadata_truncated_or_extended(three, tmp_path: Path) -> None:
     meta = meta_path(root, tok)
     original = meta.read_bytes()
     undetected = []
-    for variant in [original[:n] for n in range(len(original))] + [original + b"\x00",
-                                                                     original + original[-32:]]:
+    for variant in [original[:n] for n in range(len(original))] + [
+        original + b"\x00",
+        original + original[-32:],
+    ]:
         meta.write_bytes(variant)
         missed = failures(ts, tok, tmp_path / "out")
         if missed:
@@ -215,6 +230,7 @@ def test_truncation_by_dropping_final_chunk_and_rewriting_manifest(three, tmp_pa
 
 
 # -- swapping between tokens --------------------------------------------------------------------
+
 
 @pytest.fixture
 def pair(make_store, tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -294,7 +310,8 @@ def _graft_metadata(root: Path, src, dst) -> None:  # type: ignore[no-untyped-de
     parsed = parse_file(meta_path(root, src).read_bytes(), src)
     parsed.header.token_id = dst
     meta_path(root, dst).write_bytes(
-        build_file(parsed.header, parsed.manifest, parsed.meta_nonce, parsed.meta_ciphertext))
+        build_file(parsed.header, parsed.manifest, parsed.meta_nonce, parsed.meta_ciphertext)
+    )
 
 
 def _swap_first_two_digests(e):  # type: ignore[no-untyped-def]
@@ -337,6 +354,7 @@ def test_whole_token_renamed_never_yields_other_content(pair, tmp_path: Path) ->
 
 
 # -- reordering within a token ------------------------------------------------------------------
+
 
 def _swap_records(root: Path, tok: uuid.UUID, i: int, j: int) -> None:
     e = read_manifest(root, tok)
@@ -418,6 +436,7 @@ def test_nokey_verify_cannot_detect_consistent_manifest_forgery(three, tmp_path:
 
 # -- the AEAD binding itself (independent of metadata and digests) -------------------------------
 
+
 def test_aead_binds_index_final_marker_and_token(master_key: bytes) -> None:
     t1, t2 = uuid.uuid4(), uuid.uuid4()
     salt = os.urandom(32)
@@ -432,7 +451,7 @@ def test_aead_binds_index_final_marker_and_token(master_key: bytes) -> None:
     with pytest.raises(ChunkAuthError):  # truncated: chunk 1 presented as the final one
         k1.decrypt_run(r[0] + r[1], lens[:2], 0, 1)
     with pytest.raises(ChunkAuthError):  # extended: final chunk presented as non-final
-        k1.decrypt_run(recs + recs[:lens[0]], lens + lens[:1], 0, 3)
+        k1.decrypt_run(recs + recs[: lens[0]], lens + lens[:1], 0, 3)
     with pytest.raises(ChunkAuthError):  # other token, same key and salt
         TokenKeys(master_key, salt, t2).decrypt_run(recs, lens, 0, 2)
     with pytest.raises(ChunkAuthError):  # other salt
@@ -441,6 +460,7 @@ def test_aead_binds_index_final_marker_and_token(master_key: bytes) -> None:
 
 
 # -- wrong key ----------------------------------------------------------------------------------
+
 
 def test_wrong_key(three, make_store, tmp_path: Path) -> None:
     ts, tok, _, root = three

@@ -35,9 +35,16 @@ def test_no_command_prints_or_logs_key_bytes(cli: Cli) -> None:
     cli.ok("token", "store", "tree", "-r", "--key", key)
     cli.ok("token", "retrieve", t1, "out", "--key", key)
     cli.ok("token", "retrieve", auto, "out2", "--key", f"auto_generated_key_{auto}.key")
-    for args in (["list"], ["list", "--key", str(key)], ["list", "--key", str(key), "--json"],
-                 ["info", t1], ["info", t1, "--key", str(key), "--json"],
-                 ["verify", "--key", str(key)], ["verify", "--no-key"], ["gc"]):
+    for args in (
+        ["list"],
+        ["list", "--key", str(key)],
+        ["list", "--key", str(key), "--json"],
+        ["info", t1],
+        ["info", t1, "--key", str(key), "--json"],
+        ["verify", "--key", str(key)],
+        ["verify", "--no-key"],
+        ["gc"],
+    ):
         cli.ok("token", *args)
     # error paths
     cli("token", "retrieve", t1, "bad", "--key", other)
@@ -90,7 +97,12 @@ def test_leak_check_catches_every_encoding() -> None:
     import pytest
 
     key = os.urandom(32)
-    for blob in (b"x" + key, key.hex().encode(), key.hex().upper().encode(),
-                 base64.b64encode(key), base64.urlsafe_b64encode(key)):
+    for blob in (
+        b"x" + key,
+        key.hex().encode(),
+        key.hex().upper().encode(),
+        base64.b64encode(key),
+        base64.urlsafe_b64encode(key),
+    ):
         with pytest.raises(AssertionError):
             assert_no_key_leak([key], b"log: " + blob + b"\n")

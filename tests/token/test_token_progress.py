@@ -21,8 +21,13 @@ def _store_with_stderr_on_pty(work: Path, *args: str) -> tuple[int, str, bytes]:
     # A terminal has a size; with 0 columns tqdm draws an empty bar.
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
     try:
-        p = subprocess.Popen([*VHSM, "token", "store", *args], cwd=work, stdout=subprocess.PIPE,
-                             stderr=slave, stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            [*VHSM, "token", "store", *args],
+            cwd=work,
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            stdin=subprocess.DEVNULL,
+        )
         os.close(slave)
         seen = bytearray()
         while True:
@@ -43,8 +48,9 @@ def _store_with_stderr_on_pty(work: Path, *args: str) -> tuple[int, str, bytes]:
 def _setup(tmp_path: Path) -> Path:
     work = tmp_path / "work"
     work.mkdir()
-    subprocess.run([*VHSM, "token", "generate-key", "k.key"], cwd=work, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [*VHSM, "token", "generate-key", "k.key"], cwd=work, check=True, capture_output=True
+    )
     (work / "big.bin").write_bytes(os.urandom(BIG))
     return work
 
@@ -60,8 +66,13 @@ def test_bar_on_terminal_and_stdout_stays_clean(tmp_path: Path) -> None:
 
 def test_no_bar_when_stderr_is_a_pipe(tmp_path: Path) -> None:
     work = _setup(tmp_path)
-    r = subprocess.run([*VHSM, "token", "store", "big.bin", "--key", "k.key"], cwd=work,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [*VHSM, "token", "store", "big.bin", "--key", "k.key"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0
     assert r.stderr == ""
 

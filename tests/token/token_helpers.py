@@ -47,14 +47,23 @@ def vhsm_argv() -> list[str]:
 
 def vhsm_in(work: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`vhsm ARGS` run in `work` with text output; never raises on a non-zero exit."""
-    return subprocess.run([*vhsm_argv(), *args], cwd=work, capture_output=True, text=True,
-                          timeout=timeout, env=clean_env())
+    return subprocess.run(
+        [*vhsm_argv(), *args],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(),
+    )
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VHSM_STORE", "TOKEN_CHUNK_SIZE", "TOKEN_PARALLEL_CHUNKS")
-           and not k.startswith("PYTEST_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("VHSM_STORE", "TOKEN_CHUNK_SIZE", "TOKEN_PARALLEL_CHUNKS")
+        and not k.startswith("PYTEST_")
+    }
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"
     if extra:
         env.update(extra)
@@ -80,14 +89,21 @@ class Result:
         return TOKEN_RE.findall(self.out)
 
     def __str__(self) -> str:
-        return (f"$ {' '.join(self.argv)}\nexit {self.rc}\n--- stdout\n{self.out}"
-                f"--- stderr\n{self.err}")
+        return (
+            f"$ {' '.join(self.argv)}\nexit {self.rc}\n--- stdout\n{self.out}--- stderr\n{self.err}"
+        )
 
 
 def key_encodings(key: bytes) -> list[bytes]:
     """The ways a key could leak into output: raw, hex (both cases), base64 (both alphabets)."""
-    forms = [key, key.hex().encode(), key.hex().upper().encode(), base64.b64encode(key),
-             base64.urlsafe_b64encode(key), base64.b64encode(key).rstrip(b"=")]
+    forms = [
+        key,
+        key.hex().encode(),
+        key.hex().upper().encode(),
+        base64.b64encode(key),
+        base64.urlsafe_b64encode(key),
+        base64.b64encode(key).rstrip(b"="),
+    ]
     return forms
 
 
@@ -121,17 +137,30 @@ class Cli:
                 found.append(data)
         return found
 
-    def __call__(self, *args: str | os.PathLike[str], cwd: Path | None = None,
-                 env: dict[str, str] | None = None, timeout: float = 300,
-                 unprivileged: bool = False, stdin: bytes | None = None) -> Result:
+    def __call__(
+        self,
+        *args: str | os.PathLike[str],
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 300,
+        unprivileged: bool = False,
+        stdin: bytes | None = None,
+    ) -> Result:
         argv = (UNPRIVILEGED if unprivileged else []) + vhsm_argv() + [os.fspath(a) for a in args]
         where = cwd or self.cwd
-        p = subprocess.run(argv, cwd=where, env=clean_env(env), input=stdin or b"",
-                           capture_output=True, timeout=timeout)
+        p = subprocess.run(
+            argv,
+            cwd=where,
+            env=clean_env(env),
+            input=stdin or b"",
+            capture_output=True,
+            timeout=timeout,
+        )
         res = Result(argv, p.returncode, p.stdout, p.stderr)
         self.history.append(res)
-        assert_no_key_leak(self.known_keys(where), res.stdout, res.stderr,
-                           where=f"the output of {' '.join(argv)}")
+        assert_no_key_leak(
+            self.known_keys(where), res.stdout, res.stderr, where=f"the output of {' '.join(argv)}"
+        )
         assert b"Traceback" not in res.stderr, str(res)
         return res
 
@@ -196,6 +225,7 @@ def write_random(path: Path, n: int, seed: int = 0) -> bytes:
 
 # -- raw store manipulation (what an attacker with write access to the store can do) -----------
 
+
 def meta_path(store: Path, token: str | uuid.UUID) -> Path:
     return Path(store) / f"{token}.metadata"
 
@@ -207,14 +237,18 @@ def object_paths(store: Path, token: str | uuid.UUID) -> list[Path]:
 def read_manifest(store: Path, token: str | uuid.UUID) -> list[tuple[int, int, int, bytes]]:
     parsed = parse_file(meta_path(store, token).read_bytes(), uuid.UUID(str(token)))
     m = parsed.manifest
-    return [MANIFEST_ENTRY.unpack_from(m, i * MANIFEST_ENTRY.size)
-            for i in range(len(m) // MANIFEST_ENTRY.size)]
+    return [
+        MANIFEST_ENTRY.unpack_from(m, i * MANIFEST_ENTRY.size)
+        for i in range(len(m) // MANIFEST_ENTRY.size)
+    ]
 
 
 def rewrite_manifest(
-    store: Path, token: str | uuid.UUID,
+    store: Path,
+    token: str | uuid.UUID,
     mutate: Callable[[list[tuple[int, int, int, bytes]]], list[tuple[int, int, int, bytes]]],
-    *, fix_header_digest: bool = True,
+    *,
+    fix_header_digest: bool = True,
 ) -> None:
     """Rewrite the plaintext manifest as an attacker without the key would: change entries,
     optionally recompute the manifest digest in the header, and always recompute the SHA-256
@@ -222,8 +256,10 @@ def rewrite_manifest(
     tok = uuid.UUID(str(token))
     path = meta_path(store, tok)
     parsed = parse_file(path.read_bytes(), tok)
-    entries = [MANIFEST_ENTRY.unpack_from(parsed.manifest, i * MANIFEST_ENTRY.size)
-               for i in range(len(parsed.manifest) // MANIFEST_ENTRY.size)]
+    entries = [
+        MANIFEST_ENTRY.unpack_from(parsed.manifest, i * MANIFEST_ENTRY.size)
+        for i in range(len(parsed.manifest) // MANIFEST_ENTRY.size)
+    ]
     new = mutate(entries)
     manifest = b"".join(MANIFEST_ENTRY.pack(*e) for e in new)
     header = parsed.header

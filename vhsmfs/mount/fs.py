@@ -81,8 +81,12 @@ def boundary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 def _brief(args: tuple[Any, ...]) -> str:
     """Inode numbers and names only: never the data of a write."""
-    shown = [repr(a) if isinstance(a, int | bytes) and not (isinstance(a, bytes) and len(a) > 255)
-             else "…" for a in args[:2]]
+    shown = [
+        repr(a)
+        if isinstance(a, int | bytes) and not (isinstance(a, bytes) and len(a) > 255)
+        else "…"
+        for a in args[:2]
+    ]
     return "(" + ", ".join(shown) + ")"
 
 
@@ -136,8 +140,9 @@ class VaultOps(pyfuse3.Operations):
         self.timing: dict[str, tuple[int, float]] = {}
 
     async def _hop(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kw),
-                                             limiter=self.limiter)
+        return await trio.to_thread.run_sync(
+            functools.partial(fn, *args, **kw), limiter=self.limiter
+        )
 
     async def _now_or_hop(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Namespace changes that need no I/O (the usual case for mkdir, unlink, chmod, utime)
@@ -160,8 +165,9 @@ class VaultOps(pyfuse3.Operations):
     def _invalidate(self, inval: list[Invalidation]) -> None:
         for parent, name, ino in inval:
             try:
-                pyfuse3.invalidate_entry_async(parent, os.fsencode(name), deleted=ino,
-                                               ignore_enoent=True)
+                pyfuse3.invalidate_entry_async(
+                    parent, os.fsencode(name), deleted=ino, ignore_enoent=True
+                )
             except Exception as e:  # the entry may simply not be cached
                 log.debug("invalidate %d/%s: %s", parent, name, e)
 
@@ -180,8 +186,9 @@ class VaultOps(pyfuse3.Operations):
 
     # -- names and attributes --------------------------------------------------------------------
     @boundary
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-                     ) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         text = os.fsdecode(name)
         v = self.vault
         try:
@@ -205,11 +212,17 @@ class VaultOps(pyfuse3.Operations):
         return _entry(self.vault.attr(self.vault.node(inode)))
 
     @boundary
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         node = await self._now_or_hop(
-            self.vault.setattr, inode,
+            self.vault.setattr,
+            inode,
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -263,48 +276,66 @@ class VaultOps(pyfuse3.Operations):
         await self._hop(self.vault.fsyncdir, inode)
 
     @boundary
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        d = await self._now_or_hop(self.vault.mkdir, parent_inode, os.fsdecode(name),
-                            mode & ~ctx.umask, ctx.uid, ctx.gid)
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        d = await self._now_or_hop(
+            self.vault.mkdir, parent_inode, os.fsdecode(name), mode & ~ctx.umask, ctx.uid, ctx.gid
+        )
         return _entry(self.vault.attr(d))
 
     @boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._invalidate(await self._now_or_hop(self.vault.rmdir, parent_inode,
-                                                os.fsdecode(name)))
+        self._invalidate(await self._now_or_hop(self.vault.rmdir, parent_inode, os.fsdecode(name)))
 
     @boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._invalidate(await self._now_or_hop(self.vault.unlink, parent_inode,
-                                                os.fsdecode(name)))
+        self._invalidate(await self._now_or_hop(self.vault.unlink, parent_inode, os.fsdecode(name)))
 
     @boundary
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         if flags & pyfuse3.RENAME_EXCHANGE:
             raise OSError(errno.EINVAL, "RENAME_EXCHANGE is not supported")
-        self._invalidate(await self._hop(
-            self.vault.rename, parent_inode_old, os.fsdecode(name_old), parent_inode_new,
-            os.fsdecode(name_new), noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE)))
+        self._invalidate(
+            await self._hop(
+                self.vault.rename,
+                parent_inode_old,
+                os.fsdecode(name_old),
+                parent_inode_new,
+                os.fsdecode(name_new),
+                noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
+            )
+        )
 
     @boundary
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         raise OSError(errno.EPERM, "the vault holds regular files and directories only")
 
     @boundary
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         raise OSError(errno.EPERM, "hard links are not supported")
 
     @boundary
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         if not stat.S_ISREG(mode):
             raise OSError(errno.EPERM, "the vault holds regular files and directories only")
-        node = await self._hop(self._mknod, parent_inode, os.fsdecode(name),
-                               mode & ~ctx.umask, ctx.uid, ctx.gid)
+        node = await self._hop(
+            self._mknod, parent_inode, os.fsdecode(name), mode & ~ctx.umask, ctx.uid, ctx.gid
+        )
         return _entry(self.vault.attr(node))
 
     def _mknod(self, parent: int, name: str, mode: int, uid: int, gid: int) -> FileNode:
@@ -314,18 +345,18 @@ class VaultOps(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------------------------------
     @boundary
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext
-                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node = await self._now_or_hop(self.vault.create, parent_inode, os.fsdecode(name),
-                                      mode & ~ctx.umask, ctx.uid, ctx.gid)
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = await self._now_or_hop(
+            self.vault.create, parent_inode, os.fsdecode(name), mode & ~ctx.umask, ctx.uid, ctx.gid
+        )
         fh = next(self._fhs)
         self._files[fh] = node
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), _entry(self.vault.attr(node))
 
     @boundary
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
-                   ) -> pyfuse3.FileInfo:
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = await self._hop(self.vault.open, inode, bool(flags & os.O_TRUNC))
         fh = next(self._fhs)
         self._files[fh] = node

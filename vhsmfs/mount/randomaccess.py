@@ -128,8 +128,17 @@ class RunningHash:
 class TokenFile:
     """One token opened for random access. `lock` must be held around every call."""
 
-    def __init__(self, store: TokenStore, token: uuid.UUID, keys: TokenKeys, header: Header,
-                 manifest: bytes | bytearray, meta: Metadata, *, committed: bool) -> None:
+    def __init__(
+        self,
+        store: TokenStore,
+        token: uuid.UUID,
+        keys: TokenKeys,
+        header: Header,
+        manifest: bytes | bytearray,
+        meta: Metadata,
+        *,
+        committed: bool,
+    ) -> None:
         self.store = store
         self.backend = store.backend
         self.token = token
@@ -182,8 +191,15 @@ class TokenFile:
         return cls(store, t.token, t.keys, t.header, t.parsed.manifest, t.meta, committed=True)
 
     @classmethod
-    def create(cls, store: TokenStore, name: str, mode: int, *, extra: dict | None = None,
-               token: uuid.UUID | None = None) -> TokenFile:
+    def create(
+        cls,
+        store: TokenStore,
+        name: str,
+        mode: int,
+        *,
+        extra: dict | None = None,
+        token: uuid.UUID | None = None,
+    ) -> TokenFile:
         """A new, empty, not yet committed token."""
         token = token or uuid.uuid4()
         provider = store.keys
@@ -193,11 +209,21 @@ class TokenFile:
         salt = os.urandom(SALT_LEN)
         keys = TokenKeys(ikm, salt, token)
         now = time.time_ns()
-        header = Header(token, salt, keys.key_check, 0, store.chunk_size, 0, 0,
-                        manifest_digest(b""), key_ref)
-        meta = Metadata(name=name, size=0, sha256=hashlib.sha256().hexdigest(), mode=mode,
-                        mtime_ns=now, atime_ns=now, ctime_ns=now, created=now // 10**9,
-                        parallel_chunks=1, extra=dict(extra or {}))
+        header = Header(
+            token, salt, keys.key_check, 0, store.chunk_size, 0, 0, manifest_digest(b""), key_ref
+        )
+        meta = Metadata(
+            name=name,
+            size=0,
+            sha256=hashlib.sha256().hexdigest(),
+            mode=mode,
+            mtime_ns=now,
+            atime_ns=now,
+            ctime_ns=now,
+            created=now // 10**9,
+            parallel_chunks=1,
+            extra=dict(extra or {}),
+        )
         return cls(store, token, keys, header, b"", meta, committed=False)
 
     def claim(self, name: str, mode: int, extra: dict | None = None) -> None:
@@ -221,8 +247,13 @@ class TokenFile:
 
     @property
     def dirty(self) -> bool:
-        return (bool(self._dirty) or bool(self._holes) or self.meta_dirty
-                or self._writer is not None or self._job is not None)
+        return (
+            bool(self._dirty)
+            or bool(self._holes)
+            or self.meta_dirty
+            or self._writer is not None
+            or self._job is not None
+        )
 
     # -- reading --------------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -260,8 +291,13 @@ class TokenFile:
             # a finished read-ahead that starts at this read: take it without a hop
             first, last = offset // cs, (end - 1) // cs
             ahead = self._ahead
-            if ahead is None or not ahead[2].done() or ahead[0] != first or ahead[1] < last \
-                    or ahead[2].exception() is not None:
+            if (
+                ahead is None
+                or not ahead[2].done()
+                or ahead[0] != first
+                or ahead[1] < last
+                or ahead[2].exception() is not None
+            ):
                 return None
             self._ahead = None
             c, base = ahead[2].result(), first * cs
@@ -358,7 +394,8 @@ class TokenFile:
                 out += self.keys.decrypt_run(records, lengths, start, final)
             except ChunkAuthError as e:
                 raise IntegrityError(
-                    f"token {self.token}: chunk {e.index} failed authentication") from None
+                    f"token {self.token}: chunk {e.index} failed authentication"
+                ) from None
         return out
 
     def _record_runs(self, first: int, last: int) -> Iterator[tuple[int, int, list[int], int]]:
@@ -385,8 +422,11 @@ class TokenFile:
             return True
         if self._ahead is not None and not self._ahead[2].done():
             return False
-        if (self._job is not None and not self._job.done()
-                and self._dirty_bytes + n > WRITEBACK_BYTES):
+        if (
+            self._job is not None
+            and not self._job.done()
+            and self._dirty_bytes + n > WRITEBACK_BYTES
+        ):
             return False  # starting the next write-back would wait for this one
         if self._hash is not None and not self._hash.has_room():
             return False
@@ -413,8 +453,9 @@ class TokenFile:
         end = offset + n
         cs = self.cs
         self._stop_ahead()
-        if self._inflight and any(i in self._inflight
-                                  for i in range(offset // cs, (end - 1) // cs + 1)):
+        if self._inflight and any(
+            i in self._inflight for i in range(offset // cs, (end - 1) // cs + 1)
+        ):
             self._drain()
         if end > self.size:
             self._resize(end)
@@ -598,8 +639,9 @@ class TokenFile:
                 pack_into(self.manifest, (first + n) * ENTRY, obj, off, rlen, digest)
                 off += rlen
 
-    def _encrypt_append(self, todo: list[int], bufs: list[bytearray | memoryview | None],
-                        final: int) -> list[tuple[int, int, int, list[tuple[int, bytes]]]]:
+    def _encrypt_append(
+        self, todo: list[int], bufs: list[bytearray | memoryview | None], final: int
+    ) -> list[tuple[int, int, int, list[tuple[int, bytes]]]]:
         """Encrypt chunks (consecutive runs of `todo`, plaintext `bufs`, None = zeros) and append
         the records to the current new object. Touches only the object writer, so it can run
         in the background while the owner buffers more writes."""
@@ -660,8 +702,11 @@ class TokenFile:
         Records are bound to (token, index, final), not to their location: no re-encryption."""
         live = self._live_bytes()
         sizes = self._sizes()
-        victims = {obj for obj, size in sizes.items()
-                   if obj in live and obj != self._wobj and live[obj] * 2 < size}
+        victims = {
+            obj
+            for obj, size in sizes.items()
+            if obj in live and obj != self._wobj and live[obj] * 2 < size
+        }
         if not victims:
             return
         i, count = 0, self.count
@@ -725,9 +770,14 @@ class TokenFile:
             meta = dataclasses.replace(self.meta, extra=dict(self.meta.extra))
             self.meta_dirty = False
         header = Header(
-            token_id=self.token, salt=self._salt, key_check=self.keys.key_check,
-            generation=self.generation + 1, chunk_size=self.cs, chunk_count=self.count,
-            next_object_id=self.next_object, manifest_digest=manifest_digest(self.manifest),
+            token_id=self.token,
+            salt=self._salt,
+            key_check=self.keys.key_check,
+            generation=self.generation + 1,
+            chunk_size=self.cs,
+            chunk_count=self.count,
+            next_object_id=self.next_object,
+            manifest_digest=manifest_digest(self.manifest),
             key_ref=self._key_ref,
         )
         try:
@@ -780,4 +830,3 @@ class TokenFile:
 
     def stat_blocks(self) -> int:
         return (self.count * RECORD_OVERHEAD + self.size + 511) // 512
-

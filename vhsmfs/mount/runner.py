@@ -222,8 +222,15 @@ def tune_read_ahead(mnt: str) -> None:
         log.debug("read-ahead left at the default: %s", e)
 
 
-def run(store_dir: str, mountpoint: str, keys: KeyProvider, *, allow_other: bool = False,
-        ready: int | None = None, chunk_size: int | None = None) -> None:
+def run(
+    store_dir: str,
+    mountpoint: str,
+    keys: KeyProvider,
+    *,
+    allow_other: bool = False,
+    ready: int | None = None,
+    chunk_size: int | None = None,
+) -> None:
     """Mount and serve until unmounted or signalled. `ready` is a pipe fd the background
     parent waits on: "ok" or "error: <message>"."""
     store_dir = os.path.abspath(store_dir)
@@ -260,8 +267,10 @@ def run(store_dir: str, mountpoint: str, keys: KeyProvider, *, allow_other: bool
                     pyfuse3.close(unmount=True)
                 vault.flush_all()
                 log.info("requests: %s", " ".join(f"{k}={v}" for k, v in sorted(ops.stats.items())))
-                log.info("time per operation: %s", " ".join(
-                    f"{k}={n}/{t:.2f}s" for k, (n, t) in sorted(ops.timing.items())))
+                log.info(
+                    "time per operation: %s",
+                    " ".join(f"{k}={n}/{t:.2f}s" for k, (n, t) in sorted(ops.timing.items())),
+                )
                 log.info("unmounted %s (%s)", mnt, "clean" if clean else "after an error")
     except VhsmError as e:
         report_ready(ready, f"error: {e}")
@@ -276,8 +285,13 @@ def report_ready(fd: int | None, message: str) -> None:
         os.close(fd)
 
 
-def start_background(child_argv: list[str], mountpoint: str, *, log_file: str | None = None,
-                     env: dict[str, str] | None = None) -> int:
+def start_background(
+    child_argv: list[str],
+    mountpoint: str,
+    *,
+    log_file: str | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
     """Start `child_argv` (a foreground mount command) detached, passing it `--ready-fd N`;
     return its pid once it reports the mount ready, or raise MountError with its message."""
     check_mountpoint(mountpoint)
@@ -285,8 +299,16 @@ def start_background(child_argv: list[str], mountpoint: str, *, log_file: str | 
     cmd = [*child_argv, "--ready-fd", str(w)]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                pass_fds=(w,), start_new_session=True, cwd="/", env=env)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            pass_fds=(w,),
+            start_new_session=True,
+            cwd="/",
+            env=env,
+        )
     finally:
         os.close(w)
         if log_file:
@@ -297,8 +319,11 @@ def start_background(child_argv: list[str], mountpoint: str, *, log_file: str | 
         return proc.pid
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
-    raise MountError(line[len("error: "):] if line.startswith("error: ")
-                     else f"mount process exited ({proc.poll()}) before the mount was ready")
+    raise MountError(
+        line[len("error: ") :]
+        if line.startswith("error: ")
+        else f"mount process exited ({proc.poll()}) before the mount was ready"
+    )
 
 
 # -- unmount ---------------------------------------------------------------------------------------
@@ -381,12 +406,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int)
     p.add_argument("--debug", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
-                        format="%(asctime)s vhsm-mount %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if a.debug else logging.INFO,
+        format="%(asctime)s vhsm-mount %(levelname)s %(message)s",
+    )
     try:
         keys = key_provider(a.key)
-        run(a.store, a.mountpoint, keys, allow_other=a.allow_other, ready=a.ready_fd,
-            chunk_size=a.chunk_size)
+        run(
+            a.store,
+            a.mountpoint,
+            keys,
+            allow_other=a.allow_other,
+            ready=a.ready_fd,
+            chunk_size=a.chunk_size,
+        )
     except VhsmError as e:
         report_ready(a.ready_fd, f"error: {e}")
         print(f"Error: {e}", file=sys.stderr)

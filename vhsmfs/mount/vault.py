@@ -144,8 +144,9 @@ class WouldBlock(Exception):
 
 
 class Vault:
-    def __init__(self, store: TokenStore, *, uid: int | None = None,
-                 gid: int | None = None) -> None:
+    def __init__(
+        self, store: TokenStore, *, uid: int | None = None, gid: int | None = None
+    ) -> None:
         self.store = store
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
@@ -156,8 +157,16 @@ class Vault:
         self.nodes: dict[int, Node] = {}
         self.by_token: dict[uuid.UUID, FileNode] = {}
         now = time.time_ns()
-        self.root = DirNode(ROOT_INO, kind="root", mode=DEFAULT_DIR_MODE, uid=self.uid,
-                            gid=self.gid, mtime_ns=now, ctime_ns=now, atime_ns=now)
+        self.root = DirNode(
+            ROOT_INO,
+            kind="root",
+            mode=DEFAULT_DIR_MODE,
+            uid=self.uid,
+            gid=self.gid,
+            mtime_ns=now,
+            ctime_ns=now,
+            atime_ns=now,
+        )
         self.nodes[ROOT_INO] = self.root
         self.root.nlookup = 1
         # Deferred work (see docs/MOUNT.md, "Durability"): metadata-only changes of closed files
@@ -236,19 +245,33 @@ class Vault:
         self.nodes[node.ino] = node
         self.by_token[token] = node
         parts = self._parts(meta.name, token)
-        td = DirNode(next(self._inos), name=str(token), parent=self.root, kind="tokendir",
-                     token=token, mode=0o700, uid=self.uid, gid=self.gid,
-                     mtime_ns=meta.mtime_ns, ctime_ns=meta.ctime_ns, atime_ns=meta.atime_ns)
+        td = DirNode(
+            next(self._inos),
+            name=str(token),
+            parent=self.root,
+            kind="tokendir",
+            token=token,
+            mode=0o700,
+            uid=self.uid,
+            gid=self.gid,
+            mtime_ns=meta.mtime_ns,
+            ctime_ns=meta.ctime_ns,
+            atime_ns=meta.atime_ns,
+        )
         self.nodes[td.ino] = td
         self._link(self.root, td.name, td)
         self._link(td, parts[-1], node)
         node.tokendir = td
         if meta.extra.get("placed"):
             parent = self._ensure_dirs(parts[:-1])
-            if parent is None or self._child(parent, parts[-1]) is not None \
-                    or self._reserved(parent, parts[-1]):
-                log.warning("token %s: '%s' is taken; shown only under /%s", token, meta.name,
-                            token)
+            if (
+                parent is None
+                or self._child(parent, parts[-1]) is not None
+                or self._reserved(parent, parts[-1])
+            ):
+                log.warning(
+                    "token %s: '%s' is taken; shown only under /%s", token, meta.name, token
+                )
             else:
                 self._link(parent, parts[-1], node)
                 node.tree_parent, node.tree_name = parent, parts[-1]
@@ -269,8 +292,17 @@ class Vault:
 
     def _new_dir(self, parent: DirNode, name: str) -> DirNode:
         now = time.time_ns()
-        d = DirNode(next(self._inos), name=name, parent=parent, mode=DEFAULT_DIR_MODE,
-                    uid=self.uid, gid=self.gid, mtime_ns=now, ctime_ns=now, atime_ns=now)
+        d = DirNode(
+            next(self._inos),
+            name=name,
+            parent=parent,
+            mode=DEFAULT_DIR_MODE,
+            uid=self.uid,
+            gid=self.gid,
+            mtime_ns=now,
+            ctime_ns=now,
+            atime_ns=now,
+        )
         self.nodes[d.ino] = d
         self._link(parent, name, d)
         return d
@@ -376,15 +408,34 @@ class Vault:
         if isinstance(node, DirNode):
             # 1 = "not counted" (as btrfs does): find(1) then never assumes leaf directories,
             # and getattr stays O(1) in directories with many entries.
-            return Attr(node.ino, stat.S_IFDIR | node.mode, 1, node.uid, node.gid, 4096, 8,
-                        node.atime_ns, node.mtime_ns, node.ctime_ns)
+            return Attr(
+                node.ino,
+                stat.S_IFDIR | node.mode,
+                1,
+                node.uid,
+                node.gid,
+                4096,
+                8,
+                node.atime_ns,
+                node.mtime_ns,
+                node.ctime_ns,
+            )
         assert isinstance(node, FileNode)
         meta = node.tf.meta if node.tf is not None else node.meta
         assert meta is not None
         size = node.size
-        return Attr(node.ino, stat.S_IFREG | stat.S_IMODE(meta.mode), 0 if node.unlinked else 1,
-                    int(meta.extra.get("uid", self.uid)), int(meta.extra.get("gid", self.gid)),
-                    size, (size + 511) // 512, meta.atime_ns, meta.mtime_ns, meta.ctime_ns)
+        return Attr(
+            node.ino,
+            stat.S_IFREG | stat.S_IMODE(meta.mode),
+            0 if node.unlinked else 1,
+            int(meta.extra.get("uid", self.uid)),
+            int(meta.extra.get("gid", self.gid)),
+            size,
+            (size + 511) // 512,
+            meta.atime_ns,
+            meta.mtime_ns,
+            meta.ctime_ns,
+        )
 
     def volatile(self, parent_ino: int, node: Node) -> bool:
         """Entries of the root that are token directories, and the file inside each."""
@@ -404,8 +455,9 @@ class Vault:
         """A snapshot of (seq, name, node): readdir offsets are the entries' sequence numbers,
         so entries added or removed while listing never shift the others."""
         d = self.dir(ino)
-        return sorted(((s, name, n) for name, (s, n) in list(d.entries.items())),
-                      key=lambda e: e[0])
+        return sorted(
+            ((s, name, n) for name, (s, n) in list(d.entries.items())), key=lambda e: e[0]
+        )
 
     def still_there(self, ino: int, name: str, node: Node) -> bool:
         d = self.nodes.get(ino)
@@ -417,8 +469,9 @@ class Vault:
         with self.ns_lock:
             present = set(self.store.list_tokens())
             inval: list[Invalidation] = []
-            markers = {d.marker_id for d in self.nodes.values()
-                       if isinstance(d, DirNode) and d.marker_id}
+            markers = {
+                d.marker_id for d in self.nodes.values() if isinstance(d, DirNode) and d.marker_id
+            }
             for token in sorted(present - set(self.by_token) - markers - self.deleting, key=str):
                 meta = self._read_meta(token)
                 if meta is None or meta.extra.get("kind") == KIND_DIR:
@@ -507,8 +560,7 @@ class Vault:
         (no crypto here, so create can answer on the event loop), else derived now."""
         with self._idle_lock:
             tf = self._blanks.popleft() if self._blanks else None
-            refill = (self._prefetch_keys and len(self._blanks) < BLANKS // 2
-                      and not self._refilling)
+            refill = self._prefetch_keys and len(self._blanks) < BLANKS // 2 and not self._refilling
             if refill:
                 self._refilling = True
         if refill:
@@ -550,10 +602,19 @@ class Vault:
             tf = self._new_token_file(self.relpath(parent, name), stat.S_IMODE(mode), extra)
             node = FileNode(next(self._inos), token=tf.token, meta=tf.meta, tf=tf)
             node.opens = 1
-            td = DirNode(next(self._inos), name=str(tf.token), parent=self.root,
-                         kind="tokendir", token=tf.token, mode=0o700, uid=self.uid,
-                         gid=self.gid, mtime_ns=tf.meta.mtime_ns, ctime_ns=tf.meta.ctime_ns,
-                         atime_ns=tf.meta.atime_ns)
+            td = DirNode(
+                next(self._inos),
+                name=str(tf.token),
+                parent=self.root,
+                kind="tokendir",
+                token=tf.token,
+                mode=0o700,
+                uid=self.uid,
+                gid=self.gid,
+                mtime_ns=tf.meta.mtime_ns,
+                ctime_ns=tf.meta.ctime_ns,
+                atime_ns=tf.meta.atime_ns,
+            )
             node.tokendir = td
             self.nodes[node.ino] = node
             self.nodes[td.ino] = td
@@ -620,8 +681,13 @@ class Vault:
 
     def release(self, node: FileNode) -> list[Invalidation]:
         with self._hold(node.lock):
-            if self._nonblocking() and node.opens == 1 and node.tf is not None \
-                    and node.tf.dirty and not node.unlinked:
+            if (
+                self._nonblocking()
+                and node.opens == 1
+                and node.tf is not None
+                and node.tf.dirty
+                and not node.unlinked
+            ):
                 raise WouldBlock  # the last close publishes: a commit
             node.opens -= 1
             if node.opens > 0:
@@ -662,8 +728,9 @@ class Vault:
             self._wipes.append((token, fn, time.monotonic()))
             self._wipes_open += 1
             if self._wiper is None:
-                self._wiper = threading.Thread(target=self._wipe_loop, name="vhsm-delete",
-                                               daemon=True)
+                self._wiper = threading.Thread(
+                    target=self._wipe_loop, name="vhsm-delete", daemon=True
+                )
                 self._wiper.start()
             elif self._wiper_idle:
                 self._wipe_cv.notify_all()
@@ -740,9 +807,17 @@ class Vault:
                 log.error("could not publish changes of inode %d: %s", node.ino, e)
                 self._defer(node)  # tried again next time, and at unmount
 
-    def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
-                uid: int | None = None, gid: int | None = None, atime_ns: int | None = None,
-                mtime_ns: int | None = None) -> Node:
+    def setattr(
+        self,
+        ino: int,
+        *,
+        size: int | None = None,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Node:
         node = self.node(ino)
         if isinstance(node, DirNode):
             with self._hold(self.ns_lock):
@@ -774,8 +849,14 @@ class Vault:
         return node
 
     @staticmethod
-    def _set_meta(tf: TokenFile, mode: int | None, uid: int | None, gid: int | None,
-                  atime_ns: int | None, mtime_ns: int | None) -> None:
+    def _set_meta(
+        tf: TokenFile,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        atime_ns: int | None,
+        mtime_ns: int | None,
+    ) -> None:
         with tf.meta_lock:
             m = tf.meta
             if mode is not None:
@@ -828,8 +909,15 @@ class Vault:
         d.marker.commit()
         d.dirty = False
 
-    def _setattr_dir(self, d: DirNode, mode: int | None, uid: int | None, gid: int | None,
-                     atime_ns: int | None, mtime_ns: int | None) -> None:
+    def _setattr_dir(
+        self,
+        d: DirNode,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        atime_ns: int | None,
+        mtime_ns: int | None,
+    ) -> None:
         if d.kind != "tree":
             raise _err(errno.EPERM, "token directories are managed by the vault")
         if mode is not None:
@@ -923,8 +1011,9 @@ class Vault:
         self.by_token.pop(node.token, None)
         return inval
 
-    def rename(self, old_ino: int, old_name: str, new_ino: int, new_name: str, *,
-               noreplace: bool = False) -> list[Invalidation]:
+    def rename(
+        self, old_ino: int, old_name: str, new_ino: int, new_name: str, *, noreplace: bool = False
+    ) -> list[Invalidation]:
         with self.ns_lock:
             src_dir, dst_dir = self.dir(old_ino), self.dir(new_ino)
             node = self._child(src_dir, old_name)
@@ -949,8 +1038,15 @@ class Vault:
             assert isinstance(node, FileNode)
             return self._rename_file(node, src_dir, old_name, dst_dir, new_name, target)
 
-    def _rename_file(self, node: FileNode, src_dir: DirNode, old_name: str, dst_dir: DirNode,
-                     new_name: str, target: Node | None) -> list[Invalidation]:
+    def _rename_file(
+        self,
+        node: FileNode,
+        src_dir: DirNode,
+        old_name: str,
+        dst_dir: DirNode,
+        new_name: str,
+        target: Node | None,
+    ) -> list[Invalidation]:
         inval: list[Invalidation] = []
         if isinstance(target, DirNode):
             raise _err(errno.EISDIR)
@@ -1005,8 +1101,15 @@ class Vault:
                     inval.append((td.ino, old_base, 0))
         return inval
 
-    def _rename_dir(self, d: DirNode, src_dir: DirNode, old_name: str, dst_dir: DirNode,
-                    new_name: str, target: Node | None) -> list[Invalidation]:
+    def _rename_dir(
+        self,
+        d: DirNode,
+        src_dir: DirNode,
+        old_name: str,
+        dst_dir: DirNode,
+        new_name: str,
+        target: Node | None,
+    ) -> list[Invalidation]:
         p: DirNode | None = dst_dir
         while p is not None:
             if p is d:
@@ -1074,4 +1177,3 @@ class Vault:
     def statfs(self) -> os.statvfs_result | None:
         root = getattr(self.store.backend, "root", None)
         return os.statvfs(root) if root else None
-
