@@ -1,5 +1,5 @@
-"""The key options shared by `vhsm token` and `vhsm mount`: `--key FILE` or `--key-service [NAME]`,
-and the key provider they select (vhsmfs.keyfile.KeyProvider)."""
+"""The options shared by `vhsm token` and `vhsm mount`: `--store DIR`, and `--key FILE` or
+`--key-service [NAME]` with the key provider they select (vhsmfs.keyfile.KeyProvider)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,18 @@ import click
 
 from vhsmfs.errors import VhsmError
 from vhsmfs.keyfile import KeyProvider, StaticKeyProvider, load_key_file
+
+DEFAULT_STORE = "secure_storage"  # the addendum's ./secure_storage
+
+store_option = click.option(
+    "--store",
+    "store_dir",
+    envvar="VHSM_STORE",
+    default=DEFAULT_STORE,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Store directory (env VHSM_STORE).",
+)
 
 ANY_KEY = "*"  # --key-service without a name: use whichever key each token names
 

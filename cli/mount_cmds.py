@@ -9,24 +9,14 @@ import sys
 import click
 
 from cli.errors import run_guarded
-from cli.keyopts import ANY_KEY, key_option, provider
+from cli.keyopts import ANY_KEY, key_option, provider, store_option
 from keysvc.errors import KeysvcError
 from vhsmfs.errors import VhsmError
-
-DEFAULT_STORE = "secure_storage"  # same default as `vhsm token`
 
 
 @click.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False))
-@click.option(
-    "--store",
-    "store_dir",
-    envvar="VHSM_STORE",
-    default=DEFAULT_STORE,
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Store directory (env VHSM_STORE).",
-)
+@store_option
 @key_option
 @click.option(
     "--background",

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from cli.errors import run_guarded
-from cli.keyopts import ANY_KEY, key_option, provider
+from cli.keyopts import ANY_KEY, key_option, provider, store_option
 from cli.progress import progress_bar
 from cli.tokenaudit import audit_token_event, audited
 from keysvc.errors import KeysvcError
@@ -28,18 +28,6 @@ from vhsmfs.keyfile import (
     generate_key_file,
 )
 from vhsmfs.store import TokenStore, parse_token
-
-DEFAULT_STORE = "secure_storage"
-
-store_option = click.option(
-    "--store",
-    "store_dir",
-    envvar="VHSM_STORE",
-    default=DEFAULT_STORE,
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Store directory (env VHSM_STORE).",
-)
 
 
 def _open_store(store_dir: str, key_file: str | None, key_service: str | None = None) -> TokenStore:
