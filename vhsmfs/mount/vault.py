@@ -240,11 +240,8 @@ class Vault:
         d.uid = int(meta.extra.get("uid", self.uid))
         d.gid = int(meta.extra.get("gid", self.gid))
 
-    def _add_file(self, token: uuid.UUID, meta: Metadata) -> FileNode:
-        node = FileNode(next(self._inos), token=token, meta=meta)
-        self.nodes[node.ino] = node
-        self.by_token[token] = node
-        parts = self._parts(meta.name, token)
+    def _new_token_dir(self, token: uuid.UUID, meta: Metadata) -> DirNode:
+        """The /<uuid> directory of a file token: registered, not linked anywhere yet."""
         td = DirNode(
             next(self._inos),
             name=str(token),
@@ -259,6 +256,14 @@ class Vault:
             atime_ns=meta.atime_ns,
         )
         self.nodes[td.ino] = td
+        return td
+
+    def _add_file(self, token: uuid.UUID, meta: Metadata) -> FileNode:
+        node = FileNode(next(self._inos), token=token, meta=meta)
+        self.nodes[node.ino] = node
+        self.by_token[token] = node
+        parts = self._parts(meta.name, token)
+        td = self._new_token_dir(token, meta)
         self._link(self.root, td.name, td)
         self._link(td, parts[-1], node)
         node.tokendir = td
@@ -602,22 +607,9 @@ class Vault:
             tf = self._new_token_file(self.relpath(parent, name), stat.S_IMODE(mode), extra)
             node = FileNode(next(self._inos), token=tf.token, meta=tf.meta, tf=tf)
             node.opens = 1
-            td = DirNode(
-                next(self._inos),
-                name=str(tf.token),
-                parent=self.root,
-                kind="tokendir",
-                token=tf.token,
-                mode=0o700,
-                uid=self.uid,
-                gid=self.gid,
-                mtime_ns=tf.meta.mtime_ns,
-                ctime_ns=tf.meta.ctime_ns,
-                atime_ns=tf.meta.atime_ns,
-            )
+            td = self._new_token_dir(tf.token, tf.meta)
             node.tokendir = td
             self.nodes[node.ino] = node
-            self.nodes[td.ino] = td
             self.by_token[tf.token] = node
             self._link(td, name, node)
             self._link(self.root, td.name, td)
