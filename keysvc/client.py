@@ -1,9 +1,9 @@
 """Talking to the key service: through the daemon when it runs, in-process when it does not.
 
-`execute()` is what the CLI calls. Both paths end in `Service.run_batch`, so results and audit
-lines are the same. The daemon is used when its socket accepts a connection; a missing socket or
-a refused connection (stale socket) means "not running" and the operation runs in-process.
-A socket we may not open is an error, never a silent fallback.
+`execute()` is what the CLI calls. Both paths run `Service.execute` and `Service.commit`, so
+results and audit lines are the same. The daemon is used when its socket accepts a connection;
+a missing socket or a refused connection (stale socket) means "not running" and the operation
+runs in-process. A socket we may not open is an error, never a silent fallback.
 """
 
 from __future__ import annotations

@@ -70,10 +70,10 @@ class DaemonConfig:
 
 
 class _Conn:
-    """One client connection. The worker thread writes replies directly (a non-blocking send,
-    which for small replies always completes); what does not fit is finished by a writer task
-    on the event loop. `lock` orders the two writers and keeps the worker from sending on a
-    socket the loop has closed (whose fd number could already belong to another client)."""
+    """One client connection. Replies are written directly by the thread that commits them
+    (a non-blocking send, which for small replies always completes); what does not fit is
+    finished by a writer task on the event loop. `lock` orders the two writers and keeps a
+    thread from sending on a socket the loop has closed."""
 
     __slots__ = ("sock", "fd", "cred", "out", "writing", "closed", "lock")
 
@@ -203,7 +203,7 @@ class Daemon:
         p = self.cfg.data_dir / paths.POLICY_NAME
         return p if p.exists() else None
 
-    # -- the batch, run in a worker thread
+    # -- a batch: executed by the worker, committed and answered by the committer
 
     def _caller(self, cred: tuple[int, int, int], user: object, mk_check: object) -> Caller:
         """Callers are cached per (peer credentials, claimed user, master-key check)."""

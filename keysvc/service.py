@@ -1,7 +1,8 @@
 """The operations of the key service, executed in batches.
 
-The daemon and the in-process CLI both call `Service.run_batch`, so they give the same results
-and write the same audit lines. One batch:
+The daemon and the in-process CLI run the same code (`Service.execute`, then `Service.commit`;
+`run_batch` does both), so they give the same results and write the same audit lines. The
+daemon commits a batch in another thread while the next one executes. One batch:
 
 1. every request is checked (master-key check value, access policy) and executed in order
    against the in-memory keystore, collecting one audit record per audited operation;
