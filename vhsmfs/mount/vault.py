@@ -156,17 +156,7 @@ class Vault:
         self._seq = itertools.count(1)
         self.nodes: dict[int, Node] = {}
         self.by_token: dict[uuid.UUID, FileNode] = {}
-        now = time.time_ns()
-        self.root = DirNode(
-            ROOT_INO,
-            kind="root",
-            mode=DEFAULT_DIR_MODE,
-            uid=self.uid,
-            gid=self.gid,
-            mtime_ns=now,
-            ctime_ns=now,
-            atime_ns=now,
-        )
+        self.root = self._fresh_dir(ROOT_INO, kind="root")
         self.nodes[ROOT_INO] = self.root
         self.root.nlookup = 1
         # Deferred work (see docs/MOUNT.md, "Durability"): metadata-only changes of closed files
@@ -295,12 +285,16 @@ class Vault:
             d = c
         return d
 
-    def _new_dir(self, parent: DirNode, name: str) -> DirNode:
+    def _fresh_dir(
+        self, ino: int, *, kind: str = "tree", name: str = "", parent: DirNode | None = None
+    ) -> DirNode:
+        """A directory node made now: the mount's owner, default mode, every time set to now."""
         now = time.time_ns()
-        d = DirNode(
-            next(self._inos),
+        return DirNode(
+            ino,
             name=name,
             parent=parent,
+            kind=kind,
             mode=DEFAULT_DIR_MODE,
             uid=self.uid,
             gid=self.gid,
@@ -308,6 +302,9 @@ class Vault:
             ctime_ns=now,
             atime_ns=now,
         )
+
+    def _new_dir(self, parent: DirNode, name: str) -> DirNode:
+        d = self._fresh_dir(next(self._inos), name=name, parent=parent)
         self.nodes[d.ino] = d
         self._link(parent, name, d)
         return d
