@@ -65,6 +65,16 @@ def test_cli_uses_daemon_same_results_and_audit(work: Work, daemon_factory: type
     work.hsm("-verify", "bk", "-i", str(f), "-s", "b.sig")
 
 
+def _sighup_until(d: Daemon, message: str, timeout: float = 10) -> None:
+    """SIGHUP the daemon (policy reload) and wait until it says `message` on stderr."""
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while message not in d.stderr:
+        assert time.monotonic() < deadline, f"no {message!r} on the daemon's stderr"
+        time.sleep(0.05)
+
+
 def _drive_to(c: DaemonClient, name: str, state: str) -> None:
     """Reach `state` through allowed transitions only."""
     paths = {
@@ -360,12 +370,7 @@ def test_second_unix_user_denied_then_allowed_by_policy(
         f'[[allow]]\nusers = ["{other_user.pw_name}"]\nkeys = ["release_*"]\n'
         'operations = ["sign", "verify", "export_public_key"]\n'
     )
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "policy reloaded" not in d.stderr:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _sighup_until(d, "policy reloaded")
     p = as_other("-sign", "release_key", "-i", "doc", "-o", "doc.sig")
     assert p.returncode == 0, p.stderr
     assert len((shared / "doc.sig").read_bytes()) == 64
@@ -620,12 +625,7 @@ def test_broken_policy_reload_keeps_old_policy(work: Work, daemon_factory: type[
     policy.write_text("")
     d = daemon_factory(work).start()  # picks up <data dir>/keysvc-policy.toml
     policy.write_text("this is [not toml")
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "policy reload failed" not in d.stderr:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _sighup_until(d, "policy reload failed")
     work.hsm("-generate_key_pair", "still_works")  # the owner is still served
     assert work.hsm("-list").stdout.split() == ["still_works"]
 
