@@ -371,7 +371,7 @@ class VaultOps(pyfuse3.Operations):
             st[what + "_inline"] = st.get(what + "_inline", 0) + 1
 
     @boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         node = self._fh(fh)
         data = self.vault.read_now(node, off, size)  # decrypted already: no hop needed
         self._count("read", size, data is not None)

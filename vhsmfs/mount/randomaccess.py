@@ -256,7 +256,7 @@ class TokenFile:
         )
 
     # -- reading --------------------------------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | memoryview:
         if offset >= self.size or length <= 0:
             return b""
         end = min(self.size, offset + length)
@@ -275,9 +275,11 @@ class TokenFile:
         self._last_read_end = end
         if sequential and end >= base + len(c) and end < self.size:
             self._start_ahead(-(-end // cs))
-        return bytes(memoryview(c)[offset - base : end - base])  # one copy
+        # A view, not a copy: pyfuse3 copies it once into the kernel. The window is never
+        # changed in place (a new read replaces it), so the view stays valid.
+        return memoryview(c)[offset - base : end - base]
 
-    def read_cached(self, offset: int, length: int) -> bytes | None:
+    def read_cached(self, offset: int, length: int) -> bytes | memoryview | None:
         """The read if it needs no decryption or I/O (served from the decrypted window, or
         from a finished read-ahead), else None and nothing changed. Lets the FUSE layer answer
         on its event loop without a thread hop."""
@@ -306,7 +308,9 @@ class TokenFile:
         self._last_read_end = end
         if sequential and end >= base + len(c) and end < self.size:
             self._start_ahead(-(-end // cs), open_readers=False)
-        return bytes(memoryview(c)[offset - base : end - base])  # one copy
+        # A view, not a copy: pyfuse3 copies it once into the kernel. The window is never
+        # changed in place (a new read replaces it), so the view stays valid.
+        return memoryview(c)[offset - base : end - base]
 
     def _take_ahead(self, first: int, last: int) -> bytearray | None:
         """The read-ahead result if it starts at `first` and covers `last`; else drop it."""

@@ -625,7 +625,7 @@ class Vault:
                 tf.truncate(0)
         return node
 
-    def read(self, node: FileNode, offset: int, length: int) -> bytes:
+    def read(self, node: FileNode, offset: int, length: int) -> bytes | memoryview:
         with node.lock:
             return self._loaded(node).read(offset, length)
 
@@ -635,7 +635,7 @@ class Vault:
 
     # Fast paths for the event loop: only when the file's lock is free and the request needs no
     # crypto and no I/O. Otherwise they return None and the caller hops to a thread.
-    def read_now(self, node: FileNode, offset: int, length: int) -> bytes | None:
+    def read_now(self, node: FileNode, offset: int, length: int) -> bytes | memoryview | None:
         if node.tf is None or not node.lock.acquire(blocking=False):
             return None
         try:
