@@ -32,6 +32,9 @@ _WIPE_BLOCK = 1 << 20
 
 class ObjectWriter(Protocol):
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    # At a given offset, from any thread: the mount encrypts several runs at once and each
+    # lands where its place was reserved. An object is complete only after finish().
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
     def finish(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -75,6 +78,24 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The regions of a file that hold data. Holes (an object whose writes failed part-way,
+    e.g. on a full disk) hold nothing to wipe, and filling them could fail for want of space.
+    The whole file where the filesystem cannot tell."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = min(size, os.lseek(fd, start, os.SEEK_HOLE))
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data past pos
+                return
+            yield pos, size  # SEEK_DATA not supported
+            return
+        yield start, end
+        pos = end
+
+
 def wipe_file(path: str) -> None:
     """Overwrite a file with zeros, fsync, then unlink it. On copy-on-write filesystems and
     SSDs the old blocks may survive in the device: documented in docs/FORMAT.md."""
@@ -85,9 +106,10 @@ def wipe_file(path: str) -> None:
     try:
         size = os.fstat(fd).st_size
         zeros = bytes(min(size, _WIPE_BLOCK))
-        done = 0
-        while done < size:
-            done += os.pwrite(fd, zeros[: min(_WIPE_BLOCK, size - done)], done)
+        for start, end in _data_extents(fd, size):
+            done = start
+            while done < end:
+                done += os.pwrite(fd, zeros[: min(_WIPE_BLOCK, end - done)], done)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -104,6 +126,13 @@ class _LocalObjectWriter:
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view = view[n:]
+            offset += n
 
     def finish(self) -> None:
         try:

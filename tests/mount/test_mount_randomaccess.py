@@ -4,8 +4,10 @@ bounds; orphans of an uncommitted session swept."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
+import subprocess
 
 import pytest
 
@@ -134,3 +136,52 @@ def test_orphans_of_a_killed_session_are_swept(store, small_buffers):
     refs = {e[0] for e in ra.MANIFEST_ENTRY.iter_unpack(tf3.manifest)}
     assert leftover == refs
     store.verify_full(tf.token)
+
+
+def test_full_disk_during_write_back_loses_nothing(small_buffers, tmp_path):
+    """A real tmpfs too small for the file: background runs fail with ENOSPC while the writer
+    goes on. The error reaches the writer; once there is room again, the commit publishes
+    every byte the file held, and the store verifies."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(disk)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    try:
+        store = TokenStore(
+            LocalBackend(disk / "store"), StaticKeyProvider(os.urandom(32)), chunk_size=4096
+        )
+        tf = ra.TokenFile.create(store, "big.bin", 0o600)
+        data = os.urandom(2 << 20)
+        errors = []
+        for off in range(0, len(data), 20_000):
+            try:
+                tf.write(off, data[off : off + 20_000])
+            except OSError as e:  # raised after the write's bytes were taken (write-back)
+                errors.append(e.errno)
+        with pytest.raises(OSError) as failed:
+            tf.commit()
+        errors.append(failed.value.errno)
+        assert set(errors) == {errno.ENOSPC}
+        assert (
+            len(errors) > 1
+        )  # background runs failed while the writer went on, not only the commit
+        subprocess.run(
+            ["mount", "-o", "remount,size=64m", str(disk)],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        assert tf.commit()
+        tf.close()
+        again = ra.TokenFile.load(store, tf.token)
+        assert again.read(0, len(data) + 1) == data
+        again.close()
+        store.verify_full(tf.token)
+        out = store.retrieve(tf.token, tmp_path / "out")
+        assert out.read_bytes() == data
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, check=False, timeout=30)

@@ -54,6 +54,9 @@ SENTINEL = MANIFEST_ENTRY.pack(NO_OBJECT, 0, 0, bytes(32))
 # it through the environment to exercise write-back with small files.
 WRITEBACK_BYTES = int(os.environ.get("VHSM_MOUNT_WRITEBACK_BYTES", 8 << 20))
 RUN_BYTES = 4 << 20  # plaintext per encrypt/decrypt call: amortises per-call overhead
+# Runs of one file being encrypted and written at once. Past this the writer waits for the
+# oldest: memory stays bounded (MAX_RUNS x RUN_BYTES of plaintext in flight per file).
+MAX_RUNS = 4
 # Decrypted ahead, in the background, for sequential readers. Twice the kernel's 1 MiB read
 # requests: every other request is then answered from the decrypted window on the event loop.
 READAHEAD_BYTES = 2 << 20
@@ -62,9 +65,8 @@ HASH_AT_CLOSE_LIMIT = 1 << 30  # recompute the whole-file SHA-256 at close up to
 HASH_HOLD_BYTES = 256 << 10  # a file's first bytes are hashed at commit, not on the hash thread
 
 # Background work, shared by all files: encryption of written-back chunks, decryption ahead of
-# sequential readers, and the running whole-file hash. Each file has at most one write-back and
-# one read-ahead job in flight, so memory stays bounded whatever the file sizes.
-_WRITEBACK = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-writeback")
+# sequential readers, and the running whole-file hash. Each file has at most MAX_RUNS runs being
+# encrypted and one read-ahead job in flight, so memory stays bounded whatever the file sizes.
 _ENCRYPT = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-encrypt")  # never waits
 _READAHEAD = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-readahead")
 _HASHING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-hash")  # FIFO: in order
@@ -125,6 +127,18 @@ class RunningHash:
         return self._h.copy().hexdigest()
 
 
+class _Run:
+    """Consecutive chunks being encrypted into their reserved place `obj`/`off`."""
+
+    __slots__ = ("idx", "bufs", "obj", "off", "future")
+
+    def __init__(
+        self, idx: list[int], bufs: list[bytearray | memoryview | None], obj: int, off: int
+    ) -> None:
+        self.idx, self.bufs, self.obj, self.off = idx, bufs, obj, off
+        self.future: Future[list[tuple[int, bytes]]]
+
+
 class TokenFile:
     """One token opened for random access. `lock` must be held around every call."""
 
@@ -161,9 +175,13 @@ class TokenFile:
         # replaced the whole chunk (not copied; made a bytearray if later written in part).
         self._dirty: dict[int, bytearray | memoryview] = {}
         self._dirty_bytes = 0
-        # chunks handed to the background write-back job: read from here until it completes
+        # chunks handed to background encryption: read from here until their run is applied
         self._inflight: dict[int, bytearray | memoryview] = {}
-        self._job: Future[list[tuple[int, int, int, list[tuple[int, bytes]]]]] | None = None
+        # runs being encrypted and written, oldest first (see _submit)
+        self._runs: deque[_Run] = deque()
+        # A run failed (e.g. disk full): its reserved place is left as a hole, and the next
+        # records go to a new object rather than after it.
+        self._roll = False
         self._ahead: tuple[int, int, Future[bytearray]] | None = None  # read-ahead job
         self._holes: set[int] = set()  # sentinel entries that are not dirty: read as zeros
         self._writer: ObjectWriter | None = None
@@ -252,7 +270,7 @@ class TokenFile:
             or bool(self._holes)
             or self.meta_dirty
             or self._writer is not None
-            or self._job is not None
+            or bool(self._runs)
         )
 
     # -- reading --------------------------------------------------------------------------------
@@ -426,12 +444,8 @@ class TokenFile:
             return True
         if self._ahead is not None and not self._ahead[2].done():
             return False
-        if (
-            self._job is not None
-            and not self._job.done()
-            and self._dirty_bytes + n > WRITEBACK_BYTES
-        ):
-            return False  # starting the next write-back would wait for this one
+        if self._dirty_bytes + n > WRITEBACK_BYTES and self._write_back_would_wait(n):
+            return False  # starting the next write-back would wait (or open an object)
         if self._hash is not None and not self._hash.has_room():
             return False
         cs, end, count = self.cs, offset + n, self.count
@@ -561,8 +575,12 @@ class TokenFile:
                     self._dirty[new_count - 1] = last[:keep]
 
     # -- write-back and commit -------------------------------------------------------------------
-    def _append(self, records: bytes | bytearray) -> tuple[int, int]:
-        if self._writer is None or self._woff >= OBJECT_TARGET:
+    def _reserve(self, nbytes: int) -> tuple[int, int]:
+        """A place for `nbytes` of records at the end of the current new object (a new one is
+        started at first, and past OBJECT_TARGET once every run writing the old one is done)."""
+        if self._writer is None or self._woff >= OBJECT_TARGET or self._roll:
+            self._settle(0)  # runs still writing into the current object land first
+            self._roll = False
             self._finish_object()
             if not self._swept:
                 self._writing.enter_context(self.backend.writing(self.token))
@@ -574,11 +592,16 @@ class TokenFile:
             self._writer = self.backend.new_object(self.token, self._wobj)
             self._woff = 0
             self._sizes()[self._wobj] = 0
-        self._writer.write(records)
         at = self._woff
-        self._woff += len(records)
+        self._woff += nbytes
         self._sizes()[self._wobj] = self._woff
         return self._wobj, at
+
+    def _append(self, records: bytes | bytearray) -> tuple[int, int]:
+        obj, at = self._reserve(len(records))
+        assert self._writer is not None
+        self._writer.write_at(at, records)
+        return obj, at
 
     def _finish_object(self) -> None:
         if self._writer is not None:
@@ -605,95 +628,129 @@ class TokenFile:
         self.backend.delete_object(self.token, obj)
         self._sizes().pop(obj, None)
 
+    def _write_back_would_wait(self, n: int) -> bool:
+        """Whether _start_write_back() after a write of n bytes could block: it would open an
+        object, or wait for runs past MAX_RUNS that are not finished."""
+        if (
+            self._writer is None
+            or self._roll
+            or self._woff + 2 * (self._dirty_bytes + n) >= OBJECT_TARGET
+        ):
+            return True
+        excess = len(self._runs) + (self._dirty_bytes + n) // RUN_BYTES + 1 - MAX_RUNS
+        if excess > len(self._runs):
+            return True
+        return any(not self._runs[k].future.done() for k in range(max(0, excess)))
+
     def _start_write_back(self) -> None:
-        """Hand the full, non-final dirty chunks to a background job and return at once: the
-        caller keeps writing while they are encrypted. The final chunk stays dirty (its marker
-        may still change)."""
-        self._drain()
+        """Hand the full, non-final dirty chunks to the encryption threads and return: the
+        caller keeps writing meanwhile. The final chunk stays dirty (its marker may change)."""
         final = self.count - 1
         todo = sorted(i for i in self._dirty if i < final)
-        if not todo:
-            return
-        bufs = [self._dirty.pop(i) for i in todo]
-        self._dirty_bytes -= len(todo) * self.cs
-        self._inflight = dict(zip(todo, bufs, strict=True))
-        self._job = _WRITEBACK.submit(self._encrypt_append, todo, bufs, final)
+        if todo:
+            self._submit(todo, final)
+        self._settle(MAX_RUNS)
 
-    def _drain(self) -> None:
-        """Wait for the write-back job and record where its chunks landed. On failure the
-        chunks go back to the dirty set (nothing is lost) and the error is raised."""
-        job, self._job = self._job, None
-        if job is None:
-            return
-        inflight, self._inflight = self._inflight, {}
-        try:
-            placed = job.result()
-        except BaseException:
-            for i, buf in inflight.items():
-                if i not in self._dirty and i < self.count:
-                    self._dirty[i] = buf
-                    self._dirty_bytes += self.cs
-            raise
-        self._apply(placed)
-
-    def _apply(self, placed: list[tuple[int, int, int, list[tuple[int, bytes]]]]) -> None:
-        pack_into = MANIFEST_ENTRY.pack_into
-        for first, obj, off, entries in placed:
-            for n, (rlen, digest) in enumerate(entries):
-                pack_into(self.manifest, (first + n) * ENTRY, obj, off, rlen, digest)
-                off += rlen
-
-    def _encrypt_append(
-        self, todo: list[int], bufs: list[bytearray | memoryview | None], final: int
-    ) -> list[tuple[int, int, int, list[tuple[int, bytes]]]]:
-        """Encrypt chunks (consecutive runs of `todo`, plaintext `bufs`, None = zeros) and append
-        the records to the current new object. Touches only the object writer, so it can run
-        in the background while the owner buffers more writes."""
+    def _submit(self, todo: list[int], final: int, *, inline_last: bool = False) -> None:
+        """Encrypt chunks `todo` (dirty plaintext, or holes as zeros) in runs of consecutive
+        chunks. Each run gets its place in the object now, in order, and is encrypted and written
+        there by an encryption thread (`inline_last`: the last run by the caller), so runs of
+        one file proceed in parallel. Chunks leave the dirty set run by run: if reserving a place
+        fails, the rest are still dirty."""
         cs = self.cs
-        runs: list[tuple[int, list[bytes | bytearray | memoryview]]] = []
         k = 0
         while k < len(todo):
             j = k + 1
             while j < len(todo) and todo[j] == todo[j - 1] + 1 and (j - k) * cs < RUN_BYTES:
                 j += 1
-            parts: list[bytes | bytearray | memoryview] = []
-            for i, buf in zip(todo[k:j], bufs[k:j], strict=True):
-                want = self._clen(i) if i == final else cs
+            idx = todo[k:j]
+            parts = [self._part(i, final) for i in idx]
+            obj, off = self._reserve(sum(map(len, parts)) + len(parts) * RECORD_OVERHEAD)
+            bufs = []
+            for i in idx:
+                buf = self._dirty.pop(i, None)
                 if buf is None:
-                    parts.append(bytes(want))
-                elif len(buf) == want:
-                    parts.append(buf)
+                    self._holes.discard(i)
                 else:
-                    parts.append(bytes(buf[:want]) + bytes(max(0, want - len(buf))))
-            runs.append((todo[k], parts))
+                    self._dirty_bytes -= cs
+                    self._inflight[i] = buf
+                bufs.append(buf)
+            run = _Run(idx, bufs, obj, off)
+            self._runs.append(run)
+            writer = self._writer
+            if inline_last and j == len(todo):
+                run.future = Future()
+                try:
+                    run.future.set_result(self._encrypt_run(writer, run, parts, final))
+                except BaseException as e:
+                    run.future.set_exception(e)
+            else:
+                run.future = _ENCRYPT.submit(self._encrypt_run, writer, run, parts, final)
             k = j
-        # Runs after the first are encrypted meanwhile on the encryption threads (AES-GCM and
-        # SHA-256 release the GIL): one thread per file capped sequential writes at what one
-        # core encrypts and hashes. Records are appended in order, as each run is ready.
-        encrypt = self.keys.encrypt_chunks
-        ahead = [_ENCRYPT.submit(encrypt, parts, first, final) for first, parts in runs[1:]]
-        placed = []
-        try:
-            for n, (first, parts) in enumerate(runs):
-                records, entries = encrypt(parts, first, final) if n == 0 else ahead[n - 1].result()
-                obj, off = self._append(records)
-                placed.append((first, obj, off, entries))
-        finally:
-            for fut in ahead:  # on failure: nothing may still read the buffers afterwards
-                with contextlib.suppress(Exception):
-                    fut.result()
-        return placed
+
+    def _part(self, i: int, final: int) -> bytes | bytearray | memoryview:
+        """Chunk i's plaintext at its length (zeros for a hole or the unwritten tail)."""
+        want = self._clen(i) if i == final else self.cs
+        buf = self._dirty.get(i)
+        if buf is None:
+            return bytes(want)
+        if len(buf) == want:
+            return buf
+        return bytes(buf[:want]) + bytes(max(0, want - len(buf)))
+
+    def _encrypt_run(
+        self,
+        writer: ObjectWriter | None,
+        run: _Run,
+        parts: list[bytes | bytearray | memoryview],
+        final: int,
+    ) -> list[tuple[int, bytes]]:
+        """On an encryption thread: touches only the run's own buffers and its reserved place."""
+        assert writer is not None
+        records, entries = self.keys.encrypt_chunks(parts, run.idx[0], final)
+        writer.write_at(run.off, records)
+        return entries
+
+    def _settle(self, limit: int) -> None:
+        """Record where finished runs landed, oldest first, waiting for the oldest while more
+        than `limit` are in flight (`_settle(0)`: all). A run that failed puts its chunks back
+        (dirty, or hole): nothing is lost. Its error is raised once no run is left in flight,
+        so nothing still reads the buffers afterwards."""
+        error: BaseException | None = None
+        runs = self._runs
+        while runs and (error is not None or len(runs) > limit or runs[0].future.done()):
+            run = runs.popleft()
+            try:
+                entries = run.future.result()
+            except BaseException as e:
+                error = error or e
+                self._roll = True
+                for i, buf in zip(run.idx, run.bufs, strict=True):
+                    self._inflight.pop(i, None)
+                    if i >= self.count or i in self._dirty:
+                        continue
+                    if buf is None:
+                        self._holes.add(i)
+                    else:
+                        self._dirty[i] = buf
+                        self._dirty_bytes += self.cs
+                continue
+            off, pack_into = run.off, MANIFEST_ENTRY.pack_into
+            for i, (rlen, digest) in zip(run.idx, entries, strict=True):
+                pack_into(self.manifest, i * ENTRY, run.obj, off, rlen, digest)
+                off += rlen
+                self._inflight.pop(i, None)
+        if error is not None:
+            raise error
+
+    def _drain(self) -> None:
+        self._settle(0)
 
     def _write_back(self) -> None:
-        """For a commit: every dirty chunk and hole, in the foreground."""
-        self._drain()
-        todo = sorted(set(self._dirty) | self._holes)
-        if todo:
-            bufs = [self._dirty.get(i) for i in todo]
-            self._apply(self._encrypt_append(todo, bufs, self.count - 1))
-        self._dirty.clear()
-        self._dirty_bytes = 0
-        self._holes.clear()
+        """For a commit: every dirty chunk and hole; the last run is encrypted by the caller
+        (a small file then costs no hand-off to another thread)."""
+        self._submit(sorted(set(self._dirty) | self._holes), self.count - 1, inline_last=True)
+        self._settle(0)
 
     def _live_bytes(self) -> dict[int, int]:
         live: dict[int, int] = {}
