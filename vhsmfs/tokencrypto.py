@@ -132,15 +132,27 @@ class TokenKeys:
 
         Nothing is returned unless every record in the run authenticated.
         """
-        src = memoryview(records)
         out = bytearray(sum(lengths) - len(lengths) * RECORD_OVERHEAD)
-        dst = memoryview(out)
+        self.decrypt_run_into(records, lengths, first_index, final_index, memoryview(out))
+        return out
+
+    def decrypt_run_into(
+        self,
+        records: bytes | bytearray | memoryview,
+        lengths: list[int],
+        first_index: int,
+        final_index: int,
+        dst: memoryview,
+    ) -> None:
+        """decrypt_run() into a buffer of the caller's, which must be private to it: after a
+        ChunkAuthError it may hold unauthenticated plaintext and must be discarded unread."""
+        src = memoryview(records)
         prefix, tail, aead = self._aad_prefix, CHUNK_AAD_TAIL.pack, self._data
         spos = dpos = 0
         for k, rlen in enumerate(lengths):
             index = first_index + k
             plen = rlen - RECORD_OVERHEAD
-            if plen < 0 or spos + rlen > len(src):
+            if plen < 0 or spos + rlen > len(src) or dpos + plen > len(dst):
                 raise ChunkAuthError(index)
             try:
                 aead.decrypt_into(
@@ -153,4 +165,3 @@ class TokenKeys:
                 raise ChunkAuthError(index) from None
             spos += rlen
             dpos += plen
-        return out

@@ -291,8 +291,9 @@ class TokenFile:
             self._cache, self._cache_first = c, first
         sequential = offset == self._last_read_end
         self._last_read_end = end
-        if sequential and end >= base + len(c) and end < self.size:
-            self._start_ahead(-(-end // cs))
+        # A sequential reader gets the next window decrypted while it consumes this one.
+        if sequential and base + len(c) < self.size:
+            self._start_ahead((base + len(c)) // cs)
         # A view, not a copy: pyfuse3 copies it once into the kernel. The window is never
         # changed in place (a new read replaces it), so the view stays valid.
         return memoryview(c)[offset - base : end - base]
@@ -324,8 +325,8 @@ class TokenFile:
             self._cache, self._cache_first = c, first
         sequential = offset == self._last_read_end
         self._last_read_end = end
-        if sequential and end >= base + len(c) and end < self.size:
-            self._start_ahead(-(-end // cs), open_readers=False)
+        if sequential and base + len(c) < self.size:
+            self._start_ahead((base + len(c)) // cs, open_readers=False)
         # A view, not a copy: pyfuse3 copies it once into the kernel. The window is never
         # changed in place (a new read replaces it), so the view stays valid.
         return memoryview(c)[offset - base : end - base]
@@ -369,6 +370,8 @@ class TokenFile:
 
     def _plaintext(self, first: int, last: int) -> bytearray:
         """Plaintext of chunks first..last (inclusive) as one buffer, each at its logical length."""
+        if not (self._dirty or self._inflight or self._holes):
+            return self._decrypt(first, last)  # all stored: no copy into a second buffer
         out = bytearray()
         run: list[int] = []
         for i in range(first, last + 1):
@@ -404,20 +407,27 @@ class TokenFile:
         return r
 
     def _decrypt(self, first: int, last: int) -> bytearray:
-        """Authenticate and decrypt stored chunks first..last, one pread per contiguous run."""
-        out = bytearray()
+        """Authenticate and decrypt stored chunks first..last, one pread per contiguous run,
+        each straight into its place in one buffer. The buffer is returned only if every
+        record authenticated (on failure it may hold unauthenticated plaintext: dropped)."""
         final = self.count - 1
-        for obj, off, lengths, start in self._record_runs(first, last):
+        runs = list(self._record_runs(first, last))
+        out = bytearray(sum(sum(r[2]) - len(r[2]) * RECORD_OVERHEAD for r in runs))
+        view = memoryview(out)
+        pos = 0
+        for obj, off, lengths, start in runs:
             want = sum(lengths)
             records = self._reader(obj).pread(off, want)
             if len(records) != want:
                 raise IntegrityError(f"token {self.token}: chunk {start} is truncated or missing")
+            n = want - len(lengths) * RECORD_OVERHEAD
             try:
-                out += self.keys.decrypt_run(records, lengths, start, final)
+                self.keys.decrypt_run_into(records, lengths, start, final, view[pos : pos + n])
             except ChunkAuthError as e:
                 raise IntegrityError(
                     f"token {self.token}: chunk {e.index} failed authentication"
                 ) from None
+            pos += n
         return out
 
     def _record_runs(self, first: int, last: int) -> Iterator[tuple[int, int, list[int], int]]:
