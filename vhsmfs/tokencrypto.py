@@ -95,19 +95,25 @@ class TokenKeys:
     def encrypt_chunks(
         self,
         chunks: Sequence[bytes | bytearray | memoryview],
-        first_index: int,
+        first_index: int | Sequence[int],
         final_index: int,
     ) -> tuple[bytearray, list[tuple[int, bytes]]]:
         """encrypt_run() for plaintext given chunk by chunk (consecutive indexes from
-        `first_index`), so callers holding separate chunk buffers need not join them first."""
+        `first_index`, or one index per chunk), so callers holding separate chunk buffers need
+        not join them first. Records are bound to their index, not to their place: the chunks
+        of one call need not be neighbours in the file."""
+        indexes = (
+            range(first_index, first_index + len(chunks))
+            if isinstance(first_index, int)
+            else first_index
+        )
         out = bytearray(sum(map(len, chunks)) + len(chunks) * RECORD_OVERHEAD)
         dst = memoryview(out)
         nonces = os.urandom(NONCE_LEN * len(chunks))  # one syscall per run, not per chunk
         prefix, tail, aead, sha = self._aad_prefix, CHUNK_AAD_TAIL.pack, self._data, hashlib.sha256
         entries: list[tuple[int, bytes]] = []
         pos = 0
-        for k, piece in enumerate(chunks):
-            index = first_index + k
+        for k, (index, piece) in enumerate(zip(indexes, chunks, strict=True)):
             nonce = nonces[k * NONCE_LEN : (k + 1) * NONCE_LEN]
             rlen = len(piece) + RECORD_OVERHEAD
             dst[pos : pos + NONCE_LEN] = nonce

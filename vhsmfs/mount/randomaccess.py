@@ -45,6 +45,9 @@ from vhsmfs.store import OpenedToken, TokenStore
 from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
 
 ENTRY = MANIFEST_ENTRY.size
+Buffer = bytes | bytearray | memoryview
+# A chunk handed to a run: its plaintext, patches over its stored plaintext, or None (zeros).
+Pending = bytearray | memoryview | list[tuple[int, Buffer]] | None
 # A manifest entry for a chunk that has no record yet (a hole from sparse extension, or a chunk
 # only held dirty in memory). Never committed: every such chunk is encrypted before a commit.
 NO_OBJECT = 0xFFFFFFFF
@@ -57,6 +60,11 @@ RUN_BYTES = 4 << 20  # plaintext per encrypt/decrypt call: amortises per-call ov
 # Runs of one file being encrypted and written at once. Past this the writer waits for the
 # oldest: memory stays bounded (MAX_RUNS x RUN_BYTES of plaintext in flight per file).
 MAX_RUNS = 4
+# A write into part of a stored chunk is kept as a patch (offset, bytes) instead of decrypting
+# the chunk at once; patches are merged when the chunk is read or written back, on an
+# encryption thread. Past this many patches on one chunk it is decrypted (bounded memory).
+MAX_PATCHES = 32
+PATCH_OVERHEAD = 64  # bytes counted per patch besides its data, for the write-back budget
 # Decrypted ahead, in the background, for sequential readers. Twice the kernel's 1 MiB read
 # requests: every other request is then answered from the decrypted window on the event loop.
 READAHEAD_BYTES = 2 << 20
@@ -127,14 +135,38 @@ class RunningHash:
         return self._h.copy().hexdigest()
 
 
+def _fit(buf: Buffer, want: int) -> Buffer:
+    """A chunk's plaintext at exactly `want` bytes (the unwritten tail reads as zeros)."""
+    if len(buf) == want:
+        return buf
+    return bytes(buf[:want]) + bytes(max(0, want - len(buf)))
+
+
+def _lay(buf: bytearray, patches: list[tuple[int, Buffer]] | None) -> None:
+    """Apply patches (offset, bytes) to a chunk's plaintext, in order."""
+    for at, data in patches or ():
+        if len(buf) < at:
+            buf.extend(bytes(at - len(buf)))
+        buf[at : at + len(data)] = data
+
+
+class _Patched:
+    """A stored chunk plus the patches to lay over its plaintext, merged by the run."""
+
+    __slots__ = ("obj", "off", "rlen", "patches", "want")
+
+    def __init__(
+        self, obj: int, off: int, rlen: int, patches: list[tuple[int, Buffer]], want: int
+    ) -> None:
+        self.obj, self.off, self.rlen, self.patches, self.want = obj, off, rlen, patches, want
+
+
 class _Run:
     """Consecutive chunks being encrypted into their reserved place `obj`/`off`."""
 
     __slots__ = ("idx", "bufs", "obj", "off", "future")
 
-    def __init__(
-        self, idx: list[int], bufs: list[bytearray | memoryview | None], obj: int, off: int
-    ) -> None:
+    def __init__(self, idx: list[int], bufs: list[Pending], obj: int, off: int) -> None:
         self.idx, self.bufs, self.obj, self.off = idx, bufs, obj, off
         self.future: Future[list[tuple[int, bytes]]]
 
@@ -176,7 +208,10 @@ class TokenFile:
         self._dirty: dict[int, bytearray | memoryview] = {}
         self._dirty_bytes = 0
         # chunks handed to background encryption: read from here until their run is applied
-        self._inflight: dict[int, bytearray | memoryview] = {}
+        self._inflight: dict[int, Pending] = {}
+        # patches over stored chunks, not merged yet (see MAX_PATCHES)
+        self._patches: dict[int, list[tuple[int, Buffer]]] = {}
+        self._patch_bytes = 0
         # runs being encrypted and written, oldest first (see _submit)
         self._runs: deque[_Run] = deque()
         # A run failed (e.g. disk full): its reserved place is left as a hole, and the next
@@ -271,6 +306,7 @@ class TokenFile:
             or self.meta_dirty
             or self._writer is not None
             or bool(self._runs)
+            or bool(self._patches)
         )
 
     # -- reading --------------------------------------------------------------------------------
@@ -347,7 +383,7 @@ class TokenFile:
         """Decrypt the next window in the background while the kernel consumes this one. Only
         for files with no pending writes, so the job reads nothing the caller may change.
         `open_readers=False` (on the event loop): give up rather than open an object."""
-        if self._ahead is not None or self._dirty or self._inflight or self._holes:
+        if self._ahead is not None or self._dirty or self._inflight or self._holes or self._patches:
             return
         last = min(self.count - 1, first + max(1, READAHEAD_BYTES // self.cs) - 1)
         if first > last:
@@ -370,6 +406,12 @@ class TokenFile:
 
     def _plaintext(self, first: int, last: int) -> bytearray:
         """Plaintext of chunks first..last (inclusive) as one buffer, each at its logical length."""
+        if self._inflight and any(
+            isinstance(self._inflight.get(i), list) for i in range(first, last + 1)
+        ):
+            self._drain()  # a patched chunk being merged: read it once it is stored
+        for i in [k for k in self._patches if first <= k <= last]:
+            self._make_dirty(i)  # merged here; written back from the dirty set later
         if not (self._dirty or self._inflight or self._holes):
             return self._decrypt(first, last)  # all stored: no copy into a second buffer
         out = bytearray()
@@ -454,7 +496,7 @@ class TokenFile:
             return True
         if self._ahead is not None and not self._ahead[2].done():
             return False
-        if self._dirty_bytes + n > WRITEBACK_BYTES and self._write_back_would_wait(n):
+        if self._pending_bytes() + n > WRITEBACK_BYTES and self._write_back_would_wait(n):
             return False  # starting the next write-back would wait (or open an object)
         if self._hash is not None and not self._hash.has_room():
             return False
@@ -468,8 +510,27 @@ class TokenFile:
                 continue
             base = i * cs
             if not (offset <= base and end >= base + min(cs, max(self.size, end) - base)):
-                return False
+                if not self._patchable(i):
+                    return False
         return True
+
+    def _patchable(self, i: int) -> bool:
+        """Chunk i is stored and not dirty: a partial write to it can be kept as a patch."""
+        return (
+            i not in self._holes
+            and i not in self._inflight
+            and self._entry(i)[0] != NO_OBJECT
+            and len(self._patches.get(i, ())) < MAX_PATCHES
+        )
+
+    def _pending_bytes(self) -> int:
+        return self._dirty_bytes + self._patch_bytes
+
+    def _drop_patches(self, i: int) -> list[tuple[int, Buffer]] | None:
+        patches = self._patches.pop(i, None)
+        if patches:
+            self._patch_bytes -= sum(len(d) for _, d in patches) + PATCH_OVERHEAD * len(patches)
+        return patches
 
     def _no_io(self, i: int) -> bool:
         return i in self._dirty or i in self._holes or self._entry(i)[0] == NO_OBJECT
@@ -503,6 +564,13 @@ class TokenFile:
                     self._dirty[i] = piece if immutable else bytearray(piece)
                     self._dirty_bytes += cs
                     self._holes.discard(i)
+                    self._drop_patches(i)
+                    continue
+                if self._patchable(i):  # merged later, off this thread
+                    self._patches.setdefault(i, []).append(
+                        (a, piece if immutable else bytes(piece))
+                    )
+                    self._patch_bytes += b - a + PATCH_OVERHEAD
                     continue
                 buf = self._make_dirty(i)
             elif not isinstance(buf, bytearray):
@@ -519,7 +587,7 @@ class TokenFile:
         now = time.time_ns()
         self.meta.mtime_ns = self.meta.ctime_ns = now
         self.meta_dirty = True
-        if self._dirty_bytes > WRITEBACK_BYTES:
+        if self._pending_bytes() > WRITEBACK_BYTES:
             self._start_write_back()
         return n
 
@@ -536,6 +604,7 @@ class TokenFile:
             buf = bytearray()
         else:
             buf = self._decrypt(i, i)
+        _lay(buf, self._drop_patches(i))
         self._holes.discard(i)
         self._dirty[i] = buf
         self._dirty_bytes += self.cs
@@ -571,6 +640,8 @@ class TokenFile:
             for i in [k for k in self._dirty if k >= new_count]:
                 del self._dirty[i]
                 self._dirty_bytes -= self.cs
+            for i in [k for k in self._patches if k >= new_count]:
+                self._drop_patches(i)
             self._holes.difference_update(range(new_count, old_count))
             del self.manifest[new_count * ENTRY :]
         self.size = new
@@ -640,55 +711,63 @@ class TokenFile:
 
     def _write_back_would_wait(self, n: int) -> bool:
         """Whether _start_write_back() after a write of n bytes could block: it would open an
-        object, or wait for runs past MAX_RUNS that are not finished."""
-        if (
-            self._writer is None
-            or self._roll
-            or self._woff + 2 * (self._dirty_bytes + n) >= OBJECT_TARGET
-        ):
+        object or a reader, or wait for runs past MAX_RUNS that are not finished."""
+        pending = self._pending_bytes() + n
+        if self._writer is None or self._roll or self._woff + 2 * pending >= OBJECT_TARGET:
             return True
-        excess = len(self._runs) + (self._dirty_bytes + n) // RUN_BYTES + 1 - MAX_RUNS
+        if any(self._entry(i)[0] not in self._readers for i in self._patches):
+            return True  # merging patches reads the stored chunk
+        excess = len(self._runs) + pending // RUN_BYTES + 1 - MAX_RUNS
         if excess > len(self._runs):
             return True
         return any(not self._runs[k].future.done() for k in range(max(0, excess)))
 
     def _start_write_back(self) -> None:
-        """Hand the full, non-final dirty chunks to the encryption threads and return: the
-        caller keeps writing meanwhile. The final chunk stays dirty (its marker may change)."""
+        """Hand the full, non-final dirty and patched chunks to the encryption threads and
+        return: the caller keeps writing meanwhile. The final chunk stays (its marker may
+        change)."""
         final = self.count - 1
-        todo = sorted(i for i in self._dirty if i < final)
+        todo = sorted(i for i in itertools.chain(self._dirty, self._patches) if i < final)
         if todo:
             self._submit(todo, final)
         self._settle(MAX_RUNS)
 
     def _submit(self, todo: list[int], final: int, *, inline_last: bool = False) -> None:
-        """Encrypt chunks `todo` (dirty plaintext, or holes as zeros) in runs of consecutive
-        chunks. Each run gets its place in the object now, in order, and is encrypted and written
-        there by an encryption thread (`inline_last`: the last run by the caller), so runs of
-        one file proceed in parallel. Chunks leave the dirty set run by run: if reserving a place
-        fails, the rest are still dirty."""
+        """Encrypt chunks `todo` (dirty plaintext, patches over stored chunks, or holes as
+        zeros) in runs of up to RUN_BYTES. Each run gets its place in the object now, in order,
+        and is merged, encrypted and written there by an encryption thread (`inline_last`: the
+        last run by the caller), so runs of one file proceed in parallel. Records carry their
+        index, so a run's chunks need not be neighbours. Chunks leave the pending sets run by
+        run: if reserving a place fails, the rest are still pending."""
         cs = self.cs
-        k = 0
-        while k < len(todo):
-            j = k + 1
-            while j < len(todo) and todo[j] == todo[j - 1] + 1 and (j - k) * cs < RUN_BYTES:
-                j += 1
-            idx = todo[k:j]
-            parts = [self._part(i, final) for i in idx]
-            obj, off = self._reserve(sum(map(len, parts)) + len(parts) * RECORD_OVERHEAD)
-            bufs = []
-            for i in idx:
+        for k in range(0, len(todo), max(1, RUN_BYTES // cs)):
+            idx = todo[k : k + max(1, RUN_BYTES // cs)]
+            wants = [self._clen(i) if i == final else cs for i in idx]
+            obj, off = self._reserve(sum(wants) + len(idx) * RECORD_OVERHEAD)
+            parts: list[Buffer | _Patched] = []
+            bufs: list[Pending] = []
+            for i, want in zip(idx, wants, strict=True):
+                patches = self._drop_patches(i)
+                if patches is not None:
+                    e_obj, e_off, e_rlen, _ = self._entry(i)
+                    self._reader(e_obj)  # opened here: the run only looks readers up
+                    parts.append(_Patched(e_obj, e_off, e_rlen, patches, want))
+                    self._inflight[i] = patches
+                    bufs.append(patches)
+                    continue
                 buf = self._dirty.pop(i, None)
                 if buf is None:
                     self._holes.discard(i)
+                    parts.append(bytes(want))
                 else:
                     self._dirty_bytes -= cs
                     self._inflight[i] = buf
+                    parts.append(_fit(buf, want))
                 bufs.append(buf)
             run = _Run(idx, bufs, obj, off)
             self._runs.append(run)
             writer = self._writer
-            if inline_last and j == len(todo):
+            if inline_last and k + len(idx) >= len(todo):
                 run.future = Future()
                 try:
                     run.future.set_result(self._encrypt_run(writer, run, parts, final))
@@ -696,36 +775,43 @@ class TokenFile:
                     run.future.set_exception(e)
             else:
                 run.future = _ENCRYPT.submit(self._encrypt_run, writer, run, parts, final)
-            k = j
-
-    def _part(self, i: int, final: int) -> bytes | bytearray | memoryview:
-        """Chunk i's plaintext at its length (zeros for a hole or the unwritten tail)."""
-        want = self._clen(i) if i == final else self.cs
-        buf = self._dirty.get(i)
-        if buf is None:
-            return bytes(want)
-        if len(buf) == want:
-            return buf
-        return bytes(buf[:want]) + bytes(max(0, want - len(buf)))
 
     def _encrypt_run(
         self,
         writer: ObjectWriter | None,
         run: _Run,
-        parts: list[bytes | bytearray | memoryview],
+        parts: list[Buffer | _Patched],
         final: int,
     ) -> list[tuple[int, bytes]]:
-        """On an encryption thread: touches only the run's own buffers and its reserved place."""
+        """On an encryption thread: touches only the run's own buffers, the readers opened for
+        it, and its reserved place."""
         assert writer is not None
-        records, entries = self.keys.encrypt_chunks(parts, run.idx[0], final)
+        plain = [
+            self._merge(p, i, final) if isinstance(p, _Patched) else p
+            for i, p in zip(run.idx, parts, strict=True)
+        ]
+        records, entries = self.keys.encrypt_chunks(plain, run.idx, final)
         writer.write_at(run.off, records)
         return entries
+
+    def _merge(self, p: _Patched, i: int, final: int) -> Buffer:
+        """A patched chunk's plaintext: its stored record, authenticated, with the patches laid
+        over it in the order they were written."""
+        record = self._readers[p.obj].pread(p.off, p.rlen)
+        if len(record) != p.rlen:
+            raise IntegrityError(f"token {self.token}: chunk {i} is truncated or missing")
+        try:
+            buf = self.keys.decrypt_run(record, [p.rlen], i, final)
+        except ChunkAuthError:
+            raise IntegrityError(f"token {self.token}: chunk {i} failed authentication") from None
+        _lay(buf, p.patches)
+        return _fit(buf, p.want)
 
     def _settle(self, limit: int) -> None:
         """Record where finished runs landed, oldest first, waiting for the oldest while more
         than `limit` are in flight (`_settle(0)`: all). A run that failed puts its chunks back
-        (dirty, or hole): nothing is lost. Its error is raised once no run is left in flight,
-        so nothing still reads the buffers afterwards."""
+        (dirty, patched, or hole): nothing is lost. Its error is raised once no run is left in
+        flight, so nothing still reads the buffers afterwards."""
         error: BaseException | None = None
         runs = self._runs
         while runs and (error is not None or len(runs) > limit or runs[0].future.done()):
@@ -737,10 +823,14 @@ class TokenFile:
                 self._roll = True
                 for i, buf in zip(run.idx, run.bufs, strict=True):
                     self._inflight.pop(i, None)
-                    if i >= self.count or i in self._dirty:
+                    if i >= self.count or i in self._dirty or i in self._patches:
                         continue
                     if buf is None:
                         self._holes.add(i)
+                    elif isinstance(buf, list):
+                        self._patches[i] = buf
+                        self._patch_bytes += sum(len(d) for _, d in buf)
+                        self._patch_bytes += PATCH_OVERHEAD * len(buf)
                     else:
                         self._dirty[i] = buf
                         self._dirty_bytes += self.cs
@@ -759,7 +849,8 @@ class TokenFile:
     def _write_back(self) -> None:
         """For a commit: every dirty chunk and hole; the last run is encrypted by the caller
         (a small file then costs no hand-off to another thread)."""
-        self._submit(sorted(set(self._dirty) | self._holes), self.count - 1, inline_last=True)
+        todo = sorted(set(self._dirty) | self._holes | set(self._patches))
+        self._submit(todo, self.count - 1, inline_last=True)
         self._settle(0)
 
     def _live_bytes(self) -> dict[int, int]:
@@ -892,6 +983,8 @@ class TokenFile:
         self._cache = None
         self._dirty.clear()
         self._dirty_bytes = 0
+        self._patches.clear()
+        self._patch_bytes = 0
 
     def forget_cache(self) -> None:
         """Closed but kept loaded: drop the decrypted window (a finished read-ahead too)."""
