@@ -65,6 +65,10 @@ MAX_RUNS = 4
 # encryption thread. Past this many patches on one chunk it is decrypted (bounded memory).
 MAX_PATCHES = 32
 PATCH_OVERHEAD = 64  # bytes counted per patch besides its data, for the write-back budget
+# Patch bytes per file before patched chunks are written back. Larger than WRITEBACK_BYTES:
+# merging rewrites whole chunks, so the more patches each chunk gathers first, the less is
+# rewritten per byte written (random 4 KiB writes).
+PATCH_BYTES = int(os.environ.get("VHSM_MOUNT_PATCH_BYTES", 16 << 20))
 # Decrypted ahead, in the background, for sequential readers. Twice the kernel's 1 MiB read
 # requests: every other request is then answered from the decrypted window on the event loop.
 READAHEAD_BYTES = 2 << 20
@@ -496,7 +500,7 @@ class TokenFile:
             return True
         if self._ahead is not None and not self._ahead[2].done():
             return False
-        if self._pending_bytes() + n > WRITEBACK_BYTES and self._write_back_would_wait(n):
+        if self._over_budget(n) and self._write_back_would_wait(n):
             return False  # starting the next write-back would wait (or open an object)
         if self._hash is not None and not self._hash.has_room():
             return False
@@ -523,8 +527,14 @@ class TokenFile:
             and len(self._patches.get(i, ())) < MAX_PATCHES
         )
 
-    def _pending_bytes(self) -> int:
-        return self._dirty_bytes + self._patch_bytes
+    def _over_budget(self, n: int) -> bool:
+        return self._dirty_bytes + n > WRITEBACK_BYTES or self._patch_bytes + n > PATCH_BYTES
+
+    def _far_over_budget(self, n: int) -> bool:
+        """Past this the writer waits for the runs in flight: memory stays bounded."""
+        return (
+            self._dirty_bytes + n > 2 * WRITEBACK_BYTES or self._patch_bytes + n > 2 * PATCH_BYTES
+        )
 
     def _drop_patches(self, i: int) -> list[tuple[int, Buffer]] | None:
         patches = self._patches.pop(i, None)
@@ -587,7 +597,7 @@ class TokenFile:
         now = time.time_ns()
         self.meta.mtime_ns = self.meta.ctime_ns = now
         self.meta_dirty = True
-        if self._pending_bytes() > WRITEBACK_BYTES:
+        if self._over_budget(0):
             self._start_write_back()
         return n
 
@@ -709,28 +719,49 @@ class TokenFile:
         self.backend.delete_object(self.token, obj)
         self._sizes().pop(obj, None)
 
+    def _busy_runs(self) -> int:
+        """Runs in flight from the oldest one not finished (finished ones are applied next)."""
+        for k, run in enumerate(self._runs):
+            if not run.future.done():
+                return len(self._runs) - k
+        return 0
+
     def _write_back_would_wait(self, n: int) -> bool:
-        """Whether _start_write_back() after a write of n bytes could block: it would open an
-        object or a reader, or wait for runs past MAX_RUNS that are not finished."""
-        pending = self._pending_bytes() + n
-        if self._writer is None or self._roll or self._woff + 2 * pending >= OBJECT_TARGET:
+        """Whether _start_write_back() after a write of n bytes could block: it would wait for
+        runs in flight (only when far over budget), open an object or a reader."""
+        busy = self._busy_runs()
+        if busy >= MAX_RUNS:
+            return self._far_over_budget(n)
+        room = MAX_RUNS - busy
+        if (
+            self._writer is None
+            or self._roll
+            or self._woff + room * (RUN_BYTES + RUN_BYTES // 32) >= OBJECT_TARGET
+        ):
             return True
-        if any(self._entry(i)[0] not in self._readers for i in self._patches):
-            return True  # merging patches reads the stored chunk
-        excess = len(self._runs) + pending // RUN_BYTES + 1 - MAX_RUNS
-        if excess > len(self._runs):
-            return True
-        return any(not self._runs[k].future.done() for k in range(max(0, excess)))
+        return any(self._entry(i)[0] not in self._readers for i in self._patches)
 
     def _start_write_back(self) -> None:
-        """Hand the full, non-final dirty and patched chunks to the encryption threads and
-        return: the caller keeps writing meanwhile. The final chunk stays (its marker may
-        change)."""
-        final = self.count - 1
-        todo = sorted(i for i in itertools.chain(self._dirty, self._patches) if i < final)
-        if todo:
-            self._submit(todo, final)
+        """Hand pending chunks to the encryption threads, at most MAX_RUNS runs in flight,
+        and return: the caller keeps writing meanwhile. Full dirty chunks go first (in order,
+        for sequential writers), then the chunks with the most patches. The final chunk stays
+        (its marker may change). When all runs are busy the writer goes on, unless it is far
+        over budget: then it waits for room."""
         self._settle(MAX_RUNS)
+        if len(self._runs) >= MAX_RUNS:
+            if not self._far_over_budget(0):
+                return
+            self._settle(MAX_RUNS - 1)
+        per_run = max(1, RUN_BYTES // self.cs)
+        take = (MAX_RUNS - len(self._runs)) * per_run
+        final = self.count - 1
+        todo = sorted(i for i in self._dirty if i < final)[:take]
+        if len(todo) < take and self._patch_bytes > PATCH_BYTES:
+            patched = [i for i in self._patches if i < final]
+            patched.sort(key=lambda i: len(self._patches[i]), reverse=True)
+            todo += patched[: take - len(todo)]
+        if todo:
+            self._submit(sorted(todo), final)
 
     def _submit(self, todo: list[int], final: int, *, inline_last: bool = False) -> None:
         """Encrypt chunks `todo` (dirty plaintext, patches over stored chunks, or holes as
