@@ -123,9 +123,11 @@ def _entry(a: Attr, volatile: bool = False) -> pyfuse3.EntryAttributes:
 
 class VaultOps(pyfuse3.Operations):
     supports_dot_lookup = False
-    # The kernel gathers small writes (tar writes 10 KiB records) into large requests and
-    # sends them before flush/fsync; mtime/ctime then come from the kernel through setattr.
-    enable_writeback_cache = True
+    # Off (docs/MOUNT.md, "The kernel's write-back cache"): with it, large sequential writes
+    # went through the page cache and the kernel's flusher (slower than copying each request
+    # ourselves), and every unlink cost a synchronous ctime SETATTR. Small writes now arrive
+    # one by one and are gathered here (dirty chunks, patches).
+    enable_writeback_cache = False
 
     def __init__(self, vault: Vault, *, threads: int = 8) -> None:
         super().__init__()
@@ -382,8 +384,9 @@ class VaultOps(pyfuse3.Operations):
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self._fh(fh)
-        # With the kernel's write-back cache several writes to one file arrive at once: they
-        # queue here, in order, rather than contend for the file's lock in worker threads.
+        # Several writes to one file may arrive at once (threads of one program, or several
+        # descriptors): they queue here, in order, rather than contend for the file's lock in
+        # worker threads.
         lock = self._write_locks.get(node.ino)
         if lock is None or not lock.locked():
             # Nothing queued for this file: a write that is a memory copy needs no lock (it
