@@ -251,8 +251,12 @@ class LocalBackend:
 
     # -- objects --------------------------------------------------------------------------------
     def new_object(self, token: uuid.UUID, object_id: int) -> ObjectWriter:
-        _make_dir(self._data_dir(token))
-        return _LocalObjectWriter(self._object_path(token, object_id))
+        path = self._object_path(token, object_id)
+        try:  # writers hold writing(token), which made the directory: no mkdir per object
+            return _LocalObjectWriter(path)
+        except FileNotFoundError:
+            _make_dir(self._data_dir(token))
+            return _LocalObjectWriter(path)
 
     def open_object(self, token: uuid.UUID, object_id: int) -> ObjectReader:
         return _LocalObjectReader(self._object_path(token, object_id))

@@ -69,9 +69,11 @@ PATCH_OVERHEAD = 64  # bytes counted per patch besides its data, for the write-b
 # merging rewrites whole chunks, so the more patches each chunk gathers first, the less is
 # rewritten per byte written (random 4 KiB writes).
 PATCH_BYTES = int(os.environ.get("VHSM_MOUNT_PATCH_BYTES", 16 << 20))
-# Decrypted ahead, in the background, for sequential readers. Twice the kernel's 1 MiB read
-# requests: every other request is then answered from the decrypted window on the event loop.
-READAHEAD_BYTES = 2 << 20
+# Decrypted ahead, in the background, for sequential readers: windows of the kernel's 1 MiB
+# read requests, up to READAHEAD_WINDOWS in flight on the read-ahead threads, so a request
+# usually finds its window decrypted and is answered on the event loop.
+READAHEAD_BYTES = 1 << 20
+READAHEAD_WINDOWS = 3
 OBJECT_TARGET = 64 << 20  # roll to a new object past this size
 HASH_AT_CLOSE_LIMIT = 1 << 30  # recompute the whole-file SHA-256 at close up to this size
 HASH_HOLD_BYTES = 256 << 10  # a file's first bytes are hashed at commit, not on the hash thread
@@ -221,7 +223,7 @@ class TokenFile:
         # A run failed (e.g. disk full): its reserved place is left as a hole, and the next
         # records go to a new object rather than after it.
         self._roll = False
-        self._ahead: tuple[int, int, Future[bytearray]] | None = None  # read-ahead job
+        self._ahead: deque[tuple[int, int, Future[bytearray]]] = deque()  # read-ahead jobs
         self._holes: set[int] = set()  # sentinel entries that are not dirty: read as zeros
         self._writer: ObjectWriter | None = None
         self._wobj = -1
@@ -351,17 +353,15 @@ class TokenFile:
         if c is None or offset < base or end > base + len(c):
             # a finished read-ahead that starts at this read: take it without a hop
             first, last = offset // cs, (end - 1) // cs
-            ahead = self._ahead
-            if (
-                ahead is None
-                or not ahead[2].done()
-                or ahead[0] != first
-                or ahead[1] < last
-                or ahead[2].exception() is not None
-            ):
+            while self._ahead and self._ahead[0][0] < first and self._ahead[0][2].done():
+                self._ahead.popleft()  # skipped by the reader
+            if not self._ahead:
                 return None
-            self._ahead = None
-            c, base = ahead[2].result(), first * cs
+            a_first, a_last, fut = self._ahead[0]
+            if not fut.done() or a_first != first or a_last < last or fut.exception() is not None:
+                return None
+            self._ahead.popleft()
+            c, base = fut.result(), first * cs
             self._cache, self._cache_first = c, first
         sequential = offset == self._last_read_end
         self._last_read_end = end
@@ -372,39 +372,47 @@ class TokenFile:
         return memoryview(c)[offset - base : end - base]
 
     def _take_ahead(self, first: int, last: int) -> bytearray | None:
-        """The read-ahead result if it starts at `first` and covers `last`; else drop it."""
-        if self._ahead is None:
-            return None
-        a_first, a_last, fut = self._ahead
-        self._ahead = None
-        try:
-            data = fut.result()
-        except Exception:
-            return None  # decrypted again, synchronously, with the error reported there
-        return data if a_first == first and a_last >= last else None
+        """The read-ahead window that starts at `first` and covers `last` (windows before it
+        are dropped), or None: then the queue no longer matches the reader and is dropped."""
+        while self._ahead:
+            a_first, a_last, fut = self._ahead.popleft()
+            if a_first < first:
+                continue
+            if a_first == first and a_last >= last:
+                try:
+                    return fut.result()
+                except Exception:
+                    break  # decrypted again, synchronously, with the error reported there
+            break
+        self._stop_ahead(keep_cache=True)
+        return None
 
     def _start_ahead(self, first: int, *, open_readers: bool = True) -> None:
-        """Decrypt the next window in the background while the kernel consumes this one. Only
-        for files with no pending writes, so the job reads nothing the caller may change.
-        `open_readers=False` (on the event loop): give up rather than open an object."""
-        if self._ahead is not None or self._dirty or self._inflight or self._holes or self._patches:
+        """Keep READAHEAD_WINDOWS windows from chunk `first` on being decrypted in the
+        background while the kernel consumes this one. Only for files with no pending writes,
+        so the jobs read nothing the caller may change. `open_readers=False` (on the event
+        loop): stop rather than open an object."""
+        if self._dirty or self._inflight or self._holes or self._patches:
             return
-        last = min(self.count - 1, first + max(1, READAHEAD_BYTES // self.cs) - 1)
-        if first > last:
-            return
-        for i in range(first, last + 1):
-            obj = self._entry(i)[0]
-            if obj == NO_OBJECT or (not open_readers and obj not in self._readers):
-                return
-            self._reader(obj)  # opened here: the job only looks readers up
-        self._ahead = (first, last, _READAHEAD.submit(self._decrypt, first, last))
+        if self._ahead:
+            first = max(first, self._ahead[-1][1] + 1)
+        per = max(1, READAHEAD_BYTES // self.cs)
+        while len(self._ahead) < READAHEAD_WINDOWS and first < self.count:
+            last = min(self.count - 1, first + per - 1)
+            for i in range(first, last + 1):
+                obj = self._entry(i)[0]
+                if obj == NO_OBJECT or (not open_readers and obj not in self._readers):
+                    return
+                self._reader(obj)  # opened here: the jobs only look readers up
+            self._ahead.append((first, last, _READAHEAD.submit(self._decrypt, first, last)))
+            first = last + 1
 
-    def _stop_ahead(self) -> None:
-        """Before anything changes the file: wait for the read-ahead job and drop it."""
-        self._cache = None
-        if self._ahead is not None:
-            _, _, fut = self._ahead
-            self._ahead = None
+    def _stop_ahead(self, *, keep_cache: bool = False) -> None:
+        """Before anything changes the file: wait for the read-ahead jobs and drop them."""
+        if not keep_cache:
+            self._cache = None
+        while self._ahead:
+            _, _, fut = self._ahead.popleft()
             with contextlib.suppress(Exception):
                 fut.result()
 
@@ -498,7 +506,7 @@ class TokenFile:
         replaced. Then the FUSE layer may run it on its event loop (a memory copy)."""
         if n <= 0:
             return True
-        if self._ahead is not None and not self._ahead[2].done():
+        if self._ahead and not all(a[2].done() for a in self._ahead):
             return False
         if self._over_budget(n) and self._write_back_would_wait(n):
             return False  # starting the next write-back would wait (or open an object)
@@ -1020,8 +1028,8 @@ class TokenFile:
     def forget_cache(self) -> None:
         """Closed but kept loaded: drop the decrypted window (a finished read-ahead too)."""
         self._cache = None
-        if self._ahead is not None and self._ahead[2].done():
-            self._ahead = None
+        if self._ahead and all(a[2].done() for a in self._ahead):
+            self._ahead.clear()
 
     def stat_blocks(self) -> int:
         return (self.count * RECORD_OVERHEAD + self.size + 511) // 512
