@@ -235,7 +235,7 @@ class TokenFile:
         self._readers: dict[int, ObjectReader] = {}
         self._cache_first = 0
         self._cache: bytearray | None = None  # decrypted plaintext of chunks from _cache_first
-        self._last_read_end = -1
+        self._last_read_end = 0  # a first read from offset 0 starts a sequential reader
         # Whole-file SHA-256 kept while writes are sequential from offset 0 (see docs/MOUNT.md).
         self._hash: RunningHash | None = RunningHash() if self.size == 0 else None
         self._hash_pos = 0
