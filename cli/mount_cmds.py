@@ -143,8 +143,19 @@ def umount(mountpoint: str, lazy: bool) -> None:
     from vhsmfs.mount import runner
 
     with run_guarded():
-        runner.unmount(mountpoint, lazy=lazy)
-        click.echo(f"Unmounted {mountpoint}")
+        pid = runner.unmount(mountpoint, lazy=lazy, notice=lambda m: click.echo(m, err=True))
+        if pid is None:
+            click.echo(f"Unmounted {mountpoint}")
+        elif lazy:
+            click.echo(
+                f"Detached {mountpoint}; the mount process (pid {pid}) publishes the files "
+                "still open as they are closed, then exits"
+            )
+        else:
+            raise click.ClickException(
+                f"unmounted {mountpoint}, but the mount process (pid {pid}) has not exited "
+                "yet; its pending data is published when it does"
+            )
 
 
 def register(group: click.Group) -> None:

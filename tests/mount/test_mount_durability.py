@@ -234,3 +234,30 @@ def test_allow_other_still_applies_modes(open_dir, other_user, mounter):
     )
     assert "for everyone" in out
     assert "only root" not in out and "Permission denied" in out
+
+
+def test_lazy_umount_detaches_at_once_and_publishes_open_files_on_close(
+    mounter, run_cli, is_mounted, token_store
+):
+    """`vhsm umount --lazy` with a file still open: the mount point is detached and the command
+    says so within seconds; the mount process keeps serving the open descriptor, publishes the
+    file when it is closed, then exits."""
+    m = mounter()
+    f = open(m.mnt / "held.bin", "wb")  # noqa: SIM115
+    try:
+        f.write(b"A" * 100_000)
+        f.flush()
+        busy = run_cli("umount", str(m.mnt), check=False)
+        assert busy.returncode != 0 and "vhsm umount --lazy" in busy.stderr
+        res = run_cli("umount", "--lazy", str(m.mnt), timeout=60)
+        assert f"(pid {m.pid})" in res.stdout and "Detached" in res.stdout
+        assert not is_mounted(m.mnt)
+        assert m.proc is not None and m.proc.poll() is None  # still serving the open file
+        f.write(b"B" * 50_000)
+    finally:
+        f.close()
+    assert m.proc.wait(timeout=30) == 0
+    found = names(token_store)
+    assert set(found) == {"held.bin"}
+    data = token_store.retrieve(found["held.bin"], m.store.parent / "out").read_bytes()
+    assert data == b"A" * 100_000 + b"B" * 50_000

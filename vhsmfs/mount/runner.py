@@ -363,8 +363,22 @@ def _mount_pid(source: str | None) -> int | None:
         return None
 
 
-def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 120.0) -> None:
-    """fusermount3 -u, then wait for the mount process to publish pending data and exit."""
+LAZY_WAIT = 5.0  # a lazy unmount waits this long for the mount process, then reports it
+NOTICE_AFTER = 2.0  # a wait longer than this is announced (the caller is not left guessing)
+
+
+def unmount(
+    mountpoint: str,
+    *,
+    lazy: bool = False,
+    timeout: float = 120.0,
+    notice: Callable[[str], None] | None = None,
+) -> int | None:
+    """fusermount3 -u, then wait for the mount process to publish pending data and exit.
+
+    Returns None once it has exited, or its pid if it is still running: a lazy unmount leaves
+    it serving the files still open (it publishes each as it is closed, then exits), so the
+    wait is LAZY_WAIT there, `timeout` otherwise. `notice` gets one line when the wait is long."""
     source = _mount_source(mountpoint)
     if source is None:
         raise MountError(f"{mountpoint} is not a FUSE mount")
@@ -377,10 +391,19 @@ def unmount(mountpoint: str, *, lazy: bool = False, timeout: float = 120.0) -> N
             msg += " (close the files using it, or: vhsm umount --lazy)"
         raise MountError(msg)
     if pid is None:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
+        return None
+    start = time.monotonic()
+    deadline = start + (min(timeout, LAZY_WAIT) if lazy else timeout)
+    announced = False
+    while _alive(pid):
+        now = time.monotonic()
+        if now >= deadline:
+            return pid
+        if notice is not None and not announced and now - start >= NOTICE_AFTER:
+            notice(f"waiting for the mount process (pid {pid}) to publish pending data")
+            announced = True
         time.sleep(0.05)
+    return None
 
 
 def _alive(pid: int) -> bool:
