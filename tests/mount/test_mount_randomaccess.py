@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from vhsmfs.backend import LocalBackend
+from vhsmfs.errors import IntegrityError
 from vhsmfs.keyfile import StaticKeyProvider
 from vhsmfs.mount import randomaccess as ra
 from vhsmfs.store import TokenStore
@@ -236,3 +237,28 @@ def test_sequential_reader_finds_windows_decrypted_ahead(store, monkeypatch):
     assert bytes(got) == data
     # every window after the first was decrypted ahead and answered without decryption
     assert cached == -(-len(data) // (16 * 1024)) - 1
+
+
+def test_patch_over_a_tampered_chunk_fails_and_keeps_the_patch(store, small_buffers):
+    """Merging a patch authenticates the stored chunk first: a flipped byte in its record makes
+    the commit fail with IntegrityError (EIO through the mount), releases no plaintext, and the
+    patch stays pending rather than being dropped."""
+    tf = ra.TokenFile.create(store, "t.bin", 0o600)
+    tf.write(0, os.urandom(200_000))
+    tf.commit()
+    tf = ra.TokenFile.load(store, tf.token)
+    obj, off, rlen, _ = tf._entry(3)
+    path = store.backend._object_path(tf.token, obj)
+    with open(path, "r+b") as f:
+        f.seek(off + rlen // 2)
+        b = f.read(1)
+        f.seek(off + rlen // 2)
+        f.write(bytes([b[0] ^ 1]))
+    tf.write(3 * 4096 + 10, b"patched")
+    assert 3 in tf._patches
+    with pytest.raises(IntegrityError, match="chunk 3 failed authentication"):
+        tf.commit()
+    assert [d for _, d in tf._patches[3]] == [b"patched"]
+    with pytest.raises(IntegrityError):
+        tf.read(3 * 4096, 100)
+    tf.close()

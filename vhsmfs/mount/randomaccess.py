@@ -782,14 +782,17 @@ class TokenFile:
         for k in range(0, len(todo), max(1, RUN_BYTES // cs)):
             idx = todo[k : k + max(1, RUN_BYTES // cs)]
             wants = [self._clen(i) if i == final else cs for i in idx]
+            for i in idx:  # opened first (may fail): the run only looks readers up
+                if i in self._patches:
+                    self._reader(self._entry(i)[0])
             obj, off = self._reserve(sum(wants) + len(idx) * RECORD_OVERHEAD)
+            # From here nothing fails: every chunk taken from the pending sets is in the run.
             parts: list[Buffer | _Patched] = []
             bufs: list[Pending] = []
             for i, want in zip(idx, wants, strict=True):
                 patches = self._drop_patches(i)
                 if patches is not None:
                     e_obj, e_off, e_rlen, _ = self._entry(i)
-                    self._reader(e_obj)  # opened here: the run only looks readers up
                     parts.append(_Patched(e_obj, e_off, e_rlen, patches, want))
                     self._inflight[i] = patches
                     bufs.append(patches)
