@@ -508,7 +508,8 @@ class TokenFile:
             return True
         if self._ahead and not all(a[2].done() for a in self._ahead):
             return False
-        if self._over_budget(n) and self._write_back_would_wait(n):
+        # n + cs: a write of n bytes into a new chunk counts the whole chunk as dirty
+        if self._over_budget(n + self.cs) and self._write_back_would_wait(n + self.cs):
             return False  # starting the next write-back would wait (or open an object)
         if self._hash is not None and not self._hash.has_room():
             return False
@@ -763,11 +764,17 @@ class TokenFile:
         per_run = max(1, RUN_BYTES // self.cs)
         take = (MAX_RUNS - len(self._runs)) * per_run
         final = self.count - 1
-        todo = sorted(i for i in self._dirty if i < final)[:take]
-        if len(todo) < take and self._patch_bytes > PATCH_BYTES:
+        dirty = sorted(i for i in self._dirty if i < final)
+        patched: list[int] = []
+        if self._patch_bytes > PATCH_BYTES:
             patched = [i for i in self._patches if i < final]
             patched.sort(key=lambda i: len(self._patches[i]), reverse=True)
-            todo += patched[: take - len(todo)]
+        # patches first only when far over their budget, so they stay bounded under a writer
+        # that also keeps making chunks dirty
+        first, second = (
+            (patched, dirty) if self._patch_bytes > 2 * PATCH_BYTES else (dirty, patched)
+        )
+        todo = (first + second)[:take]
         if todo:
             self._submit(sorted(todo), final)
 
