@@ -1,9 +1,11 @@
 """Random access to one token's plaintext, with copy-on-write commits (docs/MOUNT.md).
 
 A TokenFile is the mount's view of one token. Reads decrypt only the chunks they touch; writes
-go to dirty plaintext chunks held in memory. Nothing on disk is ever modified in place:
+go to dirty plaintext chunks held in memory, or, for part of a stored chunk, to patches merged
+later. Nothing on disk is ever modified in place:
 
-* write-back encrypts dirty chunks into a NEW object of the token (fresh nonces), appended;
+* write-back encrypts pending chunks in runs, on the encryption threads, into places reserved
+  in order at the end of a NEW object of the token (fresh nonces);
 * commit finishes (fsyncs) that object and publishes a new metadata file (generation + 1) with the
   new manifest, then wipes objects no longer referenced. A crash before the metadata rename leaves
   the previous generation intact; the orphaned object is removed the next time the token is
