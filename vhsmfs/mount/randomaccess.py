@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -82,7 +82,8 @@ HASH_HOLD_BYTES = 256 << 10  # a file's first bytes are hashed at commit, not on
 
 # Background work, shared by all files: encryption of written-back chunks, decryption ahead of
 # sequential readers, and the running whole-file hash. Each file has at most MAX_RUNS runs being
-# encrypted and one read-ahead job in flight, so memory stays bounded whatever the file sizes.
+# encrypted and READAHEAD_WINDOWS read-ahead jobs in flight, so memory stays bounded whatever
+# the file sizes.
 _ENCRYPT = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-encrypt")  # never waits
 _READAHEAD = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-readahead")
 _HASHING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-hash")  # FIFO: in order
@@ -150,7 +151,12 @@ def _fit(buf: Buffer, want: int) -> Buffer:
     return bytes(buf[:want]) + bytes(max(0, want - len(buf)))
 
 
-def _lay(buf: bytearray, patches: list[tuple[int, Buffer]] | None) -> None:
+def _patch_cost(patches: Iterable[tuple[int, Buffer]]) -> int:
+    """What patches count against PATCH_BYTES: their data plus a fixed overhead each."""
+    return sum(len(d) + PATCH_OVERHEAD for _, d in patches)
+
+
+def _lay(buf: bytearray, patches: Iterable[tuple[int, Buffer]] | None) -> None:
     """Apply patches (offset, bytes) to a chunk's plaintext, in order."""
     for at, data in patches or ():
         if len(buf) < at:
@@ -170,7 +176,7 @@ class _Patched:
 
 
 class _Run:
-    """Consecutive chunks being encrypted into their reserved place `obj`/`off`."""
+    """Chunks (any indexes) being encrypted into their reserved place `obj`/`off`, in order."""
 
     __slots__ = ("idx", "bufs", "obj", "off", "future")
 
@@ -443,12 +449,7 @@ class TokenFile:
                 out += self._decrypt(run[0], run[-1])
                 run = []
             want = self._clen(i)
-            if buf is None:
-                out += bytes(want)
-            else:
-                out += buf[:want]
-                if len(buf) < want:
-                    out += bytes(want - len(buf))
+            out += bytes(want) if buf is None else _fit(buf, want)
         if run:
             out += self._decrypt(run[0], run[-1])
         return out
@@ -473,9 +474,7 @@ class TokenFile:
         pos = 0
         for obj, off, lengths, start in runs:
             want = sum(lengths)
-            records = self._reader(obj).pread(off, want)
-            if len(records) != want:
-                raise IntegrityError(f"token {self.token}: chunk {start} is truncated or missing")
+            records = self._read_records(obj, off, want, start)
             n = want - len(lengths) * RECORD_OVERHEAD
             try:
                 self.keys.decrypt_run_into(records, lengths, start, final, view[pos : pos + n])
@@ -485,6 +484,13 @@ class TokenFile:
                 ) from None
             pos += n
         return out
+
+    def _read_records(self, obj: int, off: int, want: int, index: int) -> bytes:
+        """`want` bytes of records of object `obj` from `off`; IntegrityError if it is short."""
+        records = self._reader(obj).pread(off, want)
+        if len(records) != want:
+            raise IntegrityError(f"token {self.token}: chunk {index} is truncated or missing")
+        return records
 
     def _record_runs(self, first: int, last: int) -> Iterator[tuple[int, int, list[int], int]]:
         i = first
@@ -550,7 +556,7 @@ class TokenFile:
     def _drop_patches(self, i: int) -> list[tuple[int, Buffer]] | None:
         patches = self._patches.pop(i, None)
         if patches:
-            self._patch_bytes -= sum(len(d) for _, d in patches) + PATCH_OVERHEAD * len(patches)
+            self._patch_bytes -= _patch_cost(patches)
         return patches
 
     def _no_io(self, i: int) -> bool:
@@ -588,17 +594,14 @@ class TokenFile:
                     self._drop_patches(i)
                     continue
                 if self._patchable(i):  # merged later, off this thread
-                    self._patches.setdefault(i, []).append(
-                        (a, piece if immutable else bytes(piece))
-                    )
-                    self._patch_bytes += b - a + PATCH_OVERHEAD
+                    patch = (a, piece if immutable else bytes(piece))
+                    self._patches.setdefault(i, []).append(patch)
+                    self._patch_bytes += _patch_cost((patch,))
                     continue
                 buf = self._make_dirty(i)
             elif not isinstance(buf, bytearray):
                 buf = self._dirty[i] = bytearray(buf)
-            if len(buf) < a:
-                buf.extend(bytes(a - len(buf)))
-            buf[a:b] = piece
+            _lay(buf, ((a, piece),))
         if self._hash is not None:
             if offset == self._hash_pos:
                 self._hash.update(data)
@@ -788,8 +791,9 @@ class TokenFile:
         index, so a run's chunks need not be neighbours. Chunks leave the pending sets run by
         run: if reserving a place fails, the rest are still pending."""
         cs = self.cs
-        for k in range(0, len(todo), max(1, RUN_BYTES // cs)):
-            idx = todo[k : k + max(1, RUN_BYTES // cs)]
+        per_run = max(1, RUN_BYTES // cs)
+        for k in range(0, len(todo), per_run):
+            idx = todo[k : k + per_run]
             wants = [self._clen(i) if i == final else cs for i in idx]
             for i in idx:  # opened first (may fail): the run only looks readers up
                 if i in self._patches:
@@ -848,9 +852,7 @@ class TokenFile:
     def _merge(self, p: _Patched, i: int, final: int) -> Buffer:
         """A patched chunk's plaintext: its stored record, authenticated, with the patches laid
         over it in the order they were written."""
-        record = self._readers[p.obj].pread(p.off, p.rlen)
-        if len(record) != p.rlen:
-            raise IntegrityError(f"token {self.token}: chunk {i} is truncated or missing")
+        record = self._read_records(p.obj, p.off, p.rlen, i)  # reader opened by _submit
         try:
             buf = self.keys.decrypt_run(record, [p.rlen], i, final)
         except ChunkAuthError:
@@ -880,8 +882,7 @@ class TokenFile:
                         self._holes.add(i)
                     elif isinstance(buf, list):
                         self._patches[i] = buf
-                        self._patch_bytes += sum(len(d) for _, d in buf)
-                        self._patch_bytes += PATCH_OVERHEAD * len(buf)
+                        self._patch_bytes += _patch_cost(buf)
                     else:
                         self._dirty[i] = buf
                         self._dirty_bytes += self.cs
@@ -898,8 +899,8 @@ class TokenFile:
         self._settle(0)
 
     def _write_back(self) -> None:
-        """For a commit: every dirty chunk and hole; the last run is encrypted by the caller
-        (a small file then costs no hand-off to another thread)."""
+        """For a commit: every dirty or patched chunk and hole; the last run is encrypted by
+        the caller (a small file then costs no hand-off to another thread)."""
         todo = sorted(set(self._dirty) | self._holes | set(self._patches))
         self._submit(todo, self.count - 1, inline_last=True)
         self._settle(0)
@@ -937,9 +938,7 @@ class TokenFile:
                 run.append((r2, d2))
                 end += r2
                 j += 1
-            records = self._reader(obj).pread(off, end - off)
-            if len(records) != end - off:
-                raise IntegrityError(f"token {self.token}: chunk {i} is truncated or missing")
+            records = self._read_records(obj, off, end - off, i)
             view = memoryview(records)
             pos = 0
             for rl, dg in run:  # copied bytes must still match the manifest
