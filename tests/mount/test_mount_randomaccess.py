@@ -262,3 +262,20 @@ def test_patch_over_a_tampered_chunk_fails_and_keeps_the_patch(store, small_buff
     with pytest.raises(IntegrityError):
         tf.read(3 * 4096, 100)
     tf.close()
+
+
+def test_patch_over_a_missing_object_fails_and_keeps_the_patch(store, small_buffers, monkeypatch):
+    """The stored object a patch must be merged with has vanished (a damaged store): starting
+    the write-back fails with IntegrityError naming it, and the patch stays pending rather than
+    being dropped with the chunks taken for the run."""
+    tf = ra.TokenFile.create(store, "m.bin", 0o600)
+    tf.write(0, os.urandom(200_000))
+    tf.commit()
+    tf = ra.TokenFile.load(store, tf.token)
+    obj = tf._entry(3)[0]
+    os.unlink(store.backend._object_path(tf.token, obj))
+    monkeypatch.setattr(ra, "PATCH_BYTES", 1)  # this write starts the write-back of its patch
+    with pytest.raises(IntegrityError, match="is missing"):
+        tf.write(3 * 4096 + 10, b"patched")
+    assert [d for _, d in tf._patches[3]] == [b"patched"]
+    tf.close()
