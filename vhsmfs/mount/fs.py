@@ -139,13 +139,18 @@ class VaultOps(pyfuse3.Operations):
         self._files: dict[int, FileNode] = {}
         self._write_locks: dict[int, trio.StrictFIFOLock] = {}
         self._dirs: dict[int, tuple[int, list[tuple[int, str, Node]]]] = {}
+        self.hops = 0  # thread hops in flight (the loop does not spin for requests meanwhile)
         self.stats: dict[str, int] = {}  # read/write counts, logged at unmount
         self.timing: dict[str, tuple[int, float]] = {}
 
     async def _hop(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
-        return await trio.to_thread.run_sync(
-            functools.partial(fn, *args, **kw), limiter=self.limiter
-        )
+        self.hops += 1
+        try:
+            return await trio.to_thread.run_sync(
+                functools.partial(fn, *args, **kw), limiter=self.limiter
+            )
+        finally:
+            self.hops -= 1
 
     async def _now_or_hop(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Namespace changes that need no I/O (the usual case for mkdir, unlink, chmod, utime)
@@ -179,7 +184,7 @@ class VaultOps(pyfuse3.Operations):
         kernel may be waiting on. Only from handlers that are not 'related' to the entries
         (see pyfuse3.invalidate_entry), e.g. opendir."""
         if inval:
-            await trio.to_thread.run_sync(_invalidate_sync, inval, limiter=self.limiter)
+            await self._hop(_invalidate_sync, inval)
 
     def _fh(self, fh: int) -> FileNode:
         node = self._files.get(fh)

@@ -16,13 +16,11 @@ import fcntl
 import gc
 import logging
 import os
-import select
 import signal
 import subprocess
 import sys
 import time
-import types
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pyfuse3
 import trio
@@ -30,6 +28,7 @@ import trio
 from vhsmfs.backend import LocalBackend, pid_alive
 from vhsmfs.errors import VhsmError
 from vhsmfs.keyfile import KeyProvider, StaticKeyProvider, load_key_file
+from vhsmfs.mount import requestwait
 from vhsmfs.mount.fs import VaultOps
 from vhsmfs.mount.vault import Vault
 from vhsmfs.store import TokenStore, chunk_size_from_env
@@ -138,43 +137,6 @@ def tune_malloc() -> None:
     mallopt(m_trim_threshold, 256 << 20)
 
 
-class _ReadableShortcut:
-    """pyfuse3 waits, before reading each request from /dev/fuse, in
-    `trio.lowlevel.wait_readable(fd)`: a full trip through trio's scheduler and epoll (an
-    epoll_ctl, an epoll_wait, a reschedule) even when the next request is already queued, which
-    under a busy client (tar, rm -rf) is most of the time. This answers at once when a
-    zero-timeout poll() finds the descriptor readable, and takes the real path when it does not
-    or when the real path was last taken more than MAX_SKIP seconds ago, so the other tasks
-    (thread hand-backs, housekeeping, signals) still run at least that often. Installed only into
-    pyfuse3's view of trio (its module global `trio`), nowhere else."""
-
-    MAX_SKIP = 0.002
-
-    def __init__(self, real: Callable[[int], Awaitable[None]]) -> None:
-        self._real = real
-        self._polls: dict[int, select.poll] = {}
-        self._last_real = 0.0
-
-    async def wait_readable(self, fd: int) -> None:
-        p = self._polls.get(fd)
-        if p is None:
-            p = self._polls[fd] = select.poll()
-            p.register(fd, select.POLLIN)
-        if time.monotonic() - self._last_real < self.MAX_SKIP and p.poll(0):
-            return
-        await self._real(fd)
-        self._last_real = time.monotonic()
-
-
-def install_readable_shortcut() -> None:
-    shortcut = _ReadableShortcut(trio.lowlevel.wait_readable)
-    lowlevel = types.SimpleNamespace(**vars(trio.lowlevel))
-    lowlevel.wait_readable = shortcut.wait_readable
-    view = types.SimpleNamespace(**vars(trio))
-    view.lowlevel = lowlevel
-    pyfuse3.trio = view  # type: ignore[attr-defined]
-
-
 def tune_gc() -> None:
     """Every FUSE request allocates a few dozen short-lived objects (coroutines, attributes),
     and every new file a few long-lived ones (its node, token and metadata). With the default
@@ -248,8 +210,8 @@ def run(
             vault = Vault(store)
             vault.load()
             tune_gc()
-            install_readable_shortcut()
             ops = VaultOps(vault)
+            requestwait.install(lambda: ops.hops)
             try:
                 pyfuse3.init(ops, mnt, mount_options(store_dir, allow_other))
             except RuntimeError as e:

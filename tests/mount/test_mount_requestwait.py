@@ -1,0 +1,129 @@
+"""How the mount's event loop waits for the next FUSE request (vhsmfs/mount/requestwait.py),
+on a real pipe in place of /dev/fuse: a queued request is taken at once, a request that comes
+while the loop spins is taken without sleeping, and the loop sleeps through trio when it may
+not spin, when spinning is off, or while it backs off after a spin that found nothing."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import trio
+
+from vhsmfs.mount.requestwait import RequestWait
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Probe:
+    """Counts the slow path (trio's real wait_readable) and the loop's permission to spin."""
+
+    def __init__(self, may_spin: bool = True) -> None:
+        self.real_waits = 0
+        self.asked = 0
+        self.allow = may_spin
+
+    async def real(self, fd: int) -> None:
+        self.real_waits += 1
+        await trio.lowlevel.wait_readable(fd)
+
+    def may_spin(self) -> bool:
+        self.asked += 1
+        return self.allow
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+def write_later(fd: int, delay: float) -> threading.Thread:
+    t = threading.Thread(target=lambda: (time.sleep(delay), os.write(fd, b"x")))
+    t.start()
+    return t
+
+
+def run_waits(wait: RequestWait, fd: int, n: int) -> None:
+    async def main() -> None:
+        for _ in range(n):
+            await wait.wait_readable(fd)
+            os.read(fd, 1)
+
+    trio.run(main)
+
+
+def test_queued_request_is_taken_without_the_slow_path(pipe):
+    r, w = pipe
+    probe = Probe()
+    wait = RequestWait(probe.real, probe.may_spin, max_skip=60.0, spin=0.0)
+    os.write(w, b"a")
+    run_waits(wait, r, 1)  # the first wait always takes trio's path
+    os.write(w, b"b")
+    run_waits(wait, r, 1)
+    assert probe.real_waits == 1
+
+
+def test_request_arriving_while_spinning_is_taken_without_sleeping(pipe):
+    r, w = pipe
+    probe = Probe()
+    wait = RequestWait(probe.real, probe.may_spin, max_skip=60.0, spin=30.0)
+
+    async def main() -> None:
+        os.write(w, b"a")
+        await wait.wait_readable(r)  # first: trio's path
+        os.read(r, 1)
+        writer = write_later(w, 0.05)  # arrives while the loop polls
+        await wait.wait_readable(r)
+        os.read(r, 1)
+        writer.join()
+
+    trio.run(main)
+    assert probe.real_waits == 1
+    assert probe.asked == 1
+
+
+@pytest.mark.parametrize("allow, spin", [(False, 30.0), (True, 0.0)])
+def test_no_spin_when_the_loop_has_other_work_or_spinning_is_off(pipe, allow, spin):
+    r, w = pipe
+    probe = Probe(may_spin=allow)
+    wait = RequestWait(probe.real, probe.may_spin, max_skip=60.0, spin=spin)
+
+    async def main() -> None:
+        os.write(w, b"a")
+        await wait.wait_readable(r)
+        os.read(r, 1)
+        writer = write_later(w, 0.05)
+        await wait.wait_readable(r)  # must sleep in trio: a 30 s spin would hit the timeout
+        os.read(r, 1)
+        writer.join()
+
+    trio.run(main)
+    assert probe.real_waits == 2
+
+
+def test_a_spin_that_finds_nothing_backs_off(pipe):
+    r, w = pipe
+    probe = Probe()
+    wait = RequestWait(probe.real, probe.may_spin, max_skip=60.0, spin=0.001, backoff=30.0)
+
+    async def main() -> None:
+        os.write(w, b"a")
+        await wait.wait_readable(r)
+        os.read(r, 1)
+        writer = write_later(w, 0.2)  # later than the 1 ms spin
+        await wait.wait_readable(r)  # spins 1 ms, then sleeps in trio
+        os.read(r, 1)
+        writer.join()
+        writer = write_later(w, 0.05)
+        await wait.wait_readable(r)  # backing off: straight to trio, without asking to spin
+        os.read(r, 1)
+        writer.join()
+
+    trio.run(main)
+    assert probe.real_waits == 3
+    assert probe.asked == 1
