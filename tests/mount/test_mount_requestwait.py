@@ -1,7 +1,8 @@
 """How the mount's event loop waits for the next FUSE request (vhsmfs/mount/requestwait.py),
 on a real pipe in place of /dev/fuse: a queued request is taken at once, a request that comes
 while the loop spins is taken without sleeping, and the loop sleeps through trio when it may
-not spin, when spinning is off, or while it backs off after a spin that found nothing."""
+not spin, when spinning is off, or while it backs off after a spin that found nothing. And the
+count of background jobs (vhsmfs/mount/workers.py) that keeps the loop from spinning."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 import pytest
 import trio
 
+from vhsmfs.mount import workers
 from vhsmfs.mount.requestwait import RequestWait
 
 pytestmark = pytest.mark.timeout(60)
@@ -127,3 +129,24 @@ def test_a_spin_that_finds_nothing_backs_off(pipe):
     trio.run(main)
     assert probe.real_waits == 3
     assert probe.asked == 1
+
+
+def test_background_jobs_are_counted_until_they_finish():
+    pool = workers.CountingPool(max_workers=1)
+    gate = threading.Event()
+    before = workers.busy()
+    try:
+        running = pool.submit(gate.wait, 30)
+        queued = pool.submit(lambda: 1 / 0)  # fails: must still be uncounted when done
+        assert workers.busy() == before + 2
+        gate.set()
+        assert running.result(timeout=30) is True
+        with pytest.raises(ZeroDivisionError):
+            queued.result(timeout=30)
+        assert workers.busy() == before  # uncounted before the result is handed over
+    finally:
+        gate.set()
+        pool.shutdown()
+    with pytest.raises(RuntimeError):
+        pool.submit(print)  # refused after shutdown, and not counted
+    assert workers.busy() == before

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 from vhsmfs.backend import ObjectReader, ObjectWriter
@@ -43,6 +43,7 @@ from vhsmfs.format import (
     chunk_count_for,
     manifest_digest,
 )
+from vhsmfs.mount.workers import CountingPool
 from vhsmfs.store import OpenedToken, TokenStore
 from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
 
@@ -84,9 +85,9 @@ HASH_HOLD_BYTES = 256 << 10  # a file's first bytes are hashed at commit, not on
 # sequential readers, and the running whole-file hash. Each file has at most MAX_RUNS runs being
 # encrypted and READAHEAD_WINDOWS read-ahead jobs in flight, so memory stays bounded whatever
 # the file sizes.
-_ENCRYPT = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-encrypt")  # never waits
-_READAHEAD = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vhsm-readahead")
-_HASHING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-hash")  # FIFO: in order
+_ENCRYPT = CountingPool(max_workers=2, thread_name_prefix="vhsm-encrypt")  # never waits
+_READAHEAD = CountingPool(max_workers=2, thread_name_prefix="vhsm-readahead")
+_HASHING = CountingPool(max_workers=1, thread_name_prefix="vhsm-hash")  # FIFO: in order
 
 
 class RunningHash:

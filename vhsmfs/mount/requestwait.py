@@ -10,10 +10,10 @@ a full trip through trio's scheduler and epoll (an epoll_ctl, an epoll_wait, a r
   sends one request, waits for the answer, sends the next) is back within tens of
   microseconds, and a sleeping thread costs a cross-CPU wake-up per request: measured on the
   2-core VM this was built on, a pipe round trip between two processes took 56-72 us when both
-  slept and 22-33 us when one polled (8 us on one CPU). It spins only while nothing else on the
-  loop is waiting to run (no thread hop in flight, no runnable task), and after a spin that
-  found nothing it sleeps at once for SPIN_BACKOFF seconds, so a slow or finished client costs
-  at most SPIN of CPU per SPIN_BACKOFF.
+  slept and 22-33 us when one polled (8 us on one CPU). It spins only while nothing else wants
+  the CPU or the GIL (no thread hop in flight, no runnable task, no background job queued or
+  running: see workers.py). After a spin that found nothing it sleeps at once for SPIN_BACKOFF
+  seconds, so a slow or finished client costs at most SPIN of CPU per SPIN_BACKOFF.
 - The real path is taken at least every MAX_SKIP seconds, so the other tasks (thread
   hand-backs, housekeeping, signals) still run at least that often.
 """
@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable
 
 import pyfuse3
 import trio
+
+from vhsmfs.mount import workers
 
 MAX_SKIP = 0.002
 # Microseconds of polling before the loop sleeps; 0 turns spinning off (e.g. on battery).
@@ -80,7 +82,11 @@ def install(hops_in_flight: Callable[[], int]) -> None:
     """Give pyfuse3 a view of trio whose wait_readable is RequestWait's."""
 
     def may_spin() -> bool:
-        return not hops_in_flight() and not trio.lowlevel.current_statistics().tasks_runnable
+        return (
+            not hops_in_flight()
+            and not workers.busy()
+            and not trio.lowlevel.current_statistics().tasks_runnable
+        )
 
     wait = RequestWait(trio.lowlevel.wait_readable, may_spin)
     lowlevel = types.SimpleNamespace(**vars(trio.lowlevel))

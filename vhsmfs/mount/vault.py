@@ -27,7 +27,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -35,6 +34,7 @@ from vhsmfs.errors import TokenNotFoundError, VhsmError
 from vhsmfs.format import Metadata
 from vhsmfs.keyfile import StaticKeyProvider
 from vhsmfs.mount.randomaccess import TokenFile
+from vhsmfs.mount.workers import CountingPool
 from vhsmfs.store import TokenStore, safe_relative_path
 
 log = logging.getLogger("vhsm.mount")
@@ -117,7 +117,7 @@ IDLE_MAX_CHUNKS = 4096  # ... if their manifest is small
 QUIET_GAP = 0.05  # seconds without requests before queued wipes run
 WIPE_MAX_DELAY = 5.0  # ... but no later than this after the unlink
 BLANKS = 32  # new tokens whose keys are derived ahead, in the background
-_KEYGEN = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vhsm-keygen")
+_KEYGEN = CountingPool(max_workers=1, thread_name_prefix="vhsm-keygen")
 
 
 class _Held:
