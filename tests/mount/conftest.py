@@ -30,9 +30,15 @@ STOP_TIMEOUT = 30.0
 FUSE_MISSING = not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None
 
 
-def cli(*args: str, check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+def cli(
+    *args: str,
+    check: bool = True,
+    timeout: float = 120,
+    extra_env: dict[str, str] | None = None,
+    **kw,
+) -> subprocess.CompletedProcess:
     """Run the real `vhsm` CLI in a subprocess."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), **(extra_env or {}))
     res = subprocess.run(
         [sys.executable, "-m", "cli.main", *args],
         capture_output=True,

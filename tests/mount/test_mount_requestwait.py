@@ -1,8 +1,9 @@
 """How the mount's event loop waits for the next FUSE request (vhsmfs/mount/requestwait.py),
 on a real pipe in place of /dev/fuse: a queued request is taken at once, a request that comes
 while the loop spins is taken without sleeping, and the loop sleeps through trio when it may
-not spin, when spinning is off, or while it backs off after a spin that found nothing. And the
-count of background jobs (vhsmfs/mount/workers.py) that keeps the loop from spinning."""
+not spin, when spinning is off, or while it backs off after a spin that found nothing. The
+count of background jobs (vhsmfs/mount/workers.py) that keeps the loop from spinning, and
+`vhsm mount` refusing a bad VHSM_MOUNT_SPIN_US."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import pytest
 import trio
 
-from vhsmfs.mount import workers
+from vhsmfs.mount import requestwait, workers
 from vhsmfs.mount.requestwait import RequestWait
 
 pytestmark = pytest.mark.timeout(60)
@@ -150,3 +151,36 @@ def test_background_jobs_are_counted_until_they_finish():
     with pytest.raises(RuntimeError):
         pool.submit(print)  # refused after shutdown, and not counted
     assert workers.busy() == before
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "2000000"])
+def test_mount_refuses_a_bad_spin_setting(
+    run_cli, is_mounted, key_file, store_dir, tmp_path, value
+):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = run_cli(
+        "mount",
+        "--store",
+        str(store_dir),
+        "--key",
+        str(key_file),
+        "--background",
+        str(mnt),
+        check=False,
+        timeout=60,
+        extra_env={"VHSM_MOUNT_SPIN_US": value},
+    )
+    if is_mounted(mnt):  # only if the check failed: never leave a mount behind
+        run_cli("umount", str(mnt), check=False, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        f"Error: VHSM_MOUNT_SPIN_US must be 0-100000 microseconds, not {value!r}"
+    )
+    assert not is_mounted(mnt)
+
+
+def test_spin_setting_from_the_environment():
+    assert requestwait.spin_from_env({}) == requestwait.SPIN
+    assert requestwait.spin_from_env({"VHSM_MOUNT_SPIN_US": "0"}) == 0.0
+    assert requestwait.spin_from_env({"VHSM_MOUNT_SPIN_US": "250"}) == 0.00025

@@ -24,17 +24,31 @@ import os
 import select
 import time
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import pyfuse3
 import trio
 
+from vhsmfs.errors import VhsmError
 from vhsmfs.mount import workers
 
 MAX_SKIP = 0.002
-# Microseconds of polling before the loop sleeps; 0 turns spinning off (e.g. on battery).
-SPIN = int(os.environ.get("VHSM_MOUNT_SPIN_US", "500")) / 1e6
+SPIN = 0.0005  # seconds; VHSM_MOUNT_SPIN_US in the mount's environment overrides it
 SPIN_BACKOFF = 0.01
+
+
+def spin_from_env(env: Mapping[str, str] = os.environ) -> float:
+    """The spin limit in seconds: VHSM_MOUNT_SPIN_US microseconds (0: never spin), or SPIN."""
+    raw = env.get("VHSM_MOUNT_SPIN_US")
+    if raw is None:
+        return SPIN
+    try:
+        us = int(raw)
+    except ValueError:
+        us = -1
+    if not 0 <= us <= 100_000:
+        raise VhsmError(f"VHSM_MOUNT_SPIN_US must be 0-100000 microseconds, not {raw!r}")
+    return us / 1e6
 
 
 class RequestWait:
@@ -78,7 +92,7 @@ class RequestWait:
         return False
 
 
-def install(hops_in_flight: Callable[[], int]) -> None:
+def install(hops_in_flight: Callable[[], int], spin: float = SPIN) -> None:
     """Give pyfuse3 a view of trio whose wait_readable is RequestWait's."""
 
     def may_spin() -> bool:
@@ -88,7 +102,7 @@ def install(hops_in_flight: Callable[[], int]) -> None:
             and not trio.lowlevel.current_statistics().tasks_runnable
         )
 
-    wait = RequestWait(trio.lowlevel.wait_readable, may_spin)
+    wait = RequestWait(trio.lowlevel.wait_readable, may_spin, spin=spin)
     lowlevel = types.SimpleNamespace(**vars(trio.lowlevel))
     lowlevel.wait_readable = wait.wait_readable
     view = types.SimpleNamespace(**vars(trio))

@@ -201,6 +201,7 @@ def run(
     sys.setswitchinterval(SWITCH_INTERVAL)
     tune_malloc()
     try:
+        spin = requestwait.spin_from_env()
         mnt = check_mountpoint(mountpoint)
         backend = LocalBackend(store_dir)
         with store_lock(store_dir):
@@ -211,7 +212,7 @@ def run(
             vault.load()
             tune_gc()
             ops = VaultOps(vault)
-            requestwait.install(lambda: ops.hops)
+            requestwait.install(lambda: ops.hops, spin)
             try:
                 pyfuse3.init(ops, mnt, mount_options(store_dir, allow_other))
             except RuntimeError as e:
