@@ -181,6 +181,9 @@ def test_mount_refuses_a_bad_spin_setting(
 
 
 def test_spin_setting_from_the_environment():
-    assert requestwait.spin_from_env({}) == requestwait.SPIN
-    assert requestwait.spin_from_env({"VHSM_MOUNT_SPIN_US": "0"}) == 0.0
-    assert requestwait.spin_from_env({"VHSM_MOUNT_SPIN_US": "250"}) == 0.00025
+    assert requestwait.spin_from_env({}, cpus=2) == requestwait.SPIN
+    assert requestwait.spin_from_env({"VHSM_MOUNT_SPIN_US": "0"}, cpus=2) == 0.0
+    assert requestwait.spin_from_env({"VHSM_MOUNT_SPIN_US": "250"}, cpus=2) == 0.00025
+    # one CPU: polling would only keep the client from running
+    assert requestwait.spin_from_env({}, cpus=1) == 0.0
+    assert requestwait.spin_from_env({"VHSM_MOUNT_SPIN_US": "250"}, cpus=1) == 0.0

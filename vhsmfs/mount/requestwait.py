@@ -37,17 +37,20 @@ SPIN = 0.0005  # seconds; VHSM_MOUNT_SPIN_US in the mount's environment override
 SPIN_BACKOFF = 0.01
 
 
-def spin_from_env(env: Mapping[str, str] = os.environ) -> float:
-    """The spin limit in seconds: VHSM_MOUNT_SPIN_US microseconds (0: never spin), or SPIN."""
+def spin_from_env(env: Mapping[str, str] = os.environ, cpus: int | None = None) -> float:
+    """The spin limit in seconds: VHSM_MOUNT_SPIN_US microseconds (0: never spin), or SPIN.
+    Always 0 with one CPU to run on: the client could not run while the loop polls for it."""
     raw = env.get("VHSM_MOUNT_SPIN_US")
-    if raw is None:
-        return SPIN
-    try:
-        us = int(raw)
-    except ValueError:
-        us = -1
-    if not 0 <= us <= 100_000:
-        raise VhsmError(f"VHSM_MOUNT_SPIN_US must be 0-100000 microseconds, not {raw!r}")
+    us = SPIN * 1e6
+    if raw is not None:
+        try:
+            us = int(raw)
+        except ValueError:
+            us = -1
+        if not 0 <= us <= 100_000:
+            raise VhsmError(f"VHSM_MOUNT_SPIN_US must be 0-100000 microseconds, not {raw!r}")
+    if (len(os.sched_getaffinity(0)) if cpus is None else cpus) < 2:
+        return 0.0
     return us / 1e6
 
 
