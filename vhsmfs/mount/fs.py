@@ -27,6 +27,7 @@ from vhsmfs.mount.vault import (
     ROOT_INO,
     UUID_RE,
     Attr,
+    AttrChange,
     FileNode,
     Invalidation,
     Node,
@@ -232,11 +233,13 @@ class VaultOps(pyfuse3.Operations):
             self.vault.setattr,
             inode,
             size=attr.st_size if fields.update_size else None,
-            mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            change=AttrChange(
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ),
         )
         return _entry(self.vault.attr(node))
 

@@ -111,6 +111,17 @@ class Attr:
     ctime_ns: int
 
 
+@dataclass(frozen=True)
+class AttrChange:
+    """What a setattr changes besides the size (None: unchanged)."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
 Invalidation = tuple[int, str, int]  # (parent inode, name, inode that was removed or 0)
 IDLE_KEEP = 256  # recently closed files kept loaded (chmod/utime after close need no I/O)
 IDLE_MAX_CHUNKS = 4096  # ... if their manifest is small
@@ -797,20 +808,12 @@ class Vault:
                 self._defer(node)  # tried again next time, and at unmount
 
     def setattr(
-        self,
-        ino: int,
-        *,
-        size: int | None = None,
-        mode: int | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        atime_ns: int | None = None,
-        mtime_ns: int | None = None,
+        self, ino: int, *, size: int | None = None, change: AttrChange = AttrChange()
     ) -> Node:
         node = self.node(ino)
         if isinstance(node, DirNode):
             with self._hold(self.ns_lock):
-                self._setattr_dir(node, mode, uid, gid, atime_ns, mtime_ns)
+                self._setattr_dir(node, change)
             return node
         assert isinstance(node, FileNode)
         if node.deleted and node.opens == 0:
@@ -820,7 +823,7 @@ class Vault:
         tf = node.tf
         if size is None and tf is not None and node.opens > 0:
             # an open file: published by its next commit; no need for the file's lock
-            self._set_meta(tf, mode, uid, gid, atime_ns, mtime_ns)
+            self._set_meta(tf, change)
             return node
         with self._hold(node.lock):
             tf = self._loaded(node)
@@ -828,7 +831,7 @@ class Vault:
                 raise WouldBlock  # truncation may decrypt a chunk, and publishes
             if size is not None:
                 tf.truncate(size)
-            self._set_meta(tf, mode, uid, gid, atime_ns, mtime_ns)
+            self._set_meta(tf, change)
             if node.opens == 0 and not node.unlinked:
                 if size is not None:
                     tf.commit(final=True)  # truncate(2) of a closed file: published at once
@@ -838,26 +841,19 @@ class Vault:
         return node
 
     @staticmethod
-    def _set_meta(
-        tf: TokenFile,
-        mode: int | None,
-        uid: int | None,
-        gid: int | None,
-        atime_ns: int | None,
-        mtime_ns: int | None,
-    ) -> None:
+    def _set_meta(tf: TokenFile, c: AttrChange) -> None:
         with tf.meta_lock:
             m = tf.meta
-            if mode is not None:
-                m.mode = stat.S_IMODE(mode)
-            if uid is not None:
-                m.extra["uid"] = uid
-            if gid is not None:
-                m.extra["gid"] = gid
-            if atime_ns is not None:
-                m.atime_ns = atime_ns
-            if mtime_ns is not None:
-                m.mtime_ns = mtime_ns
+            if c.mode is not None:
+                m.mode = stat.S_IMODE(c.mode)
+            if c.uid is not None:
+                m.extra["uid"] = c.uid
+            if c.gid is not None:
+                m.extra["gid"] = c.gid
+            if c.atime_ns is not None:
+                m.atime_ns = c.atime_ns
+            if c.mtime_ns is not None:
+                m.mtime_ns = c.mtime_ns
             m.ctime_ns = time.time_ns()
             tf.meta_dirty = True
 
@@ -898,27 +894,19 @@ class Vault:
         d.marker.commit()
         d.dirty = False
 
-    def _setattr_dir(
-        self,
-        d: DirNode,
-        mode: int | None,
-        uid: int | None,
-        gid: int | None,
-        atime_ns: int | None,
-        mtime_ns: int | None,
-    ) -> None:
+    def _setattr_dir(self, d: DirNode, c: AttrChange) -> None:
         if d.kind != "tree":
             raise _err(errno.EPERM, "token directories are managed by the vault")
-        if mode is not None:
-            d.mode = stat.S_IMODE(mode)
-        if uid is not None:
-            d.uid = uid
-        if gid is not None:
-            d.gid = gid
-        if atime_ns is not None:
-            d.atime_ns = atime_ns
-        if mtime_ns is not None:
-            d.mtime_ns = mtime_ns
+        if c.mode is not None:
+            d.mode = stat.S_IMODE(c.mode)
+        if c.uid is not None:
+            d.uid = c.uid
+        if c.gid is not None:
+            d.gid = c.gid
+        if c.atime_ns is not None:
+            d.atime_ns = c.atime_ns
+        if c.mtime_ns is not None:
+            d.mtime_ns = c.mtime_ns
         d.ctime_ns = time.time_ns()
         d.dirty = True
         self._defer(d)
