@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # age, gocryptfs: peers for bench/. softhsm2: PKCS#11 peer and tests. rsync, attr: mount tests.
 # xxd: the addendum key-caching script (tests/keysvc).
 APT_PACKAGES := build-essential python3-dev python3-venv fuse3 libfuse3-dev pkg-config \
-	age gocryptfs rsync attr softhsm2 openssl util-linux procps xxd
+	age gocryptfs rsync attr softhsm2 openssl util-linux procps xxd patch
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null && echo sudo))
 
 .PHONY: all deps apt venv demo test lint bench clean
@@ -27,9 +27,11 @@ apt:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(BIN)/vhsm: pyproject.toml | apt
+$(BIN)/vhsm: pyproject.toml contrib/pyfuse3/install.sh contrib/pyfuse3/read-reply-nogil.patch | apt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	# pyfuse3 3.5.0 from PyPI's source release plus one patch (see contrib/pyfuse3/install.sh)
+	bash contrib/pyfuse3/install.sh $(BIN)/pip
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $@
 
