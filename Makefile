@@ -27,7 +27,7 @@ apt:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(BIN)/vhsm: pyproject.toml contrib/pyfuse3/install.sh contrib/pyfuse3/read-reply-nogil.patch | apt
+$(BIN)/vhsm: pyproject.toml contrib/pyfuse3/install.sh contrib/pyfuse3/nogil-copies.patch | apt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# pyfuse3 3.5.0 from PyPI's source release plus one patch (see contrib/pyfuse3/install.sh)
