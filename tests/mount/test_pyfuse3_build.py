@@ -7,6 +7,8 @@ notice."""
 from __future__ import annotations
 
 import importlib.metadata
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,3 +37,17 @@ def test_installed_pyfuse3_is_the_patched_build() -> None:
         installed = Path(str(dist.locate_file(name))).read_text()
         missing = [line for line in lines if line not in installed]
         assert not missing, f"pyfuse3 was not built with {PATCH.name} ({name}): run make"
+
+
+def test_install_script_keeps_the_installed_patched_build() -> None:
+    """`make` runs install.sh on every venv rebuild: with the patched build in place it must
+    recognise it (no download, no rebuild, no output)."""
+    pip = Path(sys.executable).with_name("pip")
+    res = subprocess.run(
+        ["bash", str(REPO / "contrib" / "pyfuse3" / "install.sh"), str(pip)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "" and res.stderr == ""
