@@ -16,7 +16,9 @@ PATCH = REPO / "contrib" / "pyfuse3" / "nogil-copies.patch"
 
 
 def _added_lines(patch: str) -> dict[str, list[str]]:
-    """The lines the patch adds, per file (path inside the package's src/)."""
+    """The lines the patch adds, per file (path inside the package's src/). install.sh has its
+    own copy of this check on purpose: the test is the independent witness that the script's
+    "already patched" answer is right."""
     added: dict[str, list[str]] = {}
     name = ""
     for line in patch.splitlines():
