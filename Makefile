@@ -3,7 +3,9 @@
 # Python dependencies go into ./.venv.
 
 SHELL := /bin/bash
-PY ?= python3
+# The system interpreter, not one under root's home (pyenv): the venv must be runnable by every
+# user, since the security tests run the CLI as a second, unprivileged user (docs/SECURITY.md).
+PY ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 # fuse3/libfuse3-dev/pkg-config: the mount (pyfuse3 builds from source against libfuse3).
