@@ -25,7 +25,6 @@ from vhsmfs.errors import (
     BadTokenError,
     InputError,
     IntegrityError,
-    OutputError,
     StoreError,
     VhsmError,
     WrongKeyError,
@@ -47,7 +46,7 @@ from vhsmfs.format import (
     record_len,
 )
 from vhsmfs.keyfile import KeyProvider
-from vhsmfs.outfile import PendingFile
+from vhsmfs.outfile import OutputDirs, PendingFile, check_destination
 from vhsmfs.pipeline import OrderedHasher, run_ordered
 from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
 
@@ -497,48 +496,34 @@ class TokenStore:
         """
         t = token if isinstance(token, OpenedToken) else self.open_token(token)
         rel = safe_relative_path(t.meta.name, str(t.token))
-        outdir = Path(outdir)
-        if t.meta.extra.get("kind") == "dir":
-            return self._retrieve_dir(t, outdir / rel, before_publish)
-        created = _make_dirs(outdir)
+        dest = Path(outdir) / rel
+        out = OutputDirs(Path(outdir))
         try:
-            created += _make_dirs((outdir / rel).parent)
-            dest = outdir / rel
-            if dest.is_dir():
-                raise OutputError(f"{dest} is a directory")
-            if (dest.exists() or dest.is_symlink()) and not force:
-                raise OutputError(f"{dest} already exists (use --force to overwrite)")
-            out = PendingFile(dest)
-            try:
-                self._decrypt_stream(t, out.write, check_digests=False, progress=progress)
-                times = (t.meta.atime_ns or t.meta.mtime_ns, t.meta.mtime_ns)
-                out.finish(t.meta.mode & 0o777, times if t.meta.mtime_ns else None)  # no setuid
+            if t.meta.extra.get("kind") == "dir":
+                # a directory marker (created through the mount): recreate the directory
+                d = out.walk(rel.parts)
                 if before_publish is not None:
                     before_publish(dest)
-                out.publish(force=force)
+                if out.last_made:
+                    os.fchmod(d.fd, t.meta.mode & 0o777)
+                return dest
+            d = out.walk(rel.parts[:-1])
+            check_destination(d, rel.name, force=force)
+            pending = PendingFile(d, rel.name)
+            try:
+                self._decrypt_stream(t, pending.write, check_digests=False, progress=progress)
+                times = (t.meta.atime_ns or t.meta.mtime_ns, t.meta.mtime_ns)
+                pending.finish(t.meta.mode & 0o777, times if t.meta.mtime_ns else None)  # no suid
+                if before_publish is not None:
+                    before_publish(dest)
+                pending.publish(force=force)
             finally:
-                out.close()
+                pending.close()
         except BaseException:
-            _remove_dirs(created)
+            out.undo()
             raise
-        return dest
-
-    @staticmethod
-    def _retrieve_dir(
-        t: OpenedToken, dest: Path, before_publish: Callable[[Path], None] | None
-    ) -> Path:
-        """A directory marker (created through the mount): recreate the directory."""
-        if dest.exists() and not dest.is_dir():
-            raise OutputError(f"{dest} exists and is not a directory")
-        created = _make_dirs(dest)
-        try:
-            if before_publish is not None:
-                before_publish(dest)
-            if created:
-                os.chmod(dest, t.meta.mode & 0o777)
-        except BaseException:
-            _remove_dirs(created)
-            raise
+        finally:
+            out.close()
         return dest
 
     # -- verify -----------------------------------------------------------------------------------
@@ -626,36 +611,3 @@ def _check_digests(
         if not hmac.compare_digest(hashlib.sha256(view[pos : pos + n]).digest(), digests[k]):
             raise IntegrityError(f"token {token}: chunk {first + k} checksum mismatch (modified)")
         pos += n
-
-
-def _remove_dirs(created: list[Path]) -> None:
-    """Undo _make_dirs: remove the directories it created, deepest first (if still empty)."""
-    for d in reversed(created):
-        with contextlib.suppress(OSError):
-            d.rmdir()
-
-
-def _make_dirs(path: Path) -> list[Path]:
-    """mkdir -p that returns the directories it created (to remove them again on failure)."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    created: list[Path] = []
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            _remove_dirs(created)
-            raise OutputError(f"cannot create {d}: {e.strerror}") from None
-        created.append(d)
-    if not path.is_dir():
-        raise OutputError(f"{path} is not a directory")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputError(f"{path} is not writable")
-    return created
