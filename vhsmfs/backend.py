@@ -414,6 +414,8 @@ class LocalBackend:
             rep.removed.append(f"finished deleting token {token}")
         elif m := _DATA_RE.fullmatch(name):
             token = uuid.UUID(m.group(1))
+            if self._dir.lstat(self._meta_name(token)) is not None:
+                return  # a committed token's: TokenStore.collect_garbage looks past its end
             # Checked again under the lock: the writer may have committed and let go of its
             # lock since the directory was listed.
             with self.idle(token) as free:
