@@ -159,7 +159,13 @@ class SafeDir:
         return now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
     def names(self) -> list[str]:
-        return os.listdir(self.fd)
+        """The directory's entries. Listed through a descriptor of its own: os.listdir(fd) would
+        share (and move) the read position of self.fd with any other thread listing it."""
+        fd = os.open(".", _DIR_FLAGS, dir_fd=self.fd)
+        try:
+            return os.listdir(fd)
+        finally:
+            os.close(fd)
 
     # -- opening and creating -------------------------------------------------------------------
     def _open(
@@ -197,10 +203,14 @@ class SafeDir:
     def open_dir(self, name: str, *, create: bool = False, mode: int = 0o700) -> SafeDir:
         """A checked subdirectory, made first if `create`. FileNotFoundError if missing."""
         made = create and self.make_dir(name, mode)
-        fd, _ = self._open(name, _DIR_FLAGS, stat.S_IFDIR)
+        d = SafeDir(self._open(name, _DIR_FLAGS, stat.S_IFDIR)[0], self.shown(name), self.rules)
         if made:
-            self._give(fd)
-        return SafeDir(fd, self.shown(name), self.rules)
+            try:
+                self._give(d.fd)
+            except BaseException:
+                d.close()
+                raise
+        return d
 
     def create_file(self, name: str, mode: int = 0o600, flags: int = os.O_WRONLY) -> int:
         """A new file (never one that exists, never through a link). FileExistsError if taken."""
