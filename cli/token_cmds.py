@@ -204,13 +204,16 @@ def list_cmd(key_file: str | None, key_service: str | None, store_dir: str, as_j
     with run_guarded():
         ts = _open_store(store_dir, key_file, key_service)
         rows = []
+        failed = 0
         for tok in ts.list_tokens():
             try:
                 rows.append(ts.summary(tok).as_dict())
-            except (VhsmError, KeysvcError) as e:
+            except (VhsmError, KeysvcError) as e:  # reported in its row; the others go on
                 rows.append({"token": str(tok), "error": str(e)})
+                failed += 1
         if as_json:
             click.echo(json.dumps(rows, indent=2))
+            _fail_if_unreadable(failed)
             return
         if not rows:
             click.echo("No tokens.", err=True)
@@ -228,6 +231,14 @@ def list_cmd(key_file: str | None, key_service: str | None, store_dir: str, as_j
                 f"{r['token']:36}  {size:>12}  {r['chunk_count']:>7}  "
                 f"{_fmt_ns(r['mtime_ns'])}  {name}"
             )
+        _fail_if_unreadable(failed)
+
+
+def _fail_if_unreadable(failed: int) -> None:
+    """list shows every token it can; one it cannot read (damaged, or an unsafe store entry)
+    is shown in its row, and the command then fails."""
+    if failed:
+        raise VhsmError(f"{failed} token(s) could not be read (see their rows)")
 
 
 @token.command()
@@ -337,13 +348,23 @@ def delete(token_ids: tuple[str, ...], store_dir: str) -> None:
 @token.command()
 @store_option
 def gc(store_dir: str) -> None:
-    """Finish interrupted deletes and remove data of interrupted stores."""
+    """Finish interrupted deletes and remove data of interrupted stores and writes."""
     with run_guarded():
         ts = _open_store(store_dir, None)
-        removed = ts.backend.collect_garbage()
-        for line in removed:
+        report = ts.collect_garbage()
+        for line in report.removed:
             click.echo(line)
-        click.echo(f"{len(removed)} item(s) cleaned", err=True)
+        for line in report.ignored:
+            click.echo(f"ignored {line}")
+        click.echo(f"{len(report.removed)} item(s) cleaned", err=True)
+        # Unsafe entries were left alone; the others were cleaned all the same.
+        *before, last = report.refused or [""]
+        for line in before:
+            click.echo(f"refused: {line}", err=True)
+        if len(report.refused) == 1:
+            raise VhsmError(last)
+        if report.refused:
+            raise VhsmError(f"{len(report.refused)} store entries refused (listed above); {last}")
 
 
 def _fmt_ns(ns: int | None) -> str:

@@ -37,6 +37,14 @@ MANIFEST_ENTRY = struct.Struct(">IQI32s")
 META_LEN = struct.Struct(">I")
 CHUNK_AAD_TAIL = struct.Struct(">QB")
 
+# Bounds a reader enforces before it allocates anything (docs/FORMAT.md section 3): a metadata
+# file may be at most as large as its fixed header says, and the header's fields are capped, so
+# a planted sparse 100 GB "metadata" file is refused after reading 148 bytes.
+MAX_MANIFEST_BYTES = 1 << 30
+MAX_CHUNK_COUNT = MAX_MANIFEST_BYTES // MANIFEST_ENTRY.size  # 22369621
+MAX_META_JSON = 1 << 20  # the encrypted metadata JSON (a name, sizes, times, a few extras)
+MAX_META_LEN = NONCE_LEN + MAX_META_JSON + TAG_LEN
+
 
 def chunk_aad_prefix(token_id: uuid.UUID) -> bytes:
     """The constant part of every chunk's AAD for one token: magic, version, token id."""
@@ -111,7 +119,14 @@ class Metadata:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Metadata:
-        doc = json.loads(raw)
+        """Parse authenticated metadata JSON. ValueError for anything that is not what to_json
+        writes (wrong types, NaN, numbers out of range, nesting too deep)."""
+        try:
+            doc = json.loads(raw, parse_constant=_no_constant)
+        except RecursionError:
+            raise ValueError("metadata nests too deep") from None
+        if not isinstance(doc, dict):
+            raise ValueError("metadata is not an object")
         known = {
             "name",
             "size",
@@ -126,18 +141,33 @@ class Metadata:
         if doc.get("v") != FORMAT_VERSION:
             raise ValueError("metadata version")
         extra = {k: v for k, v in doc.items() if k not in known and k != "v"}
+        name, sha = doc.get("name"), doc.get("sha256")
+        if not isinstance(name, str) or not (sha is None or isinstance(sha, str)):
+            raise ValueError("metadata name or sha256")
         return cls(
-            name=str(doc["name"]),
-            size=int(doc["size"]),
-            sha256=doc.get("sha256"),
-            mode=int(doc.get("mode", 0o600)),
-            mtime_ns=int(doc.get("mtime_ns", 0)),
-            atime_ns=int(doc.get("atime_ns", 0)),
-            ctime_ns=int(doc.get("ctime_ns", 0)),
-            created=int(doc.get("created", 0)),
-            parallel_chunks=int(doc.get("parallel_chunks", 1)),
+            name=name,
+            size=_int(doc, "size", None),
+            sha256=sha,
+            mode=_int(doc, "mode", 0o600),
+            mtime_ns=_int(doc, "mtime_ns", 0),
+            atime_ns=_int(doc, "atime_ns", 0),
+            ctime_ns=_int(doc, "ctime_ns", 0),
+            created=_int(doc, "created", 0),
+            parallel_chunks=_int(doc, "parallel_chunks", 1),
             extra=extra,
         )
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} in metadata")
+
+
+def _int(doc: dict[str, Any], key: str, default: int | None) -> int:
+    """A whole number that fits a signed 64-bit field (what to_json wrote)."""
+    value = doc.get(key, default)
+    if type(value) is not int or not -(1 << 63) <= value < 1 << 63:
+        raise ValueError(f"metadata field {key}")
+    return value
 
 
 @dataclass
@@ -179,18 +209,46 @@ def build_file(
     return b"".join(build_parts(header, manifest, meta_nonce, meta_ct))
 
 
-def parse_file(data: bytes, expected_token: uuid.UUID) -> ParsedFile:
-    """Split a metadata file, checking everything that can be checked without the key: magic,
-    version, the SHA-256 trailer, lengths, the manifest digest and the token id. Raises
-    IntegrityError naming the token on any mismatch."""
+def metadata_size_limit(head: bytes, expected_token: uuid.UUID) -> int:
+    """The largest metadata file the fixed header `head` (the file's first FIXED_HEADER.size
+    bytes, fewer if it is shorter) permits. Raises as parse_file does for a bad magic or
+    version, a truncated header, or a chunk count past MAX_CHUNK_COUNT."""
     tid = str(expected_token)
-    if len(data) < FIXED_HEADER.size + DIGEST_LEN or data[:8] != MAGIC:
+    _check_magic(head, tid, FIXED_HEADER.size)
+    fields = FIXED_HEADER.unpack_from(head, 0)
+    count, kref_len = fields[7], fields[10]
+    if count > MAX_CHUNK_COUNT:
+        raise IntegrityError(
+            f"token {tid}: metadata claims {count} chunks, more than the format allows "
+            f"({MAX_CHUNK_COUNT})"
+        )
+    return (
+        FIXED_HEADER.size
+        + kref_len
+        + count * MANIFEST_ENTRY.size
+        + META_LEN.size
+        + MAX_META_LEN
+        + DIGEST_LEN
+    )
+
+
+def _check_magic(data: bytes, tid: str, need: int) -> None:
+    """Magic, version and a minimum length: the checks that come before any other."""
+    if len(data) < need or data[:8] != MAGIC:
         if data[:8] == MAGIC:
             raise IntegrityError(f"token {tid}: metadata is truncated")
         raise IntegrityError(f"token {tid}: metadata is not a vhsm token file (bad magic)")
     version = struct.unpack_from(">H", data, 8)[0]
     if version != FORMAT_VERSION:
         raise StoreError(f"token {tid}: format version {version} is not supported by this vhsm")
+
+
+def parse_file(data: bytes, expected_token: uuid.UUID) -> ParsedFile:
+    """Split a metadata file, checking everything that can be checked without the key: magic,
+    version, the SHA-256 trailer, lengths, the manifest digest and the token id. Raises
+    IntegrityError naming the token on any mismatch."""
+    tid = str(expected_token)
+    _check_magic(data, tid, FIXED_HEADER.size + DIGEST_LEN)
     body = memoryview(data)[:-DIGEST_LEN]  # a view: no copy of a large manifest
     if hashlib.sha256(body).digest() != data[-DIGEST_LEN:]:
         raise IntegrityError(f"token {tid}: metadata checksum mismatch (modified or truncated)")
@@ -202,13 +260,17 @@ def parse_file(data: bytes, expected_token: uuid.UUID) -> ParsedFile:
     pos += kref_len
     header_bytes = bytes(body[:pos])
     man_len = count * MANIFEST_ENTRY.size
-    if not (MIN_CHUNK_SIZE <= csize <= MAX_CHUNK_SIZE) or pos + man_len + META_LEN.size > len(body):
+    if (
+        not (MIN_CHUNK_SIZE <= csize <= MAX_CHUNK_SIZE)
+        or count > MAX_CHUNK_COUNT
+        or pos + man_len + META_LEN.size > len(body)
+    ):
         raise IntegrityError(f"token {tid}: metadata is malformed")
     manifest = bytes(body[pos : pos + man_len])
     pos += man_len
     (meta_len,) = META_LEN.unpack_from(body, pos)
     pos += META_LEN.size
-    if pos + meta_len != len(body) or meta_len < NONCE_LEN + TAG_LEN:
+    if pos + meta_len != len(body) or not NONCE_LEN + TAG_LEN <= meta_len <= MAX_META_LEN:
         raise IntegrityError(f"token {tid}: metadata is malformed")
     if uuid.UUID(bytes=tok) != expected_token:
         raise IntegrityError(f"token {tid}: metadata belongs to another token")

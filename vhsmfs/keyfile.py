@@ -13,6 +13,8 @@ import uuid
 from typing import Protocol
 
 from vhsmfs.errors import KeyFileError
+from vhsmfs.outfile import PendingFile, check_destination
+from vhsmfs.safefs import SafeDir
 
 KEY_LEN = 32
 
@@ -49,27 +51,28 @@ class StaticKeyProvider:
 
 
 def generate_key_file(path: str | os.PathLike[str], *, force: bool = False) -> None:
-    """Write 32 random bytes with mode 0600, atomically; refuse to overwrite unless force."""
+    """Write 32 random bytes with mode 0600, atomically. An existing FILE is replaced only with
+    force and only if it is a regular file: never a link, device or FIFO (as root that would
+    replace /dev/null), whatever force says (vhsmfs.outfile)."""
     path = os.fspath(path)
-    if os.path.exists(path) and not force:
-        raise KeyFileError(f"{path} already exists (use --force to overwrite)")
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    parent, name = os.path.split(path)
+    if not name or name in (".", ".."):
+        raise KeyFileError(f"{path} is a directory")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        directory = SafeDir.open_root(parent or ".", "key file", trust_owner=False)
     except OSError as e:
         raise KeyFileError(f"cannot write key file {path}: {e.strerror}") from None
-    try:
-        os.write(fd, os.urandom(KEY_LEN))
-        os.fsync(fd)
-        os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
+    with directory:
+        if directory.lstat(name) is not None and not force:
+            raise KeyFileError(f"{path} already exists (use --force to overwrite)")
+        check_destination(directory, name, force=force)
+        out = PendingFile(directory, name)
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise KeyFileError(f"cannot write key file {path}: {e.strerror}") from None
+            out.write(os.urandom(KEY_LEN))
+            out.finish(0o600, None)
+            out.publish(force=force)
+        finally:
+            out.close()
 
 
 def load_key_file(path: str | os.PathLike[str]) -> bytes:

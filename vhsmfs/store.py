@@ -20,20 +20,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from vhsmfs.backend import Backend, ObjectReader
+from vhsmfs.backend import Backend, GarbageReport, ObjectReader
 from vhsmfs.errors import (
     BadTokenError,
     InputError,
     IntegrityError,
-    OutputError,
     StoreError,
+    TokenNotFoundError,
     VhsmError,
     WrongKeyError,
 )
 from vhsmfs.format import (
     DEFAULT_CHUNK_SIZE,
+    FIXED_HEADER,
     MANIFEST_ENTRY,
+    MAX_CHUNK_COUNT,
     MAX_CHUNK_SIZE,
+    MAX_META_JSON,
     MIN_CHUNK_SIZE,
     RECORD_OVERHEAD,
     SALT_LEN,
@@ -43,12 +46,14 @@ from vhsmfs.format import (
     build_parts,
     chunk_count_for,
     manifest_digest,
+    metadata_size_limit,
     parse_file,
     record_len,
 )
 from vhsmfs.keyfile import KeyProvider
-from vhsmfs.outfile import PendingFile
+from vhsmfs.outfile import OutputDirs, PendingFile, check_destination
 from vhsmfs.pipeline import OrderedHasher, run_ordered
+from vhsmfs.safefs import UnsafeEntryError
 from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
 
 RUN_TARGET = 1 << 20  # plaintext bytes per pipeline item: big enough to amortise overheads
@@ -69,31 +74,45 @@ def parse_token(text: str) -> uuid.UUID:
 
 
 def chunk_size_from_env() -> int:
-    raw = os.environ.get("TOKEN_CHUNK_SIZE", "")
-    if not raw:
-        return DEFAULT_CHUNK_SIZE
-    try:
-        value = int(raw)
-    except ValueError:
-        raise VhsmError(f"TOKEN_CHUNK_SIZE must be a number of bytes, got '{raw}'") from None
-    if not MIN_CHUNK_SIZE <= value <= MAX_CHUNK_SIZE:
-        raise VhsmError(
-            f"TOKEN_CHUNK_SIZE must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}, got {value}"
-        )
-    return value
+    return _env_number(
+        "TOKEN_CHUNK_SIZE", DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE, "a number of bytes"
+    )
 
 
 def parallel_from_env() -> int:
-    raw = os.environ.get("TOKEN_PARALLEL_CHUNKS", "")
+    default = max(1, min(4, os.cpu_count() or 1))
+    return _env_number("TOKEN_PARALLEL_CHUNKS", default, 1, 64, "a whole number")
+
+
+def _env_number(name: str, default: int, lo: int, hi: int, what: str) -> int:
+    """A setting from the environment: plain ASCII digits only (int() would also take spaces,
+    underscores, signs and other scripts' digits), within lo..hi."""
+    raw = os.environ.get(name, "")
     if not raw:
-        return max(1, min(4, os.cpu_count() or 1))
-    try:
-        value = int(raw)
-    except ValueError:
-        raise VhsmError(f"TOKEN_PARALLEL_CHUNKS must be a whole number, got '{raw}'") from None
-    if not 1 <= value <= 64:
-        raise VhsmError(f"TOKEN_PARALLEL_CHUNKS must be between 1 and 64, got {value}")
-    return value
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise VhsmError(f"{name} must be {what} (digits 0-9 only), got {raw!r}")
+    if len(raw) > 18 or not lo <= int(raw) <= hi:
+        raise VhsmError(f"{name} must be between {lo} and {hi}, got {raw}")
+    return int(raw)
+
+
+def check_chunk_count(size: int, chunk_size: int, what: str) -> None:
+    """Refuse, before anything is written, a file whose manifest would exceed the format's cap
+    (MAX_CHUNK_COUNT entries, a 1 GiB manifest): readers refuse such metadata."""
+    count = chunk_count_for(size, chunk_size)
+    if count <= MAX_CHUNK_COUNT:
+        return
+    need = -(-size // MAX_CHUNK_COUNT)
+    hint = (
+        f"store it with TOKEN_CHUNK_SIZE={need} or more"
+        if need <= MAX_CHUNK_SIZE
+        else "that is more than the format holds at any chunk size"
+    )
+    raise InputError(
+        f"{what} is too large for chunk size {chunk_size}: {count} chunks, the format allows "
+        f"{MAX_CHUNK_COUNT}; {hint}"
+    )
 
 
 def safe_relative_path(name: str, fallback: str) -> PurePosixPath:
@@ -233,13 +252,34 @@ class TokenStore:
     def seal(
         self, keys: TokenKeys, header: Header, manifest: bytes | bytearray, meta: Metadata
     ) -> list[bytes | bytearray]:
-        """The metadata file's parts (see format.build_parts), ready for commit_metadata."""
+        """The metadata file's parts (see format.build_parts), ready for commit_metadata.
+        Refuses what readers would refuse: too many chunks, too much metadata."""
+        check_chunk_count(meta.size, header.chunk_size, f"token {header.token_id}")
+        doc = meta.to_json()
+        if len(doc) > MAX_META_JSON:
+            raise InputError(
+                f"token {header.token_id}: its name and attributes take {len(doc)} bytes, more "
+                f"than the format allows ({MAX_META_JSON})"
+            )
         header_bytes = header.pack()
-        nonce, ct = keys.seal_metadata(meta.to_json(), header_bytes)
+        nonce, ct = keys.seal_metadata(doc, header_bytes)
         return build_parts(header, manifest, nonce, ct)
 
     def parse(self, token: uuid.UUID) -> ParsedFile:
-        return parse_file(self.backend.read_metadata(token), token)
+        """Read and split a token's metadata file, reading no more than its fixed header
+        allows: a planted huge or endless file is refused before anything is allocated."""
+        r = self.backend.open_metadata(token)
+        try:
+            limit = metadata_size_limit(r.pread(0, FIXED_HEADER.size), token)
+            if r.size > limit:
+                raise IntegrityError(
+                    f"token {token}: metadata file is {r.size} bytes, more than its header "
+                    f"allows ({limit})"
+                )
+            data = r.pread(0, r.size)
+        finally:
+            r.close()
+        return parse_file(data, token)
 
     def open_token(self, token: uuid.UUID) -> OpenedToken:
         """Read and authenticate a token's metadata; WrongKeyError / IntegrityError otherwise."""
@@ -296,6 +336,7 @@ class TokenStore:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise InputError(f"{src} is not a regular file")
+            check_chunk_count(st.st_size, self.chunk_size, src)
             return self._store_stream(
                 f,
                 name=name if name is not None else os.path.basename(src),
@@ -329,6 +370,7 @@ class TokenStore:
                 while cur:
                     nxt = _read_full(f, run_bytes) if len(cur) == run_bytes else b""
                     n = chunk_count_for(len(cur), cs)
+                    check_chunk_count(index * cs + len(cur), cs, name)  # grew while stored
                     hasher.update(cur)
                     yield cur, index, (index + n - 1) if not nxt else -1
                     index += n
@@ -497,48 +539,34 @@ class TokenStore:
         """
         t = token if isinstance(token, OpenedToken) else self.open_token(token)
         rel = safe_relative_path(t.meta.name, str(t.token))
-        outdir = Path(outdir)
-        if t.meta.extra.get("kind") == "dir":
-            return self._retrieve_dir(t, outdir / rel, before_publish)
-        created = _make_dirs(outdir)
+        dest = Path(outdir) / rel
+        out = OutputDirs(Path(outdir))
         try:
-            created += _make_dirs((outdir / rel).parent)
-            dest = outdir / rel
-            if dest.is_dir():
-                raise OutputError(f"{dest} is a directory")
-            if (dest.exists() or dest.is_symlink()) and not force:
-                raise OutputError(f"{dest} already exists (use --force to overwrite)")
-            out = PendingFile(dest)
-            try:
-                self._decrypt_stream(t, out.write, check_digests=False, progress=progress)
-                times = (t.meta.atime_ns or t.meta.mtime_ns, t.meta.mtime_ns)
-                out.finish(t.meta.mode & 0o777, times if t.meta.mtime_ns else None)  # no setuid
+            if t.meta.extra.get("kind") == "dir":
+                # a directory marker (created through the mount): recreate the directory
+                d = out.walk(rel.parts)
                 if before_publish is not None:
                     before_publish(dest)
-                out.publish(force=force)
+                if out.last_made:
+                    os.fchmod(d.fd, t.meta.mode & 0o777)
+                return dest
+            d = out.walk(rel.parts[:-1])
+            check_destination(d, rel.name, force=force)
+            pending = PendingFile(d, rel.name)
+            try:
+                self._decrypt_stream(t, pending.write, check_digests=False, progress=progress)
+                times = (t.meta.atime_ns or t.meta.mtime_ns, t.meta.mtime_ns)
+                pending.finish(t.meta.mode & 0o777, times if t.meta.mtime_ns else None)  # no suid
+                if before_publish is not None:
+                    before_publish(dest)
+                pending.publish(force=force)
             finally:
-                out.close()
+                pending.close()
         except BaseException:
-            _remove_dirs(created)
+            out.undo()
             raise
-        return dest
-
-    @staticmethod
-    def _retrieve_dir(
-        t: OpenedToken, dest: Path, before_publish: Callable[[Path], None] | None
-    ) -> Path:
-        """A directory marker (created through the mount): recreate the directory."""
-        if dest.exists() and not dest.is_dir():
-            raise OutputError(f"{dest} exists and is not a directory")
-        created = _make_dirs(dest)
-        try:
-            if before_publish is not None:
-                before_publish(dest)
-            if created:
-                os.chmod(dest, t.meta.mode & 0o777)
-        except BaseException:
-            _remove_dirs(created)
-            raise
+        finally:
+            out.close()
         return dest
 
     # -- verify -----------------------------------------------------------------------------------
@@ -603,6 +631,37 @@ class TokenStore:
         can be deleted too; TokenNotFoundError if there is no such token."""
         self.backend.delete_token(token)
 
+    def collect_garbage(self) -> GarbageReport:
+        """The backend's clean-up (interrupted deletes and stores, stale temp files), then the
+        objects at or past each committed token's next_object_id: a writer killed before its
+        commit (a mount) left them, and no commit refers to them. A token is only touched while
+        no writer holds it; unsafe entries are refused and noted, never touched."""
+        report = GarbageReport()
+        self.backend.collect_garbage(report)
+        for token in self.list_tokens():
+            try:
+                self._reclaim_past_end(token, report)
+            except TokenNotFoundError:
+                continue  # deleted meanwhile
+            except UnsafeEntryError as e:
+                report.refused.append(str(e))
+            except VhsmError as e:  # damaged: verify reports it; gc leaves it as it is
+                reason = str(e).removeprefix(f"token {token}: ")
+                report.ignored.append(f"token {token} ({reason}; left alone)")
+        return report
+
+    def _reclaim_past_end(self, token: uuid.UUID, report: GarbageReport) -> None:
+        with self.backend.idle(token) as idle:
+            if not idle:
+                return
+            first_unused = self.parse(token).header.next_object_id  # read under the lock
+            for obj in sorted(self.backend.object_sizes(token)):
+                if obj >= first_unused:
+                    self.backend.delete_object(token, obj)
+                    report.removed.append(
+                        f"removed object {obj:08x} of token {token} (left by an interrupted write)"
+                    )
+
 
 def _open_nonblock(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NONBLOCK)
@@ -626,36 +685,3 @@ def _check_digests(
         if not hmac.compare_digest(hashlib.sha256(view[pos : pos + n]).digest(), digests[k]):
             raise IntegrityError(f"token {token}: chunk {first + k} checksum mismatch (modified)")
         pos += n
-
-
-def _remove_dirs(created: list[Path]) -> None:
-    """Undo _make_dirs: remove the directories it created, deepest first (if still empty)."""
-    for d in reversed(created):
-        with contextlib.suppress(OSError):
-            d.rmdir()
-
-
-def _make_dirs(path: Path) -> list[Path]:
-    """mkdir -p that returns the directories it created (to remove them again on failure)."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    created: list[Path] = []
-    for d in reversed(missing):
-        try:
-            d.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            _remove_dirs(created)
-            raise OutputError(f"cannot create {d}: {e.strerror}") from None
-        created.append(d)
-    if not path.is_dir():
-        raise OutputError(f"{path} is not a directory")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise OutputError(f"{path} is not writable")
-    return created

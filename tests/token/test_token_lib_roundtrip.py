@@ -18,9 +18,10 @@ from token_helpers import random_bytes, read_manifest
 
 import vhsmfs.store as store_mod
 from vhsmfs.backend import LocalBackend
-from vhsmfs.errors import IntegrityError, OutputError
+from vhsmfs.errors import IntegrityError
 from vhsmfs.format import RECORD_OVERHEAD
 from vhsmfs.keyfile import StaticKeyProvider
+from vhsmfs.safefs import UnsafeEntryError
 from vhsmfs.store import TokenStore
 
 PROPERTY = settings(
@@ -174,13 +175,15 @@ def test_retrieve_never_writes_through_a_symlink(make_store, tmp_path: Path) -> 
     target = tmp_path / "victim"
     target.write_bytes(b"do not touch")
     (out / "doc").symlink_to(target)
-    with pytest.raises(OutputError):
-        ts.retrieve(tok, out)
-    assert target.read_bytes() == b"do not touch" and (out / "doc").is_symlink()
-    ts.retrieve(tok, out, force=True)  # replaces the link itself, never the file it points to
-    assert target.read_bytes() == b"do not touch"
-    assert not (out / "doc").is_symlink() and (out / "doc").read_bytes() == data
-    assert sorted(os.listdir(out)) == ["doc"]
+    # an existing destination that is not a regular file is never replaced, even with force
+    for force in (False, True):
+        with pytest.raises(UnsafeEntryError, match="symbolic link"):
+            ts.retrieve(tok, out, force=force)
+        assert target.read_bytes() == b"do not touch" and (out / "doc").is_symlink()
+        assert sorted(os.listdir(out)) == ["doc"]
+    (out / "doc").unlink()
+    ts.retrieve(tok, out)
+    assert (out / "doc").read_bytes() == data
 
 
 def test_failed_forced_retrieve_keeps_existing_file(make_store, tmp_path: Path) -> None:

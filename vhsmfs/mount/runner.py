@@ -25,16 +25,16 @@ from collections.abc import Callable, Iterator
 import pyfuse3
 import trio
 
-from vhsmfs.backend import LocalBackend, pid_alive
+from vhsmfs.backend import LOCK_NAME, LocalBackend, pid_alive
 from vhsmfs.errors import VhsmError
 from vhsmfs.keyfile import KeyProvider, StaticKeyProvider, load_key_file
 from vhsmfs.mount import requestwait
 from vhsmfs.mount.fs import VaultOps
 from vhsmfs.mount.vault import Vault
+from vhsmfs.safefs import SafeDir
 from vhsmfs.store import TokenStore, chunk_size_from_env
 
 log = logging.getLogger("vhsm.mount")
-LOCK_NAME = ".vhsm-mount.lock"
 READY_TIMEOUT = 120.0
 # Files created through the mount use 64 KiB chunks unless TOKEN_CHUNK_SIZE or --chunk-size say
 # otherwise: the per-chunk cost in Python (an AEAD call, a record hash, a manifest entry) is paid
@@ -61,24 +61,33 @@ def key_provider(key_file: str | None) -> KeyProvider:
 
 @contextlib.contextmanager
 def store_lock(store_dir: str) -> Iterator[None]:
-    """One mount per store: two would publish conflicting generations of the same token."""
-    path = os.path.join(store_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
+    """One mount per store: two would publish conflicting generations of the same token.
+    The lock file is opened like every store entry (vhsmfs.safefs): never through a link, and
+    only a regular file of ours with no other links is truncated and written."""
+    with _store_dir(store_dir) as d:
+        fd = d.open_or_create(LOCK_NAME)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise MountError(f"store {store_dir} is already mounted") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        try:
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise MountError(f"store {store_dir} is already mounted") from None
+                raise
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # no stale pid for `vhsm umount` to wait on
         finally:
-            os.ftruncate(fd, 0)  # no stale pid for `vhsm umount` to wait on
-    finally:
-        os.close(fd)
+            os.close(fd)
+
+
+def _store_dir(store_dir: str) -> SafeDir:
+    try:
+        return SafeDir.open_root(store_dir, "store entry", trust_owner=True)
+    except OSError as e:
+        raise MountError(f"cannot open store {store_dir}: {e.strerror}") from None
 
 
 def check_mountpoint(mountpoint: str) -> str:
@@ -317,12 +326,21 @@ def _unescape(s: str) -> str:
 
 
 def _mount_pid(source: str | None) -> int | None:
+    """The pid the mount of store `source` wrote into its lock file. Read like a store entry
+    (a FIFO or a link to /dev/zero there must not hang or exhaust `vhsm umount`), at most a
+    line's worth."""
     if not source or not source.startswith("vhsm:"):
         return None
     try:
-        with open(os.path.join(source[5:], LOCK_NAME)) as f:
-            return int(f.read().strip() or 0) or None
-    except (OSError, ValueError):
+        with _store_dir(source[5:]) as d:
+            fd, _ = d.open_file(LOCK_NAME)
+            try:
+                text = os.read(fd, 32)
+            finally:
+                os.close(fd)
+        text = text.strip()
+        return int(text) or None if text.isdigit() else None
+    except (OSError, VhsmError):
         return None
 
 

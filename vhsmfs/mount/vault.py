@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from vhsmfs.backend import UUID_PATTERN
 from vhsmfs.errors import TokenNotFoundError, VhsmError
 from vhsmfs.format import Metadata
 from vhsmfs.keyfile import StaticKeyProvider
@@ -41,7 +42,11 @@ log = logging.getLogger("vhsm.mount")
 T = TypeVar("T")
 
 ROOT_INO = 1
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# Only the canonical lower-case form names a token (\Z: "$" would also match before a final
+# newline); any other spelling of a UUID is still reserved at the top level, so that no user
+# directory can pass for a token directory.
+UUID_RE = re.compile(rf"{UUID_PATTERN}\Z")
+_UUID_SHAPED = re.compile(rf"{UUID_PATTERN}\Z", re.IGNORECASE)
 KIND_DIR = "dir"
 DEFAULT_DIR_MODE = 0o755
 NAME_MAX = 255
@@ -331,7 +336,7 @@ class Vault:
 
     def _reserved(self, parent: DirNode, name: str) -> bool:
         """Top-level names shaped like a token id belong to token directories."""
-        return parent is self.root and bool(UUID_RE.match(name))
+        return parent is self.root and bool(_UUID_SHAPED.match(name))
 
     def dir(self, ino: int) -> DirNode:
         n = self.nodes.get(ino)
@@ -506,6 +511,8 @@ class Vault:
             node = self._child(self.root, name)
             if node is not None:
                 return node
+            if not UUID_RE.match(name):  # only the canonical form names a token
+                return None
             token = uuid.UUID(name)
             if token in self.deleting:
                 return None
