@@ -1,13 +1,17 @@
-"""Small file-system helpers: atomic replace, private file creation, permission checks."""
+"""Small file-system helpers: atomic replace, private file creation, permission checks, and the
+temp-file primitives of keysvc.userfiles."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from keysvc.errors import KeysvcError
+
+_SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 def fsync_dir(directory: Path) -> None:
@@ -94,3 +98,78 @@ def create_private(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     fsync_dir(path.parent)
+
+
+_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def kind(mode: int) -> str:
+    """What kind of file `mode` describes ("a FIFO"), for messages."""
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+def read_at_most(fd: int, limit: int) -> bytes:
+    """Up to limit + 1 bytes from fd: one more than allowed, so the caller can tell it is too
+    large without reading the rest."""
+    with open(fd, "rb", closefd=False) as f:
+        return f.read(limit + 1) or b""
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def write_temp(
+    dir_fd: int,
+    name: str,
+    data: bytes,
+    mode: int,
+    owner: tuple[int, int] | None = None,
+    *,
+    exact_mode: bool = False,
+) -> str:
+    """A new durable temp file beside `name` (O_EXCL, random name), created with `mode` (less
+    the umask, unless `exact_mode`) and optionally given to `owner` (uid, gid) before any data
+    is in it; returns its name. Removed again on failure."""
+    tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE, mode, dir_fd=dir_fd)
+    try:
+        if owner is not None:
+            os.fchown(fd, *owner)
+        if exact_mode:
+            os.fchmod(fd, mode)
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def rename_over(dir_fd: int, tmp: str, name: str, accept: Callable[[os.stat_result], None]) -> None:
+    """Publish temp file `tmp` as `name` (same directory): `accept` sees what `name` is now, if
+    anything, and raises to refuse replacing it; then rename and fsync the directory."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        accept(st)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
