@@ -26,7 +26,7 @@ import stat
 import sys
 
 from keysvc.errors import InvalidInputError
-from keysvc.fsutil import kind, read_at_most, rename_over, write_all, write_temp
+from keysvc.safefs import kind, read_at_most, rename_over, write_all, write_temp
 
 # The daemon protocol's payload limit (keysvc.protocol.MAX_FRAME less the header's room): more
 # could not be sent to the daemon, so it is refused before it is all read into memory.
