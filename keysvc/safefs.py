@@ -69,9 +69,21 @@ def kind(mode: int) -> str:
 
 def read_at_most(fd: int, limit: int) -> bytes:
     """Up to limit + 1 bytes from fd: one more than allowed, so the caller can tell it is too
-    large without reading the rest."""
+    large without reading the rest. A regular file is read with one buffer of its size (no
+    copy); a pipe or device in 1 MiB pieces, so memory follows what really arrives."""
+    st = os.fstat(fd)
+    step = st.st_size + 1 if stat.S_ISREG(st.st_mode) else 1 << 20
+    parts: list[bytes] = []
+    total = 0
     with open(fd, "rb", closefd=False) as f:
-        return f.read(limit + 1) or b""
+        while total <= limit:
+            chunk = f.read(min(step, limit + 1 - total))
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+            step = 1 << 20  # a regular file that grew while it was read
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def write_all(fd: int, data: bytes) -> None:
