@@ -18,10 +18,9 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from keysvc import audit, masterkey, paths
+from keysvc import audit, masterkey, paths, userfiles
 from keysvc.client import Context, connect
-from keysvc.errors import InvalidInputError, KeysvcError, VerificationFailed
-from keysvc.fsutil import atomic_write
+from keysvc.errors import KeysvcError, VerificationFailed
 
 F = TypeVar("F", bound=Callable[..., Any])
 ARGV_WARNING = (
@@ -50,24 +49,18 @@ def guarded(fn: F) -> F:
 
 
 def read_input(path: str) -> bytes:
-    if path == "-":
-        return sys.stdin.buffer.read()
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise InvalidInputError(f"cannot read {path}: {e.strerror}") from None
+    """`-i FILE` ('-' = stdin): bounded by the daemon protocol's limit (keysvc.userfiles)."""
+    return userfiles.read_input(path)
 
 
 def write_output(path: str | None, data: bytes, *, secret: bool = False) -> None:
+    """`-o FILE` by the rule of keysvc.userfiles (devices and FIFOs written through, regular
+    files replaced atomically, anything else refused); stdout when none or '-'."""
     if path is None or path == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
-    try:
-        atomic_write(Path(path), data, mode=0o600 if secret else 0o644)
-    except OSError as e:
-        raise InvalidInputError(f"cannot write {path}: {e.strerror}") from None
+    userfiles.write_output(path, data, secret=secret)
 
 
 def fmt_time(t: float | None) -> str:

@@ -15,6 +15,10 @@ Writers in any process serialize on flock(`.hsm_audit.log.lock`); a batch of lin
 with one write() and made durable with one fdatasync() before anybody is told it succeeded
 (group commit). If anything fails, the partial write is cut off again and AuditError is raised:
 the caller must then fail the operation (fail-closed).
+
+The log and its sidecars are opened only through keysvc.safefs, relative to the fd of the log's
+directory: never through a symlink, a FIFO, a device or a hard link, never if another user owns
+them, and every read of a sidecar is bounded by its format.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hmac
+import io
 import os
 import pwd
 import re
@@ -35,9 +40,8 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
-from keysvc import paths
+from keysvc import paths, safefs
 from keysvc.errors import AuditError, AuditIntegrityError, InvalidInputError
-from keysvc.fsutil import atomic_write, create_private, fsync_dir, read_private
 
 EVENTS = frozenset(
     {
@@ -69,6 +73,9 @@ _MAX_FIELD = 2048  # characters after escaping; keeps every line well under one 
 _CHAIN_START_RE = re.compile(r"^# Chain-Start: seq=(\d+) prev=([0-9a-f]{64}) mac=([0-9a-f]{64})$")
 _HEAD_FMT = "vhsm-audit-head v1 seq={seq:020d} chain={chain}\n"
 _HEAD_RE = re.compile(r"^vhsm-audit-head v1 seq=(\d{20}) chain=([0-9a-f]{64})$")
+KEY_LEN = 32  # .hsm_audit.log.key
+_HEAD_LIMIT = 512  # .hsm_audit.log.head holds one ~110-byte line
+_USER_LIMIT = 4096  # .hsm_user: one user name of at most 256 characters
 
 
 # --- fields ------------------------------------------------------------------------------------
@@ -191,24 +198,21 @@ def validate_user(user: str) -> str:
 
 def current_user(data_dir: str | os.PathLike[str] | None = None) -> str:
     """The persisted `set_user` context of this data dir, else the Unix login name."""
+    path = paths.user_file(data_dir)
+    raw = safefs.read_file(path, "user context", AuditError, limit=_USER_LIMIT)
+    if raw is None:
+        return unix_user()
     try:
-        with open(paths.user_file(data_dir), encoding="utf-8") as f:
-            user = f.read().strip()
-        if user:
-            return user
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise AuditError(f"cannot read the user context: {e.strerror}") from None
-    return unix_user()
+        text = raw.decode("utf-8").strip()
+        return validate_user(text) if text else unix_user()
+    except (UnicodeDecodeError, InvalidInputError):
+        raise AuditError(f"user context {path} does not hold a valid user name") from None
 
 
 def persist_user(user: str, data_dir: str | os.PathLike[str] | None = None) -> None:
-    path = paths.user_file(data_dir)
-    try:
-        atomic_write(path, (validate_user(user) + "\n").encode(), mode=0o600)
-    except OSError as e:
-        raise InvalidInputError(f"cannot save the user context to {path}: {e.strerror}") from None
+    data = (validate_user(user) + "\n").encode()
+    with safefs.open_dir(paths.data_dir(data_dir), "data dir", InvalidInputError) as d:
+        d.replace(paths.USER_FILE_NAME, "user context", data, mode=0o600)
 
 
 # --- writer -----------------------------------------------------------------------------------
@@ -227,6 +231,7 @@ class AuditWriter:
         self._key_path = paths.audit_sidecar(self.path, "key")
         self._head_path = paths.audit_sidecar(self.path, "head")
         self._lock_path = paths.audit_sidecar(self.path, "lock")
+        self._dir: safefs.Dir | None = None  # the log's directory: all four files are in it
         self._key: bytes | None = None
         self._fd: int | None = None
         self._lock_fd: int | None = None
@@ -272,6 +277,9 @@ class AuditWriter:
                     with contextlib.suppress(OSError):
                         os.close(fd)
                     setattr(self, name, None)
+            if self._dir is not None:
+                self._dir.close()
+                self._dir = None
             self._tail = None
 
     # -- internals
@@ -280,10 +288,11 @@ class AuditWriter:
         self, records: Sequence[AuditRecord], before_write: Callable[[int], None] | None
     ) -> int:
         if self._lock_fd is None:
-            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock_fd = self._log_dir().open_lock(self._lock_path.name, "audit lock")
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
             fd, st = self._open_log()
+            self._open_head(create=False)  # a bad head is refused before any line is written
             prefix = ""
             if (
                 self._tail is not None
@@ -332,23 +341,37 @@ class AuditWriter:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
+    def _log_dir(self) -> safefs.Dir:
+        if self._dir is None:
+            self._dir = safefs.open_dir(self.path.parent, "audit log directory", AuditError)
+        return self._dir
+
     def _open_log(self) -> tuple[int, os.stat_result]:
         """The log fd, reopened if the path now names another file (rotation, deletion)."""
+        d = self._log_dir()
         if self._fd is not None:
-            try:
-                st_path = os.stat(self.path)
-                st_fd = os.fstat(self._fd)
-                if st_path.st_ino == st_fd.st_ino and st_path.st_dev == st_fd.st_dev:
-                    return self._fd, st_fd
-            except FileNotFoundError:
-                pass
+            st_path = d.lstat(self.path.name)
+            st_fd = os.fstat(self._fd)
+            if st_path is not None and (st_path.st_ino, st_path.st_dev) == (
+                st_fd.st_ino,
+                st_fd.st_dev,
+            ):
+                return self._fd, st_fd
             os.close(self._fd)
             self._fd = None
             self._tail = None
-        created = not self.path.exists()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # in place: appended to, so it must not be another file's hard link
+        opened = d.open_file(
+            self.path.name,
+            "audit log",
+            os.O_WRONLY | os.O_APPEND,
+            create_mode=0o600,
+            single_link=True,
+        )
+        assert opened is not None  # create_mode given
+        self._fd, created = opened
         if created:
-            fsync_dir(self.path.parent)
+            d.fsync()
         return self._fd, os.fstat(self._fd)
 
     def _recover(self, fd: int, size: int) -> tuple[int, int, bytes, str, list[AuditRecord]]:
@@ -426,16 +449,16 @@ class AuditWriter:
     def _load_key(self, *, allow_create: bool) -> bytes:
         if self._key is not None:
             return self._key
-        try:
-            key = read_private(self._key_path, "audit key", AuditError)
-        except FileNotFoundError:
+        d = self._log_dir()
+        key = d.read(self._key_path.name, "audit key", limit=KEY_LEN, secret=True)
+        if key is None:
             if not allow_create:
                 raise AuditError(
                     f"audit key {self._key_path} is missing but {self.path} has entries"
-                ) from None
-            key = os.urandom(32)
-            create_private(self._key_path, key)
-        if len(key) != 32:
+                )
+            key = os.urandom(KEY_LEN)
+            d.create(self._key_path.name, "audit key", key)
+        if len(key) != KEY_LEN:
             raise AuditError(f"audit key {self._key_path} must be 32 bytes")
         self._key = key
         return key
@@ -446,18 +469,33 @@ class AuditWriter:
         with self._head_lock:
             if seq <= self._head_seq:
                 return  # never move the head backwards
-            if self._head_fd is None:
-                self._head_fd = os.open(
-                    self._head_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
-                )
-            os.pwrite(self._head_fd, _HEAD_FMT.format(seq=seq, chain=chain.hex()).encode(), 0)
+            line = _HEAD_FMT.format(seq=seq, chain=chain.hex()).encode()
+            os.pwrite(self._open_head(create=True), line, 0)
             self._head_seq = seq
+
+    def _open_head(self, *, create: bool) -> int:
+        """The head's fd (-1 while it does not exist and `create` is false)."""
+        if self._head_fd is None:
+            opened = self._log_dir().open_file(
+                self._head_path.name,
+                "audit head",
+                os.O_WRONLY,
+                create_mode=0o600 if create else None,
+                single_link=True,  # written in place
+            )
+            if opened is None:
+                return -1
+            self._head_fd = opened[0]
+        return self._head_fd
 
 
 def _read_tail(path: Path, size: int) -> tuple[bytes, bool]:
     """The last complete lines of the log (at least one entry line if there is one)."""
     buf = b""
-    with open(path, "rb") as f:
+    f = _open_log_reader(path, AuditError)
+    if f is None:
+        raise AuditError(f"audit log {path} disappeared while it was being read")
+    with f:
         for pos, buf in _tail_blocks(f, size, 8192):
             lines = buf.rstrip(b"\n").split(b"\n")
             # a complete entry line: not the first fragment unless we reached the start
@@ -482,16 +520,18 @@ def _tail_blocks(f: BinaryIO, size: int, block: int) -> Iterator[tuple[int, byte
         block *= 2
 
 
+def _open_log_reader(
+    log_path: str | os.PathLike[str], error: safefs.Error = AuditError
+) -> BinaryIO | None:
+    return safefs.open_reader(log_path, "audit log", error)
+
+
 def read_head(log_path: str | os.PathLike[str]) -> tuple[int, bytes] | None:
     head_path = paths.audit_sidecar(Path(log_path), "head")
-    try:
-        with open(head_path, encoding="ascii") as f:
-            text = f.read().strip()
-    except FileNotFoundError:
+    raw = safefs.read_file(head_path, "audit head", AuditError, limit=_HEAD_LIMIT)
+    if raw is None:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise AuditError(f"cannot read audit head {head_path}: {e}") from None
-    m = _HEAD_RE.match(text)
+    m = _HEAD_RE.match(raw.decode("ascii", "replace").strip())
     if not m:
         raise AuditError(f"audit head {head_path} is malformed")
     return int(m.group(1)), bytes.fromhex(m.group(2))
@@ -557,13 +597,10 @@ def parse_line(line: str, lineno: int) -> AuditEntry | None:
 
 def read_entries(log_path: str | os.PathLike[str]) -> Iterator[AuditEntry]:
     """Entries of one log (comment lines skipped, malformed lines skipped)."""
-    try:
-        f = open(log_path, encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+    raw = _open_log_reader(log_path)
+    if raw is None:
         return
-    except OSError as e:
-        raise AuditError(f"cannot read audit log {log_path}: {e.strerror}") from None
-    with f:
+    with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if line and not line.startswith("#"):
@@ -575,12 +612,9 @@ def read_entries(log_path: str | os.PathLike[str]) -> Iterator[AuditEntry]:
 def entries_after(log_path: str | os.PathLike[str], seq: int) -> list[AuditEntry]:
     """Entries with a sequence number above `seq`, read backwards from the end of the log so
     that the usual case (a few new lines) reads one block."""
-    try:
-        f = open(log_path, "rb")  # noqa: SIM115
-    except FileNotFoundError:
+    f = _open_log_reader(log_path)
+    if f is None:
         return []
-    except OSError as e:
-        raise AuditError(f"cannot read audit log {log_path}: {e.strerror}") from None
     pos, buf = 0, b""
     with f:
         for pos, buf in _tail_blocks(f, f.seek(0, os.SEEK_END), 65536):
@@ -618,20 +652,20 @@ def verify(log_paths: Iterable[str | os.PathLike[str]], *, check_head: bool = Tr
     if not files:
         raise InvalidInputError("no audit log given")
     key_path = paths.audit_sidecar(files[-1], "key")
-    try:
-        key = read_private(key_path, "audit key", AuditIntegrityError)
-    except FileNotFoundError:
-        raise AuditIntegrityError(f"audit key {key_path} not found") from None
+    key = safefs.read_file(key_path, "audit key", AuditIntegrityError, limit=KEY_LEN, secret=True)
+    if key is None:
+        raise AuditIntegrityError(f"audit key {key_path} not found")
     seq: int | None = None
     prev = _GENESIS
     count = 0
     first_start = 0
     chains: dict[int, bytes] = {}
     for path in files:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise AuditIntegrityError(f"{path}: audit log not found") from None
+        f = _open_log_reader(path, AuditIntegrityError)
+        if f is None:
+            raise AuditIntegrityError(f"{path}: audit log not found")
+        with f:
+            data = f.read()
         if data and not data.endswith(b"\n"):
             n = data.count(b"\n") + 1
             return VerifyResult(False, count, seq or 0, f"{path}:{n}: incomplete final line")

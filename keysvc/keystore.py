@@ -15,8 +15,10 @@ every entry with the SHA-256 of its ciphertext (AAD "vhsm-keystore-v1 meta"), so
 be dropped, duplicated or rolled back one by one either. K_entry and K_meta are HKDF-SHA256 of
 the master key with the file's salt and distinct info strings.
 
-The file is replaced atomically (temp + fsync + rename + fsync dir). One process at a time owns a
-keystore: an exclusive flock on `.keystore.lock` in the data dir (the daemon holds it for life).
+The file is replaced atomically (temp + fsync + rename + fsync dir) and read and written only
+through keysvc.safefs (relative to the data dir's fd, checked, at most MAX_SIZE bytes). One
+process at a time owns a keystore: an exclusive flock on `.keystore.lock` in the data dir (the
+daemon holds it for life).
 """
 
 from __future__ import annotations
@@ -37,19 +39,22 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from keysvc import keytypes, lifecycle, masterkey, paths
+from keysvc import keytypes, lifecycle, masterkey, paths, safefs
 from keysvc.errors import (
     InvalidInputError,
     KeyNotFoundError,
     KeystoreError,
     WrongMasterKeyError,
 )
-from keysvc.fsutil import discard, prepare_atomic, publish_atomic
 
 FORMAT = "vhsm-keystore"
 VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
 DEFAULT_MAX_AGE_DAYS = 90.0
+# Largest keystore.dat read or written: about 50,000 Ed25519 or 13,000 RSA-3072 key versions
+# (docs/KEYSVC.md). A save that would exceed it fails instead of writing a file no later run
+# would read back.
+MAX_SIZE = 64 * 1024 * 1024
 
 
 def validate_name(name: str) -> str:
@@ -144,6 +149,7 @@ class Keystore:
         # audit seq up to which use counters are included (see Service and replay_uses)
         self.uses_through: int | None = 0
         self._lock_fd: int | None = None
+        self._dir: safefs.Dir | None = None
         self.exists = False
 
     def _set_salt(self, salt: bytes) -> None:
@@ -160,11 +166,15 @@ class Keystore:
 
     # -- opening
 
-    def _lock(self, lock_path: Path, wait: float) -> None:
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise KeystoreError(f"cannot open {lock_path}: {e.strerror}") from None
+    def _data_dir(self) -> safefs.Dir:
+        """The data dir's fd, kept open as long as the keystore is: every file is reached
+        relative to it (keysvc.safefs)."""
+        if self._dir is None:
+            self._dir = safefs.open_dir(self.path.parent, "data dir", KeystoreError)
+        return self._dir
+
+    def _lock(self, lock_name: str, wait: float) -> None:
+        fd = self._data_dir().open_lock(lock_name, "keystore lock")
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -184,16 +194,16 @@ class Keystore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self._dir is not None:
+            self._dir.close()
+            self._dir = None
 
     def load(self) -> None:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
+        raw = self._data_dir().read(self.path.name, "keystore", limit=MAX_SIZE)
+        if raw is None:
             self.keys = {}
             self.exists = False
             return
-        except OSError as e:
-            raise KeystoreError(f"cannot read {self.path}: {e.strerror}") from None
         try:
             doc = json.loads(raw)
             if doc.get("format") != FORMAT:
@@ -331,19 +341,18 @@ class Keystore:
         }
         return (json.dumps(doc, indent=1) + "\n").encode()
 
-    def prepare_save(self) -> Path:
+    def prepare_save(self) -> safefs.PendingFile:
         """Durable temp file with the new state; `publish` makes it keystore.dat."""
-        try:
-            return prepare_atomic(self.path, self.serialize(), mode=0o600)
-        except OSError as e:
-            raise KeystoreError(f"cannot write {self.path}: {e.strerror}") from None
+        data = self.serialize()
+        if len(data) > MAX_SIZE:
+            raise KeystoreError(
+                f"keystore {self.path} would grow to {len(data)} bytes, beyond the "
+                f"{MAX_SIZE >> 20} MiB limit; retire or destroy old key versions"
+            )
+        return self._data_dir().prepare_replace(self.path.name, "keystore", data, mode=0o600)
 
-    def publish(self, tmp: Path) -> None:
-        try:
-            publish_atomic(tmp, self.path)
-        except OSError as e:
-            discard(tmp)
-            raise KeystoreError(f"cannot replace {self.path}: {e.strerror}") from None
+    def publish(self, pending: safefs.PendingFile) -> None:
+        pending.publish()
         self.exists = True
 
     def save(self) -> None:
@@ -364,8 +373,8 @@ def open_keystore(
     """Open (or prepare to create) the keystore of a data dir, with its lock held."""
     d = paths.data_dir(data_dir)
     ks = Keystore(d / paths.KEYSTORE_NAME, master_key)
-    ks._lock(d / paths.KEYSTORE_LOCK_NAME, lock_wait)
     try:
+        ks._lock(paths.KEYSTORE_LOCK_NAME, lock_wait)
         ks.load()
     except BaseException:
         ks.close()

@@ -2,7 +2,8 @@
 
 Sources, first match wins: `-master_key HEX` (argv; warned about), $HSM_MASTER_KEY (hex),
 <data dir>/master.key (32 raw bytes, must be 0600), <data dir>/master.key.protected (a
-protector's sealed blob, e.g. passphrase + Argon2id).
+protector's sealed blob, e.g. passphrase + Argon2id). Both files are read and written only
+through keysvc.safefs (relative to the data dir's fd, checked, bounded).
 
 The keystore only ever sees 32 bytes: protectors are a registry of `Protector` classes keyed by
 `kind`, so a TPM, PKCS#11 or FIDO2 protector is one new class here and nothing else changes.
@@ -23,11 +24,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from keysvc import paths
+from keysvc import paths, safefs
 from keysvc.errors import MasterKeyError, WrongMasterKeyError
-from keysvc.fsutil import atomic_write, read_private
 
 KEY_LEN = 32
+MAX_PROTECTED = 64 * 1024  # master.key.protected: small JSON; room for larger protectors
 
 
 def parse_hex(text: str) -> bytes:
@@ -110,18 +111,18 @@ class PassphraseProtector:
 PROTECTORS: dict[str, type[PassphraseProtector]] = {PassphraseProtector.kind: PassphraseProtector}
 
 
-def write_protected(path: Path, master_key: bytes, protector: Protector) -> None:
+def sealed_document(master_key: bytes, protector: Protector) -> bytes:
+    """The contents of master.key.protected."""
     doc = {
         "format": "vhsm-master-key",
         "version": 1,
         "protector": protector.kind,
         "sealed": protector.seal(master_key),
     }
-    atomic_write(path, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o600)
+    return (json.dumps(doc, indent=1) + "\n").encode()
 
 
-def read_protected(path: Path, secret: str) -> bytes:
-    raw = read_private(path, "protected master key", MasterKeyError)
+def unseal_document(raw: bytes, path: Path, secret: str) -> bytes:
     try:
         doc = json.loads(raw)
         cls = PROTECTORS[doc["protector"]]
@@ -147,19 +148,19 @@ def resolve(hex_arg: str | None, data_dir: str | os.PathLike[str] | None) -> tup
     env = os.environ.get("HSM_MASTER_KEY")
     if env:
         return parse_hex(env), "HSM_MASTER_KEY"
-    d = paths.data_dir(data_dir)
-    key_file = d / paths.MASTER_KEY_NAME
-    try:
-        raw = read_private(key_file, "master key file", MasterKeyError)
-    except FileNotFoundError:
-        pass
-    else:
-        if len(raw) != KEY_LEN:
-            raise MasterKeyError(f"master key file {key_file} must hold exactly 32 bytes")
-        return raw, str(key_file)
-    prot = d / paths.PROTECTED_MASTER_KEY_NAME
-    if prot.exists():
-        return read_protected(prot, _passphrase()), str(prot)
+    d = safefs.open_dir_if_exists(paths.data_dir(data_dir), "data dir", MasterKeyError)
+    if d is not None:
+        with d:
+            raw = d.read(paths.MASTER_KEY_NAME, "master key file", limit=KEY_LEN, secret=True)
+            if raw is not None:
+                key_file = d.path / paths.MASTER_KEY_NAME
+                if len(raw) != KEY_LEN:
+                    raise MasterKeyError(f"master key file {key_file} must hold exactly 32 bytes")
+                return raw, str(key_file)
+            prot = d.path / paths.PROTECTED_MASTER_KEY_NAME
+            sealed = d.read(prot.name, "protected master key", limit=MAX_PROTECTED, secret=True)
+            if sealed is not None:
+                return unseal_document(sealed, prot, _passphrase()), str(prot)
     raise MasterKeyError(
         "no master key: pass -master_key, set HSM_MASTER_KEY, or run generate-master-key"
     )
@@ -169,21 +170,16 @@ def generate(
     data_dir: str | os.PathLike[str] | None, *, passphrase: str | None = None, force: bool = False
 ) -> tuple[bytes, Path]:
     """Create a new random master key file (raw 0600, or passphrase-protected)."""
-    d = paths.data_dir(data_dir)
-    path = d / (paths.PROTECTED_MASTER_KEY_NAME if passphrase else paths.MASTER_KEY_NAME)
-    if not force:
-        for existing in (d / paths.MASTER_KEY_NAME, d / paths.PROTECTED_MASTER_KEY_NAME):
-            if existing.exists():
-                raise MasterKeyError(
-                    f"{existing} already exists; refusing to replace a master key "
-                    "(keys under it would be lost)"
-                )
-    key = os.urandom(KEY_LEN)
-    try:
-        if passphrase:
-            write_protected(path, key, PassphraseProtector(passphrase))
-        else:
-            atomic_write(path, key, mode=0o600)
-    except OSError as e:
-        raise MasterKeyError(f"cannot write {path}: {e.strerror}") from None
-    return key, path
+    name = paths.PROTECTED_MASTER_KEY_NAME if passphrase else paths.MASTER_KEY_NAME
+    with safefs.open_dir(paths.data_dir(data_dir), "data dir", MasterKeyError) as d:
+        if not force:
+            for existing in (paths.MASTER_KEY_NAME, paths.PROTECTED_MASTER_KEY_NAME):
+                if d.lstat(existing) is not None:
+                    raise MasterKeyError(
+                        f"{d.path / existing} already exists; refusing to replace a master key "
+                        "(keys under it would be lost)"
+                    )
+        key = os.urandom(KEY_LEN)
+        data = sealed_document(key, PassphraseProtector(passphrase)) if passphrase else key
+        d.replace(name, "master key file", data, mode=0o600)
+        return key, d.path / name

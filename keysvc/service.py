@@ -38,9 +38,9 @@ from keysvc.errors import (
     VerificationFailed,
     WrongMasterKeyError,
 )
-from keysvc.fsutil import discard
 from keysvc.keystore import KeyRecord, Keystore, KeyVersion, RotationPolicy, validate_name
 from keysvc.policy import Policy
+from keysvc.safefs import discard
 
 Reply = tuple[dict[str, Any], bytes]
 MAX_DATA_KEY = 1024

@@ -69,11 +69,30 @@ def test_tampering_names_first_bad_line(tmp_path: Path, case: str) -> None:
 
 
 def test_fail_closed_when_log_cannot_be_written(tmp_path: Path) -> None:
-    log = tmp_path / "hsm_audit.log"
-    log.symlink_to("/dev/full")  # every write fails with ENOSPC
-    with pytest.raises(AuditError) as ei:
-        audit.audit_event("ENCRYPTION", "tok", "store", True, log_path=log)
-    assert "\n" not in str(ei.value) and "No space" in str(ei.value)
+    """A full file system (a small tmpfs filled up; a log symlinked to /dev/full is refused
+    since the log is never opened through a link): the write fails, the line is not kept."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(d)], check=True
+    )
+    try:
+        log = d / "hsm_audit.log"
+        audit.audit_event("ENCRYPTION", "tok", "first", True, log_path=log)
+        before = log.read_bytes()
+        fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        with pytest.raises(OSError):
+            while True:
+                os.write(fd, bytes(4096))
+        os.close(fd)
+        big = audit.AuditRecord("ENCRYPTION", "tok", "u", "x" * 2000, True)
+        with pytest.raises(AuditError) as ei:  # more than the log's last page still holds
+            audit.writer_for(log).append([big] * 4)
+        assert "\n" not in str(ei.value) and "No space" in str(ei.value)
+        assert log.read_bytes() == before
+        audit.writer_for(log).close()
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=True)
 
 
 def test_concurrent_processes_never_break_chain(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import stat
 import subprocess
 import sys
@@ -42,11 +43,20 @@ def vhsm(
     group: int | None = None,
     input: bytes | None = None,
     timeout: float = TIMEOUT,
+    entry: str = "cli.main",
+    max_memory: int | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
-    """`vhsm ARGS` (the real CLI, `python -m cli.main`), optionally as another uid/gid with no
-    supplementary groups. Never raises on a non-zero exit; a hang fails the test by timeout."""
+    """`vhsm ARGS` (the real CLI, `python -m cli.main`; entry="cli.compat" runs `hsm_enhanced`),
+    optionally as another uid/gid with no supplementary groups and with its address space capped
+    at `max_memory` bytes (so an attack that makes it read without end fails instead of taking
+    the machine's memory). Never raises on a non-zero exit; a hang fails the test by timeout."""
+
+    def cap() -> None:
+        if max_memory is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (max_memory, max_memory))
+
     return subprocess.run(
-        [sys.executable, "-m", "cli.main", *args],
+        [sys.executable, "-m", entry, *args],
         cwd=cwd,
         env=env if env is not None else env_for(),
         input=input,
@@ -55,6 +65,7 @@ def vhsm(
         user=user,
         group=group,
         extra_groups=[] if user is not None else None,
+        preexec_fn=cap if max_memory is not None else None,
     )
 
 
