@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from cli.display import say
 from cli.errors import run_guarded
 from cli.keyopts import ANY_KEY, key_option, provider, store_option
 from keysvc.errors import KeysvcError
@@ -78,7 +79,7 @@ def mount(
                 log_file=log_file,
                 env=_child_env(key_service),
             )
-            click.echo(f"Mounted {store_dir} at {mountpoint} (pid {pid})")
+            say(f"Mounted {store_dir} at {mountpoint} (pid {pid})")
             return
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s vhsm-mount %(levelname)s %(message)s"
@@ -143,11 +144,11 @@ def umount(mountpoint: str, lazy: bool) -> None:
     from vhsmfs.mount import runner
 
     with run_guarded():
-        pid = runner.unmount(mountpoint, lazy=lazy, notice=lambda m: click.echo(m, err=True))
+        pid = runner.unmount(mountpoint, lazy=lazy, notice=lambda m: say(m, err=True))
         if pid is None:
-            click.echo(f"Unmounted {mountpoint}")
+            say(f"Unmounted {mountpoint}")
         elif lazy:
-            click.echo(
+            say(
                 f"Detached {mountpoint}; the mount process (pid {pid}) publishes the files "
                 "still open as they are closed, then exits"
             )
