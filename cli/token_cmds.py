@@ -285,7 +285,8 @@ def verify(
     store_dir: str,
     no_key: bool,
 ) -> None:
-    """Check tokens (all when none named). Exit 1 if any fails."""
+    """Check tokens (all when none named). Exit 1 if any fails, or if nothing was checked
+    (an empty store; every token under another key)."""
     with run_guarded():
         has_key = bool(key_file or key_service)
         if not no_key and not has_key:
@@ -295,6 +296,9 @@ def verify(
         ts = _open_store(store_dir, key_file, key_service)
         explicit = bool(token_ids)
         toks = [parse_token(t) for t in token_ids] if explicit else ts.list_tokens()
+        if not toks:
+            # a scrub of an empty store (or an empty backup restore) proves nothing: say so
+            raise VhsmError(f"store {store_dir} holds no tokens: nothing was verified")
         failed = skipped = 0
         for tok in toks:
             try:
@@ -319,6 +323,11 @@ def verify(
         say(f"{ok} ok, {failed} failed, {skipped} skipped", err=True)
         if failed:
             sys.exit(1)
+        if not ok:  # every token SKIPped: the key given opens none of them
+            raise VhsmError(
+                f"nothing was verified with this key: all {skipped} token(s) are under "
+                "other keys (their ciphertext checksums are OK)"
+            )
 
 
 @token.command()
