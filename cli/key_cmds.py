@@ -523,6 +523,33 @@ def audit_verify(c: click.Context, files: tuple[str, ...]) -> None:
     say(res.message)
 
 
+@audit_group.command("acknowledge")
+@click.option(
+    "--reason", required=True, help="Why the chain was reset (recorded with your user and uid)."
+)
+@click.pass_context
+@guarded
+def audit_acknowledge(c: click.Context, reason: str) -> None:
+    """Accept the chain breaks recorded so far (a deliberate reset or restore)."""
+    ctx = _ctx(c)
+    try:
+        before = audit.verify([ctx.audit_log])
+    except KeysvcError:
+        pass  # e.g. the log is gone: the writer records that break, then the acknowledgment
+    else:
+        if before.ok:
+            fail(f"nothing to acknowledge: {before.message}")
+    seq = audit.acknowledge_breaks(reason, user=ctx.user, log_path=ctx.audit_log)
+    after = audit.verify([ctx.audit_log])
+    if not after.ok:
+        fail(
+            f"acknowledged at seq {seq}, but the log still fails verification: {after.message} "
+            "(an edited or inserted line cannot be acknowledged: keep that file as evidence, "
+            "move it aside, and acknowledge the restart)"
+        )
+    say(f"Acknowledged at seq {seq}: {after.message}")
+
+
 @audit_group.command("logs")
 @click.argument("days", type=float, default=7)
 @click.pass_context
