@@ -74,19 +74,26 @@ _HEAD_RE = re.compile(r"^vhsm-audit-head v1 seq=(\d{20}) chain=([0-9a-f]{64})$")
 
 # --- fields ------------------------------------------------------------------------------------
 
-_ESCAPES = {"%": "%25", "|": "%7C", "\n": "%0A", "\r": "%0D"}
-_ESCAPE_RE = re.compile(r"[%|\n\r]")
-_UNESCAPE_RE = re.compile(r"%(25|7C|0A|0D)")
-_UNESCAPES = {"25": "%", "7C": "|", "0A": "\n", "0D": "\r"}
+# `%` and `|` (the separator), and every character that could drive a terminal or forge a line
+# when someone runs `cat`/`tail -f` on the log: control characters (C0, DEL, C1), bidirectional
+# formatting characters and the Unicode line/paragraph separators (the same set cli/display.py
+# escapes on output). A denied socket client chooses the key name of its AUTH_FAILURE line.
+_ESCAPE_RE = re.compile(
+    "[%|\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+_UNESCAPE_RE = re.compile(r"(?:%[0-9A-F]{2})+")
+
+
+def _percent(m: re.Match[str]) -> str:
+    return "".join(f"%{b:02X}" for b in m.group(0).encode())
 
 
 def escape_field(value: str) -> str:
-    """Percent-escape `%`, `|`, CR and LF so a field can never forge a separator or a line."""
-    if len(value) <= _MAX_FIELD and not (
-        "%" in value or "|" in value or "\n" in value or "\r" in value
-    ):
+    """Percent-escape (UTF-8 bytes as %XX) `%`, `|` and the characters above, so a field can
+    never forge a separator or a line, nor drive the terminal of whoever reads the log."""
+    if len(value) <= _MAX_FIELD and value.isprintable() and "%" not in value and "|" not in value:
         return value  # the common case, without a regex pass
-    out = _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group(0)], value)
+    out = _ESCAPE_RE.sub(_percent, value)
     if len(out) > _MAX_FIELD:
         out = out[: _MAX_FIELD - 3]
         # never cut an escape sequence in half
@@ -98,7 +105,11 @@ def escape_field(value: str) -> str:
 
 
 def unescape_field(value: str) -> str:
-    return _UNESCAPE_RE.sub(lambda m: _UNESCAPES[m.group(1)], value)
+    """The field as it was given. Logs written before more characters were escaped hold only
+    %25 %7C %0A %0D, and never a bare `%`: they read the same."""
+    return _UNESCAPE_RE.sub(
+        lambda m: bytes.fromhex(m.group(0).replace("%", "")).decode("utf-8", "replace"), value
+    )
 
 
 @dataclass(slots=True)
