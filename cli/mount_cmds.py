@@ -88,7 +88,10 @@ def mount(
 
     with run_guarded():
         # Before the key is loaded. The detached parent only starts the child: no mlock there.
-        warnings = [] if no_harden else hardening.harden(lock=mlock and not background)
+        # MCL_ONFAULT: thread stacks and other memory mapped but never touched stay unlocked
+        # and not resident (docs/MOUNT.md, "Hardening": +85 MiB peak RSS without it)
+        lock = mlock and not background
+        warnings = [] if no_harden else hardening.harden(lock=lock, on_fault=True)
         if key_service == ANY_KEY:
             raise VhsmError("mount --key-service needs the name of an AES key (for new files)")
         keys = provider(key_file, key_service)  # fails early, in the caller's terminal

@@ -40,7 +40,10 @@ def lock_memory(*, on_fault: bool = False) -> list[str]:
     """mlockall(MCL_CURRENT | MCL_FUTURE), with MCL_ONFAULT if asked (memory mapped but never
     touched, e.g. the unused part of thread stacks, is then not made resident)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    flags = _MCL_CURRENT | _MCL_FUTURE | (_MCL_ONFAULT if on_fault else 0)
+    flags = _MCL_CURRENT | _MCL_FUTURE
+    if on_fault and libc.mlockall(flags | _MCL_ONFAULT) == 0:
+        return []
+    # without MCL_ONFAULT (kernels before 4.4 refuse it with EINVAL), or not asked for
     if libc.mlockall(flags) != 0:
         err = ctypes.get_errno()
         return [
