@@ -30,7 +30,6 @@ ARGV_WARNING = (
     "Warning: a master key on the command line is visible to other users (ps, /proc); "
     "prefer HSM_MASTER_KEY or the master.key file"
 )
-__all__ = ["fail", "guarded"]  # re-exported for cli/compat.py
 
 
 def read_input(path: str) -> bytes:
@@ -683,7 +682,10 @@ def status(data_dir: str | None, socket_path: str | None) -> None:
         say("key service: not running")
         sys.exit(3)
     with client:
-        reply, _ = client.call({"op": "status"})
+        try:
+            reply, _ = client.call({"op": "status"})
+        except OSError as e:  # not our stdout: the daemon hung up (exit_if_stdout_closed)
+            fail(f"key service connection failed: {e.strerror or e}")
     if not reply.get("ok"):
         fail(str(reply.get("message")))
     say(f"key service: running (pid {reply['pid']}, up {reply['uptime']:.0f} s)")
