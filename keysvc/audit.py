@@ -79,13 +79,14 @@ _HEAD_RE = re.compile(r"^vhsm-audit-head v1 seq=(\d{20}) chain=([0-9a-f]{64})$")
 # formatting characters and the Unicode line/paragraph separators (the same set cli/display.py
 # escapes on output). A denied socket client chooses the key name of its AUTH_FAILURE line.
 _ESCAPE_RE = re.compile(
-    "[%|\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+    "[%|\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+    "\ud800-\udfff]"  # lone surrogates (from JSON "\\udXXX"): UTF-8 cannot encode them raw
 )
 _UNESCAPE_RE = re.compile(r"(?:%[0-9A-F]{2})+")
 
 
 def _percent(m: re.Match[str]) -> str:
-    return "".join(f"%{b:02X}" for b in m.group(0).encode())
+    return "".join(f"%{b:02X}" for b in m.group(0).encode("utf-8", "surrogatepass"))
 
 
 def escape_field(value: str) -> str:
