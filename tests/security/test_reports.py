@@ -99,6 +99,10 @@ def test_emptied_log_fails_verify_but_a_rotation_verifies(data: Path) -> None:
     log = data / LOG
     # logrotate's way (contrib/keysvc/logrotate-hsm-audit: rename, nocreate): a rotation
     os.rename(log, data / f"{LOG}.1")
+    # right after it, nothing is in the live log: the rotated file is verified with it, and
+    # the live log alone verifies nothing
+    assert b"OK: 4 entries" in ok("audit", "verify", f"{LOG}.1", LOG, cwd=data).stdout
+    verify_fails(data, "audit log not found")
     write_one(data, "after-rotation")
     assert b"continues from seq 4" in ok("audit", "verify", cwd=data).stdout
     both = ok("audit", "verify", f"{LOG}.1", LOG, cwd=data).stdout
