@@ -13,8 +13,9 @@ from collections.abc import Callable
 import click
 
 from cli import key_cmds as k
+from cli.display import say
+from cli.errors import fail, run_guarded
 from keysvc.client import Context
-from keysvc.errors import KeysvcError
 
 # command flag -> number of positional arguments it takes
 COMMANDS: dict[str, int] = {
@@ -129,8 +130,14 @@ def run(argv: list[str]) -> None:
     try:
         command, args, opts = parse(argv)
     except UsageError as e:
-        click.echo(f"Error: {e}\n{USAGE}", err=True)
+        say(f"Error: {e}", err=True)  # escaped: the message quotes what was given
+        click.echo(USAGE, err=True)
         sys.exit(2)
+    with run_guarded():
+        _dispatch(command, args, opts)
+
+
+def _dispatch(command: str, args: list[str], opts: dict[str, str | bool]) -> None:
     if command == "-help":
         click.echo(USAGE)
         return
@@ -138,7 +145,7 @@ def run(argv: list[str]) -> None:
     if isinstance(mk, str):
         click.echo(k.ARGV_WARNING, err=True)
         if not mk:
-            k.fail("-master_key was given an empty value")
+            fail("-master_key was given an empty value")
     data_dir = opts.get("-data_dir")
     data_dir = data_dir if isinstance(data_dir, str) else None
     try:
@@ -197,10 +204,7 @@ def run(argv: list[str]) -> None:
         }
         handlers[command]()
     except UsageError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(2)
-    except KeysvcError as e:
-        k.fail(e)
+        fail(e, 2)
 
 
 def _opt(opts: dict[str, str | bool], flag: str) -> str | None:
@@ -212,12 +216,9 @@ def _days(args: list[str]) -> float:
     if not args:
         return 7.0
     try:
-        d = float(args[0])
+        return k.check_days(float(args[0]))
     except ValueError:
         raise UsageError(f"-audit_logs DAYS must be a number, got {args[0]!r}") from None
-    if d < 0:
-        raise UsageError("-audit_logs DAYS must not be negative")
-    return d
 
 
 def _verify_audit(ctx: Context) -> None:
@@ -225,8 +226,8 @@ def _verify_audit(ctx: Context) -> None:
 
     res = audit.verify([ctx.audit_log])
     if not res.ok:
-        k.fail(f"audit log verification FAILED: {res.message}")
-    click.echo(res.message)
+        fail(f"audit log verification FAILED: {res.message}")
+    say(res.message)
 
 
 def main() -> None:

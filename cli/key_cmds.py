@@ -7,45 +7,28 @@ are shared with the `hsm_enhanced` compat entry point (cli/compat.py) so both pr
 from __future__ import annotations
 
 import csv
-import functools
 import io
+import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 
+from cli.display import say
+from cli.errors import fail, guarded
 from keysvc import audit, masterkey, paths, userfiles
 from keysvc.client import Context, connect
-from keysvc.errors import KeysvcError, VerificationFailed
+from keysvc.errors import InvalidInputError, KeysvcError, VerificationFailed
 
 F = TypeVar("F", bound=Callable[..., Any])
 ARGV_WARNING = (
     "Warning: a master key on the command line is visible to other users (ps, /proc); "
     "prefer HSM_MASTER_KEY or the master.key file"
 )
-
-
-def fail(e: KeysvcError | str, code: int = 1) -> NoReturn:
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    click.echo(f"Error: {msg}", err=True)
-    sys.exit(getattr(e, "exit_code", code))
-
-
-def guarded(fn: F) -> F:
-    """Turn library errors into one line on stderr and a non-zero exit."""
-
-    @functools.wraps(fn)
-    def wrapper(*a: Any, **kw: Any) -> Any:
-        try:
-            return fn(*a, **kw)
-        except KeysvcError as e:
-            fail(e)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def read_input(path: str) -> bytes:
@@ -87,23 +70,23 @@ def do_generate_master_key(
             )
         ]
     )
-    click.echo(f"Master key saved to {path} (mode 0600)", err=True)
+    say(f"Master key saved to {path} (mode 0600)", err=True)
     if show_hex:
         # compat.md: one stdout line containing "hex" whose last field is the key
-        click.echo(f"Generated master key (hex): {key.hex()}")
+        say(f"Generated master key (hex): {key.hex()}")
 
 
 def do_generate(ctx: Context, name: str, key_type: str | None = None, **opts: Any) -> None:
     req: dict[str, Any] = {"op": "generate", "key": name, "type": key_type}
     req.update({k: v for k, v in opts.items() if v is not None})
     reply, _ = ctx.execute(req)
-    click.echo(f"Key {name} generated ({reply['type']}, {reply['state']}, version 1)")
+    say(f"Key {name} generated ({reply['type']}, {reply['state']}, version 1)")
 
 
 def do_list(ctx: Context) -> None:
     reply, _ = ctx.execute({"op": "list"})
     for n in reply["keys"]:
-        click.echo(n)
+        say(n)
 
 
 def do_info(ctx: Context, name: str) -> None:
@@ -131,7 +114,8 @@ def do_info(ctx: Context, name: str) -> None:
     ]
     if i["rotation_due"]:
         lines.append(f"WARNING: key rotation due ({i['rotation_due']})")
-    click.echo("\n".join(lines))
+    for line in lines:
+        say(line)
 
 
 def do_sign(ctx: Context, name: str, infile: str, outfile: str | None) -> None:
@@ -139,9 +123,7 @@ def do_sign(ctx: Context, name: str, infile: str, outfile: str | None) -> None:
     reply, sig = ctx.execute({"op": "sign", "key": name}, data)
     write_output(outfile, sig)
     if outfile and outfile != "-":
-        click.echo(
-            f"Signature written to {outfile} ({len(sig)} bytes, key version {reply['version']})"
-        )
+        say(f"Signature written to {outfile} ({len(sig)} bytes, key version {reply['version']})")
 
 
 def do_verify(ctx: Context, name: str, infile: str, sigfile: str) -> None:
@@ -150,9 +132,9 @@ def do_verify(ctx: Context, name: str, infile: str, sigfile: str) -> None:
     try:
         reply, _ = ctx.execute({"op": "verify", "key": name, "sig_len": len(sig)}, sig + data)
     except VerificationFailed as e:
-        click.echo(f"Signature verification FAILED: {e}", err=True)
+        say(f"Signature verification FAILED: {e}", err=True)
         sys.exit(1)
-    click.echo(f"Signature verified successfully (key {name}, version {reply['version']})")
+    say(f"Signature verified successfully (key {name}, version {reply['version']})")
 
 
 def do_export_public(
@@ -164,8 +146,8 @@ def do_export_public(
 
 def do_rotate(ctx: Context, name: str) -> None:
     reply, _ = ctx.execute({"op": "rotate", "key": name})
-    click.echo(f"Key rotated successfully: {name}")
-    click.echo(f"New version: {reply['version']}")
+    say(f"Key rotated successfully: {name}")
+    say(f"New version: {reply['version']}")
 
 
 def do_cipher(
@@ -175,14 +157,14 @@ def do_cipher(
     reply, out = ctx.execute({"op": op, "key": name, "aad": aad}, data)
     write_output(outfile, out, secret=op in ("decrypt", "unwrap"))
     if outfile and outfile != "-":
-        click.echo(f"{op}: {len(out)} bytes written to {outfile} (key version {reply['version']})")
+        say(f"{op}: {len(out)} bytes written to {outfile} (key version {reply['version']})")
 
 
 def do_set_state(ctx: Context, name: str, state: str, confirm_destroy: bool = False) -> None:
     reply, _ = ctx.execute(
         {"op": "set_state", "key": name, "state": state, "confirm_destroy": confirm_destroy}
     )
-    click.echo(f"Key {name} is now {reply['state']}")
+    say(f"Key {name} is now {reply['state']}")
 
 
 def do_set_user(ctx: Context, user: str) -> None:
@@ -195,30 +177,38 @@ def do_set_user(ctx: Context, user: str) -> None:
             )
         ]
     )
-    click.echo(f"User context set to: {user}")
+    say(f"User context set to: {user}")
+
+
+def check_days(days: float) -> float:
+    """A number of days back from now: NaN and infinity have no date."""
+    if not math.isfinite(days) or days < 0:
+        raise InvalidInputError(f"DAYS must be a non-negative number, got {days:g}")
+    return days
 
 
 def _entries_since(ctx: Context, days: float) -> list[audit.AuditEntry]:
+    check_days(days)
     cutoff = time.strftime(audit.TS_FORMAT, time.localtime(time.time() - days * 86400))
     return [e for e in audit.read_entries(ctx.audit_log) if e.timestamp >= cutoff]
 
 
 def do_audit_logs(ctx: Context, days: float) -> None:
     entries = _entries_since(ctx, days)
-    click.echo(f"=== Audit Log (last {days:g} days) ===")
+    say(f"=== Audit Log (last {days:g} days) ===")
     for e in entries:
-        click.echo(
+        say(
             f"{e.timestamp} | {e.event} | {e.key} | {e.user} | {e.details} | "
             f"{'SUCCESS' if e.success else 'FAILURE'}"
         )
-    click.echo(f"Total entries: {len(entries)}")
+    say(f"Total entries: {len(entries)}")
 
 
 def do_scan_hardware() -> None:
     from keysvc import hardware
 
     for line in hardware.scan():
-        click.echo(line)
+        say(line)
 
 
 # --- click: vhsm key ... ----------------------------------------------------------------------
@@ -274,7 +264,7 @@ def _make_ctx(
     master_key_hex: str | None,
 ) -> None:
     if master_key_hex:
-        click.echo(ARGV_WARNING, err=True)
+        say(ARGV_WARNING, err=True)
     try:
         c.obj = Context(
             data_dir=data_dir,
@@ -442,7 +432,7 @@ def rotate(c: click.Context, name: str) -> None:
 def retire(c: click.Context, name: str, min_version: int) -> None:
     """Retire (and wipe) every version below MIN_VERSION."""
     reply, _ = _ctx(c).execute({"op": "retire", "key": name, "min_version": min_version})
-    click.echo(f"Key {name}: versions below {reply['min_version']} retired")
+    say(f"Key {name}: versions below {reply['min_version']} retired")
 
 
 @key.command("set-state")
@@ -496,7 +486,7 @@ def policy(
         }
     )
     p = reply["policy"]
-    click.echo(
+    say(
         f"Key {name}: max age {p['max_age_days']:g} days, max uses {p['max_uses']}, "
         f"{'automatic' if p['auto'] else 'manual'} rotation"
     )
@@ -522,7 +512,34 @@ def audit_verify(c: click.Context, files: tuple[str, ...]) -> None:
     res = audit.verify(list(files) or [_ctx(c).audit_log])
     if not res.ok:
         fail(f"audit log verification FAILED: {res.message}")
-    click.echo(res.message)
+    say(res.message)
+
+
+@audit_group.command("acknowledge")
+@click.option(
+    "--reason", required=True, help="Why the chain was reset (recorded with your user and uid)."
+)
+@click.pass_context
+@guarded
+def audit_acknowledge(c: click.Context, reason: str) -> None:
+    """Accept the chain breaks recorded so far (a deliberate reset or restore)."""
+    ctx = _ctx(c)
+    try:
+        before = audit.verify([ctx.audit_log])
+    except KeysvcError:
+        pass  # e.g. the log is gone: the writer records that break, then the acknowledgment
+    else:
+        if before.ok:
+            fail(f"nothing to acknowledge: {before.message}")
+    seq = audit.acknowledge_breaks(reason, user=ctx.user, log_path=ctx.audit_log)
+    after = audit.verify([ctx.audit_log])
+    if not after.ok:
+        fail(
+            f"acknowledged at seq {seq}, but the log still fails verification: {after.message} "
+            "(an edited or inserted line cannot be acknowledged: keep that file as evidence, "
+            "move it aside, and acknowledge the restart)"
+        )
+    say(f"Acknowledged at seq {seq}: {after.message}")
 
 
 @audit_group.command("logs")
@@ -580,7 +597,7 @@ def user_set(c: click.Context, user: str) -> None:
 @click.pass_context
 @guarded
 def user_show(c: click.Context) -> None:
-    click.echo(_ctx(c).user)
+    say(_ctx(c).user)
 
 
 # --- vhsm keysvc ... --------------------------------------------------------------------------
@@ -655,16 +672,19 @@ def status(data_dir: str | None, socket_path: str | None) -> None:
     """Is the daemon running? (exit 0 and details if so, exit 3 if not)."""
     client = connect(data_dir, socket_path)
     if client is None:
-        click.echo("key service: not running")
+        say("key service: not running")
         sys.exit(3)
     with client:
-        reply, _ = client.call({"op": "status"})
+        try:
+            reply, _ = client.call({"op": "status"})
+        except OSError as e:  # not our stdout: the daemon hung up (exit_if_stdout_closed)
+            fail(f"key service connection failed: {e.strerror or e}")
     if not reply.get("ok"):
         fail(str(reply.get("message")))
-    click.echo(f"key service: running (pid {reply['pid']}, up {reply['uptime']:.0f} s)")
-    click.echo(f"keys: {reply['keys']}  requests: {reply['requests']}  batches: {reply['batches']}")
-    click.echo(f"keystore: {reply['keystore']}")
-    click.echo(f"audit log: {reply['audit_log']}")
+    say(f"key service: running (pid {reply['pid']}, up {reply['uptime']:.0f} s)")
+    say(f"keys: {reply['keys']}  requests: {reply['requests']}  batches: {reply['batches']}")
+    say(f"keystore: {reply['keystore']}")
+    say(f"audit log: {reply['audit_log']}")
 
 
 @click.command("scan-hardware")

@@ -6,6 +6,8 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
+from cli.display import shown
+
 MIN_BYTES_FOR_BAR = 4 << 20  # small files finish before a bar would help
 
 
@@ -19,7 +21,7 @@ def progress_bar(total: int, label: str, wanted: bool | None) -> Iterator[Callab
 
     with tqdm(
         total=total,
-        desc=label[-30:],
+        desc=shown(label[-30:]),  # a file name: escaped like every line for a human
         unit="B",
         unit_scale=True,
         unit_divisor=1024,

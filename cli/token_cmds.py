@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from cli.display import say
 from cli.errors import run_guarded
 from cli.keyopts import ANY_KEY, key_option, provider, store_option
 from cli.progress import progress_bar
@@ -46,7 +47,7 @@ def generate_key(file: str, force: bool) -> None:
     """Write a new random 32-byte key to FILE (mode 0600)."""
     with run_guarded():
         generate_key_file(file, force=force)
-        click.echo(f"Key saved to: {file}")
+        say(f"Key saved to: {file}")
 
 
 @token.command()
@@ -90,13 +91,13 @@ def store(
             if generated is not None:
                 _save_generated_key(ts, tok, generated, quiet)
             if quiet:
-                click.echo(str(tok))
+                say(str(tok))
             elif recursive:
-                click.echo(f"Token: {tok} {name}")
+                say(f"Token: {tok} {name}")
             else:
-                click.echo(f"Token: {tok}")
+                say(f"Token: {tok}")
         if not quiet:
-            click.echo("Keep this token safe - you'll need it to retrieve your file")
+            say("Keep this token safe - you'll need it to retrieve your file")
 
 
 def _save_generated_key(ts: TokenStore, tok: uuid.UUID, key: bytes, quiet: bool) -> None:
@@ -111,7 +112,7 @@ def _save_generated_key(ts: TokenStore, tok: uuid.UUID, key: bytes, quiet: bool)
         ts.delete(tok)  # a token nobody can decrypt is worse than no token
         raise VhsmError(f"cannot save generated key {name}: {e.strerror}") from None
     if not quiet:
-        click.echo(f"Key saved to: {name}")
+        say(f"Key saved to: {name}")
 
 
 def _expand_inputs(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[str, str]]:
@@ -129,7 +130,7 @@ def _expand_inputs(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[st
                 for n in sorted(names):
                     full = Path(root) / n
                     if full.is_symlink() or not full.is_file():
-                        click.echo(f"warning: skipping {full} (not a regular file)", err=True)
+                        say(f"warning: skipping {full} (not a regular file)", err=True)
                         continue
                     if not os.access(full, os.R_OK):
                         raise InputError(f"cannot read {full}: permission denied")
@@ -192,7 +193,7 @@ def retrieve(
         except IntegrityError as e:
             audit_token_event("SECURITY_VIOLATION", tok, str(e), None, success=False)
             raise
-        click.echo(str(dest))
+        say(str(dest))
 
 
 @token.command("list")
@@ -216,18 +217,18 @@ def list_cmd(key_file: str | None, key_service: str | None, store_dir: str, as_j
             _fail_if_unreadable(failed)
             return
         if not rows:
-            click.echo("No tokens.", err=True)
+            say("No tokens.", err=True)
             return
-        click.echo(f"{'TOKEN':36}  {'SIZE':>12}  {'CHUNKS':>7}  {'MODIFIED':19}  NAME")
+        say(f"{'TOKEN':36}  {'SIZE':>12}  {'CHUNKS':>7}  {'MODIFIED':19}  NAME")
         for r in rows:
             if "error" in r:
-                click.echo(f"{r['token']:36}  {'?':>12}  {'?':>7}  {'':19}  ({r['error']})")
+                say(f"{r['token']:36}  {'?':>12}  {'?':>7}  {'':19}  ({r['error']})")
                 continue
             size = str(r["size"]) if r["size"] is not None else "?"
             name = r["name"] if r["readable"] else "(encrypted: other key or no --key)"
             if r.get("kind") == "dir":
                 name, size = f"{name}/", "-"  # a directory created through the mount
-            click.echo(
+            say(
                 f"{r['token']:36}  {size:>12}  {r['chunk_count']:>7}  "
                 f"{_fmt_ns(r['mtime_ns'])}  {name}"
             )
@@ -276,9 +277,9 @@ def info(
         ]
         for label, value in labels:
             if value is not None:
-                click.echo(f"{label + ':':14}{value}")
+                say(f"{label + ':':14}{value}")
         if not s.readable:
-            click.echo("(name, size and checksum are encrypted: give --key to see them)")
+            say("(name, size and checksum are encrypted: give --key to see them)")
 
 
 @token.command()
@@ -295,7 +296,8 @@ def verify(
     store_dir: str,
     no_key: bool,
 ) -> None:
-    """Check tokens (all when none named). Exit 1 if any fails."""
+    """Check tokens (all when none named). Exit 1 if any fails, or if nothing was checked
+    (an empty store; every token under another key)."""
     with run_guarded():
         has_key = bool(key_file or key_service)
         if not no_key and not has_key:
@@ -305,6 +307,9 @@ def verify(
         ts = _open_store(store_dir, key_file, key_service)
         explicit = bool(token_ids)
         toks = [parse_token(t) for t in token_ids] if explicit else ts.list_tokens()
+        if not toks:
+            # a scrub of an empty store (or an empty backup restore) proves nothing: say so
+            raise VhsmError(f"store {store_dir} holds no tokens: nothing was verified")
         failed = skipped = 0
         for tok in toks:
             try:
@@ -317,18 +322,23 @@ def verify(
                         if explicit:
                             raise
                         ts.verify_ciphertext(tok)  # not ours: still scrub its ciphertext
-                        click.echo(f"SKIP {tok} (other key; ciphertext checksums OK)")
+                        say(f"SKIP {tok} (other key; ciphertext checksums OK)")
                         skipped += 1
                         continue
-                click.echo(f"OK {tok}")
+                say(f"OK {tok}")
             except (VhsmError, KeysvcError) as e:
                 failed += 1
                 reason = str(e).removeprefix(f"token {tok}: ")
-                click.echo(f"FAILED {tok}: {reason}")
+                say(f"FAILED {tok}: {reason}")
         ok = len(toks) - failed - skipped
-        click.echo(f"{ok} ok, {failed} failed, {skipped} skipped", err=True)
+        say(f"{ok} ok, {failed} failed, {skipped} skipped", err=True)
         if failed:
             sys.exit(1)
+        if not ok:  # every token SKIPped: the key given opens none of them
+            raise VhsmError(
+                f"nothing was verified with this key: all {skipped} token(s) are under "
+                "other keys (their ciphertext checksums are OK)"
+            )
 
 
 @token.command()
@@ -342,7 +352,7 @@ def delete(token_ids: tuple[str, ...], store_dir: str) -> None:
             tok = parse_token(t)
             ts.delete(tok)
             audit_token_event("KEY_DELETED", tok, "token deleted", None)
-            click.echo(f"Deleted: {tok}")
+            say(f"Deleted: {tok}")
 
 
 @token.command()
@@ -353,14 +363,14 @@ def gc(store_dir: str) -> None:
         ts = _open_store(store_dir, None)
         report = ts.collect_garbage()
         for line in report.removed:
-            click.echo(line)
+            say(line)
         for line in report.ignored:
-            click.echo(f"ignored {line}")
-        click.echo(f"{len(report.removed)} item(s) cleaned", err=True)
+            say(f"ignored {line}")
+        say(f"{len(report.removed)} item(s) cleaned", err=True)
         # Unsafe entries were left alone; the others were cleaned all the same.
         *before, last = report.refused or [""]
         for line in before:
-            click.echo(f"refused: {line}", err=True)
+            say(f"refused: {line}", err=True)
         if len(report.refused) == 1:
             raise VhsmError(last)
         if report.refused:

@@ -40,7 +40,7 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
-from keysvc import paths, safefs
+from keysvc import auditchain, paths, safefs
 from keysvc.errors import AuditError, AuditIntegrityError, InvalidInputError
 
 EVENTS = frozenset(
@@ -80,19 +80,27 @@ _USER_LIMIT = 4096  # .hsm_user: one user name of at most 256 characters
 
 # --- fields ------------------------------------------------------------------------------------
 
-_ESCAPES = {"%": "%25", "|": "%7C", "\n": "%0A", "\r": "%0D"}
-_ESCAPE_RE = re.compile(r"[%|\n\r]")
-_UNESCAPE_RE = re.compile(r"%(25|7C|0A|0D)")
-_UNESCAPES = {"25": "%", "7C": "|", "0A": "\n", "0D": "\r"}
+# `%` and `|` (the separator), and every character that could drive a terminal or forge a line
+# when someone runs `cat`/`tail -f` on the log: control characters (C0, DEL, C1), bidirectional
+# formatting characters and the Unicode line/paragraph separators (the same set cli/display.py
+# escapes on output). A denied socket client chooses the key name of its AUTH_FAILURE line.
+_ESCAPE_RE = re.compile(
+    "[%|\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+    "\ud800-\udfff]"  # lone surrogates (from JSON "\\udXXX"): UTF-8 cannot encode them raw
+)
+_UNESCAPE_RE = re.compile(r"(?:%[0-9A-F]{2})+")
+
+
+def _percent(m: re.Match[str]) -> str:
+    return "".join(f"%{b:02X}" for b in m.group(0).encode("utf-8", "surrogatepass"))
 
 
 def escape_field(value: str) -> str:
-    """Percent-escape `%`, `|`, CR and LF so a field can never forge a separator or a line."""
-    if len(value) <= _MAX_FIELD and not (
-        "%" in value or "|" in value or "\n" in value or "\r" in value
-    ):
+    """Percent-escape (UTF-8 bytes as %XX) `%`, `|` and the characters above, so a field can
+    never forge a separator or a line, nor drive the terminal of whoever reads the log."""
+    if len(value) <= _MAX_FIELD and value.isprintable() and "%" not in value and "|" not in value:
         return value  # the common case, without a regex pass
-    out = _ESCAPE_RE.sub(lambda m: _ESCAPES[m.group(0)], value)
+    out = _ESCAPE_RE.sub(_percent, value)
     if len(out) > _MAX_FIELD:
         out = out[: _MAX_FIELD - 3]
         # never cut an escape sequence in half
@@ -104,7 +112,11 @@ def escape_field(value: str) -> str:
 
 
 def unescape_field(value: str) -> str:
-    return _UNESCAPE_RE.sub(lambda m: _UNESCAPES[m.group(1)], value)
+    """The field as it was given. Logs written before more characters were escaped hold only
+    %25 %7C %0A %0D, and never a bare `%`: they read the same."""
+    return _UNESCAPE_RE.sub(
+        lambda m: bytes.fromhex(m.group(0).replace("%", "")).decode("utf-8", "replace"), value
+    )
 
 
 @dataclass(slots=True)
@@ -378,16 +390,16 @@ class AuditWriter:
         """Find the tail of a log some other writer touched: (size, seq, chain, prefix, extra).
 
         A final line without newline was never acknowledged (acks follow fdatasync of whole
-        lines), so it is cut off and the cut is itself recorded. A log that ends before the
-        head says it should is recorded as a SECURITY_VIOLATION before anything else.
+        lines), so it is cut off and the cut is itself recorded. A log that cannot continue the
+        chain the head (or the audit key) shows -- tail cut, emptied, deleted, head gone -- gets
+        a chain-break record (keysvc/auditchain.py) before anything else.
         """
         extra: list[AuditRecord] = []
         head = read_head(self.path)
+        if head is None:
+            self._forget_head()
         if size == 0:
-            # new or rotated-out log: continue the chain recorded in the head
-            if head is not None:
-                return 0, head[0], head[1], "", extra
-            return 0, 0, _GENESIS, "", extra
+            return self._start_file(head, extra)
         tail, at_start = _read_tail(self.path, size)
         if not tail.endswith(b"\n"):
             cut = tail.rfind(b"\n") + 1
@@ -400,7 +412,7 @@ class AuditWriter:
                 AuditRecord(
                     "SECURITY_VIOLATION",
                     "N/A",
-                    "vhsm",
+                    auditchain.WRITER_USER,
                     f"torn unacknowledged final line ({torn} bytes) removed",
                     False,
                 )
@@ -428,16 +440,57 @@ class AuditWriter:
             raise AuditError(f"cannot find the last entry of audit log {self.path}")
         if head is not None and head[0] > seq:
             extra.insert(
+                0, _chain_break(f"log truncated: head records seq {head[0]}, log ends at seq {seq}")
+            )
+        elif head is None and seq:
+            extra.insert(
                 0,
-                AuditRecord(
-                    "SECURITY_VIOLATION",
-                    "N/A",
-                    "vhsm",
-                    f"audit log truncated: head records seq {head[0]}, log ends at seq {seq}",
-                    False,
+                _chain_break(
+                    f"head {self._head_path.name} missing: log ends at seq {seq}, "
+                    "a cut tail cannot be ruled out"
                 ),
             )
         return size, seq, prev, "", extra
+
+    def _start_file(
+        self, head: tuple[int, bytes] | None, extra: list[AuditRecord]
+    ) -> tuple[int, int, bytes, str, list[AuditRecord]]:
+        """The log is new, rotated away, emptied or deleted: where does its chain continue?
+
+        A rotated file beside the log that ends with the head's entry makes this a rotation:
+        the new file continues the chain with a MAC'd chain-start line. Anything else that
+        shows a chain existed (a head, the audit key) makes it a break."""
+        if head is None:
+            if self._key is not None or os.path.lexists(self._key_path):
+                extra.append(
+                    _chain_break(
+                        "log and head missing while the audit key exists: "
+                        "a new chain starts at seq 1"
+                    )
+                )
+            return 0, 0, _GENESIS, "", extra
+        key = self._load_key(allow_create=False)
+        for sibling in auditchain.rotated_siblings(self.path):
+            end = _chain_end_in(sibling, head, key)
+            if end is not None:
+                return 0, end[0], end[1], "", extra
+        extra.append(
+            _chain_break(
+                f"log emptied or removed: head records seq {head[0]} but no rotated file "
+                f"({self.path.name}.N, {self.path.name}-DATE) ends there"
+            )
+        )
+        return 0, head[0], head[1], "", extra
+
+    def _forget_head(self) -> None:
+        """The head file is gone: recreate it on the next write (an fd kept open would write
+        into the deleted file, and the seq guard would refuse a chain restarting at 1)."""
+        with self._head_lock:
+            if self._head_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._head_fd)
+                self._head_fd = None
+            self._head_seq = 0
 
     def _mac_base(self, key: bytes) -> crypto_hmac.HMAC:
         if self._hbase is None:
@@ -526,6 +579,67 @@ def _open_log_reader(
     return safefs.open_reader(log_path, "audit log", error)
 
 
+def _chain_break(reason: str) -> AuditRecord:
+    return AuditRecord(
+        auditchain.BREAK_EVENT,
+        "N/A",
+        auditchain.WRITER_USER,
+        auditchain.BREAK_PREFIX + reason,
+        False,
+    )
+
+
+_ROTATION_SCAN_MAX = 64 << 20  # bytes read back from a rotated file's end, at most
+
+
+def _chain_end_in(path: Path, head: tuple[int, bytes], key: bytes) -> tuple[int, bytes] | None:
+    """(seq, chain) at the end of `path`, a rotated copy of the log, if it holds the entry the
+    head records followed only by entries that extend the chain (MAC-checked: after a power cut
+    the head may lag the log by a few lines). None if it is not that file (an older rotation,
+    another log, something planted). A torn final line there was never acknowledged: ignored."""
+    try:  # checked like the log itself; anything unsafe there is simply not the rotated log
+        f = safefs.open_reader(path, "rotated audit log", AuditError)
+    except AuditError:
+        return None
+    if f is None:
+        return None
+    hseq, hchain = head
+    with f:
+        st = os.fstat(f.fileno())
+        lines: list[bytes] = []
+        for pos, buf in _tail_blocks(f, st.st_size, 8192):
+            lines = buf.split(b"\n")[0 if pos == 0 else 1 : -1]
+            first = next((e for e in map(_parse_raw, lines) if e is not None), None)
+            if (first is not None and first.seq <= hseq) or len(buf) >= _ROTATION_SCAN_MAX:
+                break
+    start = next(
+        (
+            i
+            for i, raw in enumerate(lines)
+            if (e := _parse_raw(raw)) is not None
+            and e.seq == hseq
+            and _ct_eq(e.chain, hchain.hex())
+        ),
+        None,
+    )
+    if start is None:
+        return None
+    seq, prev = hseq, hchain
+    for raw in lines[start + 1 :]:
+        e = _parse_raw(raw)
+        if e is None or e.seq != seq + 1:
+            return None
+        mac = _mac(key, prev, raw.rsplit(b"|", 1)[0])
+        if not _ct_eq(mac.hex(), e.chain):
+            return None
+        seq, prev = e.seq, mac
+    return seq, prev
+
+
+def _parse_raw(raw: bytes) -> AuditEntry | None:
+    return None if raw.startswith(b"#") else parse_line(raw.decode("utf-8", "replace"), 0)
+
+
 def read_head(log_path: str | os.PathLike[str]) -> tuple[int, bytes] | None:
     head_path = paths.audit_sidecar(Path(log_path), "head")
     raw = safefs.read_file(head_path, "audit head", AuditError, limit=_HEAD_LIMIT)
@@ -573,6 +687,28 @@ def audit_event(
     writer_for(log_path).append(
         [AuditRecord(event_type, key_name or "N/A", who, details, success, os.getuid())]
     )
+
+
+def acknowledge_breaks(
+    reason: str,
+    *,
+    user: str | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+) -> int:
+    """Record that an operator accepts every chain break recorded so far (a deliberate reset,
+    a restore from backup): one chained CONFIG_CHANGE line with the reason, the user and the
+    real uid. Breaks recorded later are not covered. Returns the seq of that line.
+
+    If the log itself is damaged (cut, emptied, deleted), the writer records that break first,
+    in the same write: the acknowledgment then covers it too."""
+    reason = " ".join(reason.split())
+    if not reason:
+        raise InvalidInputError("an acknowledgment needs a reason (--reason TEXT)")
+    who = user if user is not None else current_user()
+    record = AuditRecord(
+        auditchain.ACK_EVENT, "N/A", who, auditchain.ACK_PREFIX + reason, True, os.getuid()
+    )
+    return writer_for(log_path).append([record])
 
 
 # --- reading and verifying --------------------------------------------------------------------
@@ -641,12 +777,16 @@ class VerifyResult:
     message: str
 
 
-def verify(log_paths: Iterable[str | os.PathLike[str]], *, check_head: bool = True) -> VerifyResult:
+def verify(log_paths: Iterable[str | os.PathLike[str]]) -> VerifyResult:
     """Check one log (or rotated logs oldest first) against its chain and head.
 
     Reports the first bad line: an edited line breaks its chain value, an inserted, deleted or
     reordered line breaks the sequence (or the chain), and a log that ends before the head
-    says it should has lost its tail.
+    says it should has lost its tail. A check that checked nothing (no entries), a missing head
+    (a cut tail would go unnoticed) and a chain break a writer recorded that no later
+    acknowledgment covers (keysvc/auditchain.py) fail too. The last file is the live log: its
+    sidecars hold the key and the head; given after rotated files, it may be missing or empty
+    (rotated, nothing written since).
     """
     files = [Path(p) for p in log_paths]
     if not files:
@@ -655,17 +795,22 @@ def verify(log_paths: Iterable[str | os.PathLike[str]], *, check_head: bool = Tr
     key = safefs.read_file(key_path, "audit key", AuditIntegrityError, limit=KEY_LEN, secret=True)
     if key is None:
         raise AuditIntegrityError(f"audit key {key_path} not found")
+    head = read_head(files[-1])
     seq: int | None = None
     prev = _GENESIS
     count = 0
     first_start = 0
-    chains: dict[int, bytes] = {}
+    head_chain: bytes | None = None  # our chain value at the head's seq, once read
+    breaks = auditchain.Breaks()
     for path in files:
         f = _open_log_reader(path, AuditIntegrityError)
         if f is None:
-            raise AuditIntegrityError(f"{path}: audit log not found")
-        with f:
-            data = f.read()
+            if path is not files[-1] or len(files) == 1:
+                raise AuditIntegrityError(f"{path}: audit log not found")
+            data = b""
+        else:
+            with f:
+                data = f.read()
         if data and not data.endswith(b"\n"):
             n = data.count(b"\n") + 1
             return VerifyResult(False, count, seq or 0, f"{path}:{n}: incomplete final line")
@@ -722,33 +867,45 @@ def verify(log_paths: Iterable[str | os.PathLike[str]], *, check_head: bool = Tr
                     f"{where}: chain value does not match (seq {entry.seq} edited or forged)",
                 )
             seq, prev = entry.seq, mac
-            chains[entry.seq] = mac
+            if head is not None and entry.seq == head[0]:
+                head_chain = mac
+            breaks.see(where, entry.seq, entry.event, entry.user, entry.details)
             count += 1
     last = seq or 0
-    if check_head:
-        head = read_head(files[-1])
-        if head is not None:
-            hseq, hchain = head
-            if hseq > last:
-                return VerifyResult(
-                    False,
-                    count,
-                    last,
-                    f"{files[-1]}: log ends at seq {last} but the head records seq {hseq} "
-                    "(tail truncated)",
-                )
-            if hseq in chains and not _ct_eq(chains[hseq].hex(), hchain.hex()):
-                return VerifyResult(
-                    False,
-                    count,
-                    last,
-                    f"{files[-1]}: entry seq {hseq} differs from the head (log rewritten)",
-                )
+    problem = _final_problem(files[-1], count, last, head, head_chain)
+    problem = problem or breaks.first_open()
+    if problem:
+        return VerifyResult(False, count, last, problem)
     msg = f"OK: {count} entries, chain intact, last seq {last}"
     if first_start:
         # a rotated (or deleted) predecessor holds seq 1..first_start: say so, it is not here
         msg += f" (continues from seq {first_start}: verify older rotated files with it)"
+    if breaks.acknowledged:
+        msg += f" ({breaks.acknowledged} chain break(s) acknowledged)"
     return VerifyResult(True, count, last, msg)
+
+
+def _final_problem(
+    log: Path,
+    count: int,
+    last: int,
+    head: tuple[int, bytes] | None,
+    head_chain: bytes | None,
+) -> str | None:
+    """What is wrong with a chain that read cleanly: nothing in it, or not what the head says."""
+    if count == 0:
+        return f"{log}: no entries: nothing was verified"
+    if head is None:
+        return (
+            f"{log}: the head {paths.audit_sidecar(log, 'head').name} is missing, so a cut "
+            "tail would go unnoticed (the next write records this as a chain break)"
+        )
+    hseq, hchain = head
+    if hseq > last:
+        return f"{log}: log ends at seq {last} but the head records seq {hseq} (tail truncated)"
+    if head_chain is not None and not _ct_eq(head_chain.hex(), hchain.hex()):
+        return f"{log}: entry seq {hseq} differs from the head (log rewritten)"
+    return None
 
 
 def _ct_eq(a: str, b: str) -> bool:

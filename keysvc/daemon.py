@@ -28,10 +28,8 @@ never answered; their audit lines may or may not be present (never the reverse).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import queue
-import resource
 import select
 import signal
 import socket as pysocket
@@ -47,6 +45,7 @@ import trio
 
 from keysvc import audit, masterkey, paths, protocol, sockpath
 from keysvc.errors import DaemonError, KeysvcError
+from keysvc.hardening import harden
 from keysvc.keystore import open_keystore
 from keysvc.policy import Policy
 from keysvc.service import Caller, Pending, Service, auto_rotate_batch, error_reply, replay_uses
@@ -127,22 +126,6 @@ _FLUSH = object()  # end of what the committer took from its queue
 _OUT_LIMIT = 64 * 1024 * 1024  # stop reading from a client that does not read its replies
 _STOP = object()  # queue marker: finish and leave the worker loop
 _CHORES = object()  # queue marker: auto-rotation check and saving use counters
-
-
-def harden() -> list[str]:
-    """No core dumps, not ptrace-attachable by the same user, memory locked where allowed."""
-    warnings = []
-    libc = ctypes.CDLL(None, use_errno=True)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE = 4
-        warnings.append("prctl(PR_SET_DUMPABLE, 0) failed")
-    if libc.mlockall(1 | 2) != 0:  # MCL_CURRENT | MCL_FUTURE
-        err = ctypes.get_errno()
-        warnings.append(
-            f"mlockall failed ({os.strerror(err)}): key material may be swapped; "
-            "raise the memlock limit (see docs)"
-        )
-    return warnings
 
 
 class Daemon:

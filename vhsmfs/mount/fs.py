@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from vhsmfs.errors import IntegrityError, TokenNotFoundError, VhsmError
+from vhsmfs.mount.lognames import logged_name
 from vhsmfs.mount.vault import (
     ROOT_INO,
     UUID_RE,
@@ -81,10 +82,12 @@ def boundary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 def _brief(args: tuple[Any, ...]) -> str:
-    """Inode numbers and names only: never the data of a write."""
+    """Inode numbers (and names with --debug only: lognames.py), never the data of a write."""
     shown = [
         repr(a)
-        if isinstance(a, int | bytes) and not (isinstance(a, bytes) and len(a) > 255)
+        if isinstance(a, int)
+        else logged_name(a)
+        if isinstance(a, bytes) and len(a) <= 255
         else "…"
         for a in args[:2]
     ]
@@ -96,7 +99,7 @@ def _invalidate_sync(inval: list[Invalidation]) -> None:
         try:
             pyfuse3.invalidate_entry(parent, os.fsencode(name), deleted=ino)
         except OSError as e:  # ENOENT: the kernel had not cached it
-            log.debug("invalidate %d/%s: %s", parent, name, e)
+            log.debug("invalidate %d/%r: %s", parent, name, e)
 
 
 def _entry(a: Attr, volatile: bool = False) -> pyfuse3.EntryAttributes:
@@ -178,7 +181,7 @@ class VaultOps(pyfuse3.Operations):
                     parent, os.fsencode(name), deleted=ino, ignore_enoent=True
                 )
             except Exception as e:  # the entry may simply not be cached
-                log.debug("invalidate %d/%s: %s", parent, name, e)
+                log.debug("invalidate %d/%r: %s", parent, name, e)
 
     async def _invalidate_now(self, inval: list[Invalidation]) -> None:
         """Synchronous invalidation, in a thread so the loop keeps serving the requests the

@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -257,6 +258,37 @@ def report_ready(fd: int | None, message: str) -> None:
         os.close(fd)
 
 
+def open_log(path: str) -> int:
+    """The `--log` file, opened for appending: created 0600; never through a symbolic link
+    (O_NOFOLLOW), never a FIFO, device or directory (O_NONBLOCK, so opening a FIFO cannot hang,
+    then fstat), never a file of a third user (trusted owner: you or the directory's owner).
+    An existing regular file is appended to and keeps its mode."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise MountError(f"log file {path} is a symbolic link; refusing it") from None
+        if e.errno in (errno.ENXIO, errno.EISDIR):
+            raise MountError(f"log file {path} is not a regular file; refusing it") from None
+        raise MountError(f"cannot open log file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MountError(f"log file {path} is not a regular file; refusing it")
+        trusted = {os.geteuid(), os.stat(os.path.dirname(os.path.abspath(path))).st_uid}
+        if st.st_uid not in trusted:
+            raise MountError(
+                f"log file {path} is owned by uid {st.st_uid}, not by you or the "
+                "directory's owner; refusing it"
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def start_background(
     child_argv: list[str],
     mountpoint: str,
@@ -267,9 +299,9 @@ def start_background(
     """Start `child_argv` (a foreground mount command) detached, passing it `--ready-fd N`;
     return its pid once it reports the mount ready, or raise MountError with its message."""
     check_mountpoint(mountpoint)
+    out = open_log(log_file) if log_file else subprocess.DEVNULL
     r, w = os.pipe()
     cmd = [*child_argv, "--ready-fd", str(w)]
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     try:
         proc = subprocess.Popen(
             cmd,
@@ -284,7 +316,7 @@ def start_background(
     finally:
         os.close(w)
         if log_file:
-            out.close()  # type: ignore[union-attr]
+            os.close(out)
     with os.fdopen(r, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
     if line == "ok":

@@ -34,6 +34,7 @@ from vhsmfs.backend import UUID_PATTERN
 from vhsmfs.errors import TokenNotFoundError, VhsmError
 from vhsmfs.format import Metadata
 from vhsmfs.keyfile import StaticKeyProvider
+from vhsmfs.mount.lognames import logged_name
 from vhsmfs.mount.randomaccess import TokenFile
 from vhsmfs.mount.workers import CountingPool
 from vhsmfs.store import TokenStore, safe_relative_path
@@ -233,11 +234,15 @@ class Vault:
         parts = self._parts(meta.name, token)
         parent = self._ensure_dirs(parts[:-1])
         if parent is None or self._reserved(parent, parts[-1]):
-            log.warning("directory marker %s for '%s' conflicts; ignored", token, meta.name)
+            log.warning(
+                "directory marker %s for %s conflicts; ignored", token, logged_name(meta.name)
+            )
             return
         existing = self._child(parent, parts[-1])
         if existing is not None and (not isinstance(existing, DirNode) or existing.marker_id):
-            log.warning("directory marker %s for '%s' conflicts; ignored", token, meta.name)
+            log.warning(
+                "directory marker %s for %s conflicts; ignored", token, logged_name(meta.name)
+            )
             return
         d = existing if isinstance(existing, DirNode) else self._new_dir(parent, parts[-1])
         d.marker_id = token
@@ -281,7 +286,10 @@ class Vault:
                 or self._reserved(parent, parts[-1])
             ):
                 log.warning(
-                    "token %s: '%s' is taken; shown only under /%s", token, meta.name, token
+                    "token %s: %s is taken; shown only under /%s",
+                    token,
+                    logged_name(meta.name),
+                    token,
                 )
             else:
                 self._link(parent, parts[-1], node)
