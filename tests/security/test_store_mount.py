@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import time
 import uuid
@@ -187,3 +188,44 @@ def test_retrieve_into_the_vhsm_mount(scene, tmp_path: Path) -> None:  # type: i
     names = [n for _, _, files in os.walk(m.mnt) for n in files]
     assert not [n for n in names if n.endswith(".vhsm-part")], names
     _alive(m, m.mnt)
+
+
+def test_a_file_past_the_chunk_count_cap_is_refused_at_write(scene) -> None:  # type: ignore[no-untyped-def]
+    """The format caps a token at MAX_CHUNK_COUNT chunks. The mount let a file grow past it
+    (truncate, or a write at a far offset) and then could not publish it at close: the data
+    was lost with EIO. Growing past the cap now fails with EFBIG, and the file stays usable."""
+    from vhsmfs.format import MAX_CHUNK_COUNT
+
+    s, m = scene
+    m.start()
+    from vhsmfs.mount.runner import MOUNT_CHUNK_SIZE
+
+    limit = MAX_CHUNK_COUNT * MOUNT_CHUNK_SIZE
+    f = m.mnt / "big.bin"
+    f.write_bytes(b"head")
+    with pytest.raises(OSError) as e:
+        os.truncate(f, limit + 1)
+    assert e.value.errno == errno.EFBIG
+    fd = os.open(f, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, b"!", 4) == 1
+        # With the kernel's write-back cache a write is acknowledged from the page cache and
+        # reaches the mount later: the refusal then surfaces at fsync (EIO is how the kernel
+        # reports any failed write-back). Either way the write past the cap is not taken.
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"tail", limit)
+            os.fsync(fd)
+        assert e.value.errno in (errno.EFBIG, errno.EIO)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    # the kernel may keep the size it cached for the refused write until it drops the inode:
+    # what counts is what the mount published
+    m.stop()
+    rows = json.loads(s.ok("token", "list", "--key", str(s.key), "--json"))
+    (tok,) = [r["token"] for r in rows if r["name"] == "big.bin"]
+    out = m.mnt.parent / "out"
+    s.ok("token", "retrieve", tok, str(out), "--key", str(s.key))
+    data = (out / "big.bin").read_bytes()
+    # "head!" and, at most, the rest of the page the kernel wrote back with it
+    assert data[:5] == b"head!" and len(data) <= 4096 and not data[5:].strip(b"\0")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import itertools
 import os
@@ -33,9 +34,10 @@ from concurrent.futures import Future
 from typing import Any
 
 from vhsmfs.backend import ObjectReader, ObjectWriter
-from vhsmfs.errors import IntegrityError
+from vhsmfs.errors import IntegrityError, TokenNotFoundError
 from vhsmfs.format import (
     MANIFEST_ENTRY,
+    MAX_CHUNK_COUNT,
     RECORD_OVERHEAD,
     SALT_LEN,
     Header,
@@ -650,6 +652,10 @@ class TokenFile:
     def _resize(self, new: int) -> None:
         """Change the size. Chunks whose final marker or length changes are made dirty first,
         while their records still decrypt under the old chunk count."""
+        if chunk_count_for(new, self.cs) > MAX_CHUNK_COUNT:
+            # the format's cap (docs/FORMAT.md, "Limits"): refused here, as EFBIG, rather than
+            # at commit, where the data already written could not be published
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
         self._stop_ahead()
         if new < self.size:
             self._drain()  # in-flight chunks past the new end must not land afterwards
@@ -1013,7 +1019,7 @@ class TokenFile:
         """Remove the token and wipe its data (committed or not)."""
         self.close()
         if self.committed:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError, TokenNotFoundError):
                 self.backend.delete_token(self.token)
         else:
             self.backend.discard_uncommitted(self.token)
