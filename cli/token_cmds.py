@@ -83,9 +83,10 @@ def store(
             generated = os.urandom(KEY_LEN)
             keys = StaticKeyProvider(generated)
         ts = TokenStore(LocalBackend(store_dir), keys)
-        for path, name in files:
-            with progress_bar(os.path.getsize(path), name, progress) as advance:
-                tok = ts.store_file(path, name=name, progress=advance)
+        for path, name, follow in files:
+            size = os.stat(path, follow_symlinks=follow).st_size
+            with progress_bar(size, name, progress) as advance:
+                tok = ts.store_file(path, name=name, progress=advance, follow_symlinks=follow)
             with audited(lambda tok=tok: ts.delete(tok)):
                 audit_token_event("ENCRYPTION", tok, "stored", name)
             if generated is not None:
@@ -115,9 +116,12 @@ def _save_generated_key(ts: TokenStore, tok: uuid.UUID, key: bytes, quiet: bool)
         say(f"Key saved to: {name}")
 
 
-def _expand_inputs(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[str, str]]:
-    """(path, recorded name) pairs. A directory's files keep their path relative to the
-    directory's parent, so retrieving into OUTDIR recreates OUTDIR/<dir>/<...>."""
+def _expand_inputs(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[str, str, bool]]:
+    """(path, recorded name, follow a symlink there) triples. A directory's files keep their
+    path relative to the directory's parent, so retrieving into OUTDIR recreates
+    OUTDIR/<dir>/<...>. A link the user named is followed (their choice); a file found in a
+    tree is opened without following: if it became a link since the walk saw it (someone else
+    swapping it under a root `store -r`), it is refused rather than followed."""
     for p in paths:
         if os.path.isdir(p):
             if not recursive:
@@ -135,13 +139,13 @@ def _expand_inputs(paths: tuple[str, ...], recursive: bool) -> Iterator[tuple[st
                     if not os.access(full, os.R_OK):
                         raise InputError(f"cannot read {full}: permission denied")
                     found = True
-                    yield str(full), full.relative_to(base).as_posix()
+                    yield str(full), full.relative_to(base).as_posix(), False
             if not found:
                 raise InputError(f"{p} holds no regular files")
         elif os.path.lexists(p):
             if not os.access(p, os.R_OK):
                 raise InputError(f"cannot read {p}: permission denied")
-            yield p, os.path.basename(p)
+            yield p, os.path.basename(p), True
         else:
             raise InputError(f"{p}: no such file")
 

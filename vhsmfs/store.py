@@ -320,17 +320,22 @@ class TokenStore:
         *,
         name: str | None = None,
         progress: Progress | None = None,
+        follow_symlinks: bool = True,
     ) -> uuid.UUID:
-        """Encrypt one regular file into a new token; returns the token id."""
+        """Encrypt one regular file into a new token; returns the token id. With
+        follow_symlinks=False a symbolic link at `src` is refused, not followed."""
         src = os.fspath(src)
+        # O_NONBLOCK: a FIFO must fail the S_ISREG check below, not block the open
+        extra = os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
         try:
-            # O_NONBLOCK: a FIFO must fail the S_ISREG check below, not block the open
-            f = open(src, "rb", buffering=0, opener=_open_nonblock)  # noqa: SIM115 - closed below
+            f = open(src, "rb", buffering=0, opener=lambda p, fl: os.open(p, fl | extra))  # noqa: SIM115
         except FileNotFoundError:
             raise InputError(f"{src}: no such file") from None
         except IsADirectoryError:
             raise InputError(f"{src} is a directory (use --recursive to store a tree)") from None
         except OSError as e:
+            if e.errno == errno.ELOOP and not follow_symlinks:
+                raise InputError(f"{src} is a symbolic link; refusing to follow it") from None
             raise InputError(f"cannot read {src}: {e.strerror}") from None
         with f:
             st = os.fstat(f.fileno())
@@ -661,10 +666,6 @@ class TokenStore:
                     report.removed.append(
                         f"removed object {obj:08x} of token {token} (left by an interrupted write)"
                     )
-
-
-def _open_nonblock(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def _first_short(lengths: list[int], got: int) -> int:

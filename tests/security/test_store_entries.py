@@ -246,3 +246,23 @@ def test_gc_reclaims_objects_past_next_object_id(tmp_path: Path) -> None:
     os.link(victim, s.data(tok) / f"{first_unused:08x}")
     assert_one_line_error(s.run("token", "gc"), f"{first_unused:08x}", "hard links")
     assert victim.read_bytes() == b"keep"
+
+
+def test_a_file_found_by_store_r_is_never_followed_once_it_became_a_link(tmp_path: Path) -> None:
+    """`store -r` as root over a tree someone else can change: a file the walk saw may be
+    swapped for a link to /etc/shadow before it is opened. The walk's entries are opened with
+    O_NOFOLLOW (a path the user named is still followed: their choice)."""
+    from vhsmfs.backend import LocalBackend
+    from vhsmfs.errors import InputError
+    from vhsmfs.keyfile import StaticKeyProvider
+    from vhsmfs.store import TokenStore
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root only\n")
+    link = tmp_path / "swapped"
+    link.symlink_to(secret)
+    ts = TokenStore(LocalBackend(tmp_path / "store"), StaticKeyProvider(os.urandom(32)))
+    with pytest.raises(InputError, match="symbolic link"):
+        ts.store_file(link, follow_symlinks=False)
+    assert ts.list_tokens() == []
+    assert ts.store_file(link) in ts.list_tokens()  # named by the user: followed
