@@ -630,9 +630,9 @@ class Daemon:
 
     async def _accept(self, listener: pysocket.socket) -> None:
         """Accept connections. Out of file descriptors or memory (EMFILE, ENFILE, ENOMEM,
-        ENOBUFS) is a state to wait out, as trio's serve_listeners does: log once, retry every
-        0.1 s (the clients wait in the listen backlog), log again when it is over."""
-        short_since: float | None = None
+        ENOBUFS) is a state to wait out, as trio's serve_listeners does: retry every 0.1 s
+        (the clients wait in the listen backlog), and say so at most once per 10 s."""
+        logged = -10.0
         while True:
             await trio.lowlevel.wait_readable(listener)
             while True:
@@ -642,8 +642,8 @@ class Daemon:
                     break
                 except OSError as e:
                     if e.errno in _ACCEPT_CAPACITY_ERRNOS:
-                        if short_since is None:
-                            short_since = time.monotonic()
+                        if time.monotonic() - logged >= 10:
+                            logged = time.monotonic()
                             self._log(
                                 f"accept: {errno.errorcode[e.errno]} ({e.strerror}); "
                                 f"retrying every {_ACCEPT_RETRY} s"
@@ -653,9 +653,6 @@ class Daemon:
                     if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
                         continue  # that client gave up: nothing to do
                     raise
-                if short_since is not None:
-                    self._log(f"accept: working again after {time.monotonic() - short_since:.1f} s")
-                    short_since = None
                 self._open(sock)
 
     async def _signals(self, cancel: trio.CancelScope) -> None:
