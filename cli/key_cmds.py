@@ -628,6 +628,27 @@ def keysvc_group() -> None:
     help="Seconds between saves of use counters.",
 )
 @click.option("--no-harden", is_flag=True, help="Skip mlockall/no-dump (debugging only).")
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Connections open at once (lowered to fit under the open-files limit).",
+)
+@click.option(
+    "--max-connections-per-uid",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Connections open at once from one uid (the service's own uid is exempt).",
+)
+@click.option(
+    "--group-cache-seconds",
+    type=click.FloatRange(0, 3600),
+    default=5.0,
+    show_default=True,
+    help="How long a group membership lookup is trusted (SIGHUP forgets them all).",
+)
 @guarded
 def serve(
     data_dir: str | None,
@@ -638,6 +659,9 @@ def serve(
     rotation_check_interval: float,
     flush_interval: float,
     no_harden: bool,
+    max_connections: int,
+    max_connections_per_uid: int,
+    group_cache_seconds: float,
 ) -> None:
     """Run the daemon in the foreground (SIGTERM/SIGINT stop it, SIGHUP reloads the policy)."""
     from keysvc.daemon import DaemonConfig
@@ -657,6 +681,9 @@ def serve(
         rotation_check_interval=rotation_check_interval,
         flush_interval=flush_interval,
         harden=not no_harden,
+        max_connections=max_connections,
+        max_connections_per_uid=max_connections_per_uid,
+        group_cache_ttl=group_cache_seconds,
     )
     try:
         run_daemon(cfg)

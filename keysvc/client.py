@@ -64,14 +64,22 @@ class DaemonClient:
                 if len(frames) > 1:  # pipelined replies: keep the rest for the next recv
                     rest = b"".join(len(f).to_bytes(4, "big") + f for f in frames[1:])
                     self._buf[:0] = rest
-                return protocol.decode(frames[0])
+                return protocol.decode(frames[0], reply=True)
             chunk = self.sock.recv(_RECV_SIZE)
             if not chunk:
                 raise DaemonError("the key service closed the connection")
             self._buf += chunk
 
     def call(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
-        self.send(header, payload)
+        try:
+            self.send(header, payload)
+        except (BrokenPipeError, ConnectionResetError):
+            # the daemon closed the connection before reading the request (e.g. too many
+            # connections from this uid): it sent the reason first, so read that
+            try:
+                return self.recv()
+            except OSError:
+                raise DaemonError("the key service closed the connection") from None
         return self.recv()
 
 
@@ -118,6 +126,9 @@ class Context:
 
     def execute(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
         """Run one operation; raise the KeysvcError it failed with."""
+        # the same check the service makes, before choosing a path: a value the daemon would
+        # refuse as a malformed frame (NaN) gets the same message as in-process
+        protocol.check_request(header)
         explicit = self._explicit_master_key()
         client = connect(self.data_dir, self.socket_path) if self.use_daemon else None
         if client is not None:

@@ -28,8 +28,11 @@ never answered; their audit lines may or may not be present (never the reverse).
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import os
 import queue
+import resource
 import select
 import signal
 import socket as pysocket
@@ -37,6 +40,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +51,7 @@ from keysvc import audit, masterkey, paths, protocol, sockpath
 from keysvc.errors import DaemonError, KeysvcError
 from keysvc.hardening import harden
 from keysvc.keystore import open_keystore
-from keysvc.policy import Policy
+from keysvc.policy import DEFAULT_GROUP_TTL, Policy
 from keysvc.service import Caller, Pending, Service, auto_rotate_batch, error_reply, replay_uses
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -66,6 +70,11 @@ class DaemonConfig:
     rotation_check_interval: float = 60.0
     flush_interval: float = 2.0  # seconds between saves of usage counters (see docs)
     harden: bool = True
+    # Connections open at once, and from one uid other than the owner (see docs, "Limits").
+    # The total is lowered to fit under RLIMIT_NOFILE at start.
+    max_connections: int = 1024
+    max_connections_per_uid: int = 64
+    group_cache_ttl: float = DEFAULT_GROUP_TTL  # seconds a group membership lookup is trusted
 
 
 class _Conn:
@@ -74,25 +83,29 @@ class _Conn:
     finished by a writer task on the event loop. `lock` orders the two writers and keeps a
     thread from sending on a socket the loop has closed."""
 
-    __slots__ = ("sock", "fd", "cred", "out", "writing", "closed", "lock")
+    __slots__ = ("sock", "fd", "cred", "out", "queued", "writing", "paused", "closed", "lock")
 
     def __init__(self, sock: pysocket.socket, cred: tuple[int, int, int]) -> None:
         self.sock = sock
         self.fd = sock.fileno()  # kept: fileno() is -1 once closed
         self.cred = cred
         self.out = bytearray()
+        self.queued = 0  # replies queued in `out` since it was last empty
         self.writing = False
+        self.paused = False  # not read from until its replies drain (see _start_writer)
         self.closed = False
         self.lock = threading.Lock()
 
     def send(self, data: bytes) -> bool:
-        """Send or queue (any thread); True when a writer task must be started."""
+        """Send or queue (any thread); True when the event loop must act (_start_writer):
+        start a writer task, or stop reading from a client whose replies pile up."""
         with self.lock:
             if self.closed:
                 return False
             if self.out:
                 self.out += data
-                return not self.writing
+                self.queued += 1
+                return not self.writing or self.over_limit()
             try:
                 n = self.sock.send(data)
             except BlockingIOError:
@@ -102,7 +115,13 @@ class _Conn:
             if n == len(data):
                 return False
             self.out += data[n:]
-            return not self.writing
+            self.queued = 1
+            return True
+
+    def over_limit(self) -> bool:
+        """Too many unsent replies: by size (large replies are fine, as long as the client
+        reads them), or by number (a flood of small ones from a client that reads nothing)."""
+        return not self.paused and (len(self.out) > _OUT_LIMIT or self.queued > _OUT_REPLIES)
 
 
 @dataclass(slots=True)
@@ -123,7 +142,17 @@ class _Goodbyes:
 
 
 _FLUSH = object()  # end of what the committer took from its queue
-_OUT_LIMIT = 64 * 1024 * 1024  # stop reading from a client that does not read its replies
+# Stop reading from a client whose unsent replies exceed these (it does not read them), until
+# they drain. The size allows pipelined large requests (a client may send several before it
+# reads); the count bounds a flood of small error replies (a few hundred bytes each).
+_OUT_LIMIT = 64 * 1024 * 1024
+_OUT_REPLIES = 256
+# File descriptors kept free for the daemon itself (audit log and sidecars, keystore temp
+# files, trio, epoll, pipes): the connection limit is lowered to fit under RLIMIT_NOFILE.
+_FD_RESERVE = 64
+# accept() errors that mean "out of resources for now" (as trio's serve_listeners): wait, retry
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY = 0.1
 _STOP = object()  # queue marker: finish and leave the worker loop
 _CHORES = object()  # queue marker: auto-rotation check and saving use counters
 
@@ -154,7 +183,7 @@ class Daemon:
                 )
             raise
         del mk
-        self.policy = Policy.load(self._policy_path(), self.owner)
+        self.policy = self._load_policy()
         self.service = Service(ks, self.writer, policy=self.policy, flush_interval=float("inf"))
         recovered = replay_uses(self.service)
         if recovered:
@@ -173,18 +202,26 @@ class Daemon:
         self._worker_done = trio.Event()
         self._next_rotation = 0.0
         self._callers: dict[tuple[Any, ...], Caller] = {}
-        self._conns: dict[int, tuple[_Conn, bytearray]] = {}
+        self._conns: dict[int, tuple[_Conn, protocol.FrameReader]] = {}
         self._conns_lock = threading.Lock()  # opens (event loop) and closes (either thread)
+        self._per_uid: dict[int, int] = {}  # open connections per uid (under _conns_lock)
+        self.max_connections = _fit_connections(cfg.max_connections, self._log)
+        self._refusal_logged = 0.0
         self._epoll = select.epoll()
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._nursery: trio.Nursery | None = None
         self._loop_thread = 0
+        self.crash: BaseException | None = None  # what stopped the daemon, if not a signal
 
     def _policy_path(self) -> Path | None:
         if self.cfg.policy is not None:
             return self.cfg.policy
         p = self.cfg.data_dir / paths.POLICY_NAME
-        return p if p.exists() else None
+        # lexists: a symlink there is refused when loading, not taken as "no policy"
+        return p if os.path.lexists(p) else None
+
+    def _load_policy(self) -> Policy:
+        return Policy.load(self._policy_path(), self.owner, group_ttl=self.cfg.group_cache_ttl)
 
     # -- a batch: executed by the worker, committed and answered by the committer
 
@@ -206,19 +243,32 @@ class Daemon:
             self._callers[key] = c
         return c
 
-    def _execute(self, batch: list[tuple[bytes, _Conn]]) -> _Executed:
-        items: list[tuple[dict[str, Any], bytes, Caller]] = []
+    def _admit(self, cred: tuple[int, int, int], header: dict[str, Any]) -> bool:
+        """May this request's payload be buffered? (asked by the connection's FrameReader)"""
+        caller = self._caller(cred, header.get("user"), header.get("mk_check"))
+        return self.service.admit(header, caller) is None
+
+    def _execute(self, batch: list[tuple[protocol.Item, _Conn]]) -> _Executed:
+        items: list[tuple[dict[str, Any], bytes | None, Caller]] = []
         slots: list[int | bytes] = []
-        for frame, conn in batch:
-            try:
-                header, payload = protocol.decode(frame)
-            except DaemonError as e:
-                slots.append(protocol.encode(*error_reply(e)))
+        for item, conn in batch:
+            payload: bytes | None
+            if type(item) is bytes:
+                try:
+                    header, payload = protocol.decode(item)
+                except KeysvcError as e:
+                    slots.append(protocol.encode(*error_reply(e)))
+                    continue
+            elif type(item) is dict:  # refused when its header arrived; payload discarded
+                header, payload = item, None
+            else:  # a header that was not valid
+                slots.append(protocol.encode(*error_reply(item)))  # type: ignore[arg-type]
                 continue
             caller = self._caller(conn.cred, header.get("user"), header.get("mk_check"))
             items.append((header, payload, caller))
             slots.append(len(items) - 1)
-        pending = self.service.execute(items) if items else None
+        # every header came through protocol.parse_header, which checked its fields
+        pending = self.service.execute(items, checked=True) if items else None
         return _Executed(batch, [h.get("id") for h, _, _ in items], slots, pending)
 
     def _finish(self, run: list[_Executed]) -> None:
@@ -248,7 +298,10 @@ class Daemon:
                     rid = ex.ids[slot]
                     if rid is not None:
                         header["id"] = rid
-                    frame = protocol.encode(header, payload)
+                    try:
+                        frame = protocol.encode(header, payload)
+                    except KeysvcError as e:  # e.g. a NaN stored by an older version
+                        frame = protocol.encode(*error_reply(e))
                 if conn.send(frame):
                     self._to_loop(self._start_writer, conn)
             if ex.pending is not None:
@@ -268,7 +321,7 @@ class Daemon:
         try:
             while True:
                 events = ep.poll()
-                batch: list[tuple[bytes, _Conn]] = []
+                batch: list[tuple[protocol.Item, _Conn]] = []
                 goodbyes: list[tuple[_Conn, bytes]] = []
                 stop = chores = False
                 for fd, _ev in events:
@@ -332,6 +385,7 @@ class Daemon:
                         # a bug, not a failed commit (those become error replies): the worker
                         # raises it, and the daemon stops rather than serve on
                         self._commit_failure = e
+                        self._wake_worker()
                     run = []
                 if it is None:
                     return
@@ -350,21 +404,25 @@ class Daemon:
 
     def _tell_worker(self, item: object) -> None:
         self._control.put(item)
+        self._wake_worker()
+
+    def _wake_worker(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
     def _read(
         self,
         fd: int,
-        batch: list[tuple[bytes, _Conn]],
+        batch: list[tuple[protocol.Item, _Conn]],
         goodbyes: list[tuple[_Conn, bytes]],
     ) -> None:
-        """Read what one client sent; whole requests go into the batch, a connection that
-        broke the framing into goodbyes (an error reply, then the close)."""
+        """Read what one client sent; whole requests (and refusals decided on a header) go
+        into the batch, a connection that broke the framing into goodbyes (an error reply,
+        then the close)."""
         entry = self._conns.get(fd)
         if entry is None:
             return
-        conn, buf = entry
+        conn, reader = entry
         try:
             data = conn.sock.recv(_RECV_SIZE)
         except BlockingIOError:
@@ -374,28 +432,30 @@ class Daemon:
         if not data:
             self._close(conn)
             return
-        if not buf and len(data) >= 4 and int.from_bytes(data[:4], "big") == len(data) - 4:
+        if (
+            not reader.buf
+            and not reader.skip
+            and len(data) >= 4
+            and int.from_bytes(data[:4], "big") == len(data) - 4
+        ):
             batch.append((data[4:], conn))  # the common case: exactly one whole request
             return
-        buf += data
-        while True:
-            try:
-                frames = protocol.split_frames(buf)
-            except DaemonError as e:
-                # read nothing more from it; the error and the close go through the committer,
-                # after the replies to the requests it sent before
-                with contextlib.suppress(OSError, ValueError):
-                    self._epoll.modify(conn.fd, 0)
-                goodbyes.append((conn, protocol.encode(*error_reply(e))))
-                return
-            if not frames:
-                return
-            batch.extend((f, conn) for f in frames)
+        for item in reader.feed(data):
+            batch.append((item, conn))
+        if reader.broken is not None:
+            # read nothing more from it; the error and the close go through the committer,
+            # after the replies to the requests it sent before
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.modify(conn.fd, 0)
+            goodbyes.append((conn, protocol.encode(*error_reply(reader.broken))))
 
     def _chores(self) -> None:
         if time.monotonic() >= self._next_rotation:
             self._next_rotation = time.monotonic() + self.cfg.rotation_check_interval
             auto_rotate_batch(self.service, self.me)
+        summaries = self.service.denial_summaries()
+        if summaries:
+            self.service.commit(Pending(summaries, [], structural=False, need_save=False))
         with contextlib.suppress(KeysvcError):
             self.service.flush()
 
@@ -434,11 +494,46 @@ class Daemon:
         except OSError:
             sock.close()
             return
+        uid = cred[1]
         sock.setblocking(False)
         conn = _Conn(sock, cred)
         with self._conns_lock:
-            self._conns[conn.fd] = (conn, bytearray())
-            self._epoll.register(conn.fd, select.EPOLLIN | select.EPOLLRDHUP)
+            refusal = self._over_limit(uid)
+            if refusal is None:
+                try:
+                    self._epoll.register(conn.fd, select.EPOLLIN | select.EPOLLRDHUP)
+                except OSError as e:  # ENOMEM/ENOSPC (max_user_watches): like a full table
+                    refusal = f"the key service cannot take more connections ({e.strerror})"
+            if refusal is None:
+                reader = protocol.FrameReader(functools.partial(self._admit, cred))
+                self._conns[conn.fd] = (conn, reader)
+                self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+                return
+        self._refuse_connection(sock, uid, refusal)
+
+    def _over_limit(self, uid: int) -> str | None:
+        """Why a new connection from uid is refused (None: it is not); under _conns_lock."""
+        if len(self._conns) >= self.max_connections:
+            return f"too many connections to the key service (limit {self.max_connections})"
+        n = self._per_uid.get(uid, 0)
+        if uid != self.owner and n >= self.cfg.max_connections_per_uid:
+            return f"too many connections from uid {uid} (limit {self.cfg.max_connections_per_uid})"
+        return None
+
+    def _refuse_connection(self, sock: pysocket.socket, uid: int, reason: str) -> None:
+        """Tell the client why (its first recv reads it), then close. What it already sent is
+        read and dropped first: closing a Unix socket with unread data resets it, and the
+        client would lose the reason."""
+        with contextlib.suppress(OSError):
+            sock.send(protocol.encode(*error_reply(DaemonError(reason))))
+            for _ in range(4):
+                if not sock.recv(_RECV_SIZE):
+                    break
+        sock.close()
+        now = time.monotonic()
+        if now - self._refusal_logged >= 10:  # one line per 10 s at most, whatever the flood
+            self._refusal_logged = now
+            self._log(f"connection from uid {uid} refused: {reason}")
 
     def _close(self, conn: _Conn) -> None:
         """Close a connection; from either thread, any number of times."""
@@ -446,6 +541,12 @@ class Daemon:
             entry = self._conns.get(conn.fd)
             if entry is not None and entry[0] is conn:
                 del self._conns[conn.fd]
+                uid = conn.cred[1]
+                left = self._per_uid.get(uid, 1) - 1
+                if left > 0:
+                    self._per_uid[uid] = left
+                else:
+                    self._per_uid.pop(uid, None)
                 # before close(): once closed, the fd number may belong to a new client
                 with contextlib.suppress(OSError, ValueError):
                     self._epoll.unregister(conn.fd)
@@ -469,15 +570,18 @@ class Daemon:
         """A reply did not fit the socket buffer: finish it in a writer task, and stop reading
         from a client that lets replies pile up."""
         with conn.lock:
-            if conn.writing or conn.closed or not conn.out:
+            if conn.closed or not conn.out:
+                return
+            if conn.over_limit():
+                # under the lock: the writer resumes reading under it when the replies drain
+                conn.paused = True
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.modify(conn.fd, 0)
+            if conn.writing:
                 return
             conn.writing = True
-            backlog = len(conn.out)
         assert self._nursery is not None
         self._nursery.start_soon(self._writer, conn)
-        if backlog > _OUT_LIMIT:
-            with contextlib.suppress(OSError, ValueError):
-                self._epoll.modify(conn.sock.fileno(), 0)
 
     async def _writer(self, conn: _Conn) -> None:
         try:
@@ -487,10 +591,11 @@ class Daemon:
                         break
                     if not conn.out:
                         conn.writing = False
-                        with contextlib.suppress(OSError, ValueError):
-                            self._epoll.modify(
-                                conn.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP
-                            )
+                        conn.queued = 0
+                        if conn.paused:
+                            conn.paused = False
+                            with contextlib.suppress(OSError, ValueError):
+                                self._epoll.modify(conn.fd, select.EPOLLIN | select.EPOLLRDHUP)
                         return
                     try:
                         n = conn.sock.send(conn.out)
@@ -508,6 +613,10 @@ class Daemon:
         self._close(conn)
 
     async def _accept(self, listener: pysocket.socket) -> None:
+        """Accept connections. Out of file descriptors or memory (EMFILE, ENFILE, ENOMEM,
+        ENOBUFS) is a state to wait out, as trio's serve_listeners does: retry every 0.1 s
+        (the clients wait in the listen backlog), and say so at most once per 10 s."""
+        logged = -10.0
         while True:
             await trio.lowlevel.wait_readable(listener)
             while True:
@@ -515,6 +624,19 @@ class Daemon:
                     sock, _ = listener.accept()
                 except BlockingIOError:
                     break
+                except OSError as e:
+                    if e.errno in _ACCEPT_CAPACITY_ERRNOS:
+                        if time.monotonic() - logged >= 10:
+                            logged = time.monotonic()
+                            self._log(
+                                f"accept: {errno.errorcode[e.errno]} ({e.strerror}); "
+                                f"retrying every {_ACCEPT_RETRY} s"
+                            )
+                        await trio.sleep(_ACCEPT_RETRY)
+                        continue
+                    if e.errno in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
+                        continue  # that client gave up: nothing to do
+                    raise
                 self._open(sock)
 
     async def _signals(self, cancel: trio.CancelScope) -> None:
@@ -522,7 +644,8 @@ class Daemon:
             async for sig in sigs:
                 if sig == signal.SIGHUP:  # reload the access policy
                     try:
-                        self.service.policy = Policy.load(self._policy_path(), self.owner)
+                        # a new Policy also forgets every cached group membership
+                        self.service.policy = self._load_policy()
                         self._log("access policy reloaded")
                     except KeysvcError as e:
                         self._log(f"policy reload failed, keeping the old one: {e}")
@@ -575,6 +698,7 @@ class Daemon:
         # Connections are refused until now: a client that got in finds the start in the log.
         listener.listen(512)
         self._log(f"listening on {self.cfg.socket} (pid {os.getpid()})")
+        crash: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._signals, nursery.cancel_scope)
@@ -582,6 +706,9 @@ class Daemon:
                 nursery.start_soon(self._ticker)
                 self._nursery = nursery
                 nursery.start_soon(self._accept, listener)
+        except BaseException as e:
+            crash = self.crash = e  # a normal stop cancels the nursery, which raises nothing
+            raise
         finally:
             trio.lowlevel.notify_closing(listener)
             listener.close()
@@ -592,24 +719,38 @@ class Daemon:
             os.close(self._wake_w)
             with contextlib.suppress(OSError):
                 os.unlink(self.cfg.socket)
-            self._shutdown()
+            self._shutdown(crash)
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, crash: BaseException | None = None) -> None:
+        """Log the stop. After a crash nothing is saved (the in-memory keystore may hold a
+        change that was never committed; use counters come back from the audit log at the
+        next start) and the stop is logged as a crash, never as the normal one."""
         self._token = None
-        try:
-            self.service.flush()
-            self.writer.append(
-                [
-                    audit.AuditRecord(
-                        "CONFIG_CHANGE",
-                        "N/A",
-                        "vhsm-keysvc",
-                        f"key service stopped (pid {os.getpid()})",
-                        True,
-                        self.owner,
-                    )
-                ]
+        pid = os.getpid()
+        if crash is not None:
+            what = crash_summary(crash)
+            self._log(f"key service crashed: {what}")
+            record = audit.AuditRecord(
+                "CONFIG_CHANGE",
+                "N/A",
+                "vhsm-keysvc",
+                f"key service crashed: {type(_leaf(crash)).__name__} (pid {pid})",
+                False,
+                self.owner,
             )
+        else:
+            record = audit.AuditRecord(
+                "CONFIG_CHANGE",
+                "N/A",
+                "vhsm-keysvc",
+                f"key service stopped (pid {pid})",
+                True,
+                self.owner,
+            )
+        try:
+            if crash is None:
+                self.service.flush()
+            self.writer.append([record])
         except KeysvcError as e:
             self._log(f"shutdown: {e}")
         finally:
@@ -617,9 +758,46 @@ class Daemon:
             self.writer.close()
 
 
+def _leaf(e: BaseException) -> BaseException:
+    """The exception itself, out of the exception groups trio wraps it in."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
+
+
+def crash_summary(e: BaseException) -> str:
+    """The exception's type and where it was raised, without its message (which could quote
+    data the daemon handled) and without locals: fit for stderr and the journal."""
+    leaf = _leaf(e)
+    frames = traceback.extract_tb(leaf.__traceback__)[-4:]
+    where = " <- ".join(
+        f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.name}"
+        for f in reversed(frames)
+    )
+    return f"{type(leaf).__name__}" + (f" at {where}" if where else "")
+
+
+def _fit_connections(wanted: int, log: Any) -> int:
+    """The connection limit, lowered to leave _FD_RESERVE descriptors under RLIMIT_NOFILE."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    fit = max(1, soft - _FD_RESERVE)
+    if fit < wanted:
+        log(f"connection limit {fit} (RLIMIT_NOFILE {soft} leaves no room for {wanted})")
+        return fit
+    return wanted
+
+
 def serve(cfg: DaemonConfig) -> None:
     if cfg.harden:
         for w in harden():
             print(f"vhsm keysvc: warning: {w}", file=sys.stderr)
     d = Daemon(cfg)
-    trio.run(d.run)
+    try:
+        trio.run(d.run)
+    except Exception:
+        if d.crash is None:
+            raise  # a start-up error (socket in use, ...): the CLI prints it as it is
+        # logged as a crash by Daemon._shutdown; the CLI prints one line and exits non-zero
+        raise DaemonError(f"key service crashed: {type(_leaf(d.crash)).__name__}") from None

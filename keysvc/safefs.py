@@ -184,8 +184,11 @@ class Dir:
         *,
         secret: bool = False,
         single_link: bool = False,
+        owner_writes: bool = False,
     ) -> None:
-        """Refuse anything but a regular file of a trusted owner (module docstring)."""
+        """Refuse anything but a regular file of a trusted owner (module docstring); `secret`:
+        also one that group or others may read or write; `owner_writes`: one they may write
+        (a file that decides something, such as the access policy)."""
         p = self.path / name
         if not stat.S_ISREG(st.st_mode):
             raise self.error(f"{what} {p} is {kind(st.st_mode)}, not a regular file; refusing it")
@@ -198,6 +201,11 @@ class Dir:
             raise self.error(
                 f"{what} {p} is readable or writable by other users "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}"
+            )
+        if owner_writes and st.st_mode & 0o022:
+            raise self.error(
+                f"{what} {p} is writable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod go-w {p}"
             )
         if single_link and st.st_nlink != 1:
             raise self.error(
@@ -237,6 +245,7 @@ class Dir:
         create_mode: int | None = None,
         secret: bool = False,
         single_link: bool = False,
+        owner_writes: bool = False,
     ) -> tuple[int, bool] | None:
         """(fd, created) of the checked file `name`, opened with `flags` (access mode, O_APPEND).
         A missing file is None, or with `create_mode` created (O_EXCL, given to the directory's
@@ -263,7 +272,8 @@ class Dir:
                     raise self._fail("create", what, name, e) from None
                 return fd, True
             self.strict()
-            self.check(st, name, what, secret=secret, single_link=single_link)
+            rules = {"secret": secret, "single_link": single_link, "owner_writes": owner_writes}
+            self.check(st, name, what, **rules)
             try:
                 fd = os.open(name, flags | _SAFE, dir_fd=self.fd)
             except FileNotFoundError:
@@ -271,16 +281,18 @@ class Dir:
             except OSError as e:
                 raise self._fail("open", what, name, e) from None
             try:
-                self.check(os.fstat(fd), name, what, secret=secret, single_link=single_link)
+                self.check(os.fstat(fd), name, what, **rules)
             except BaseException:
                 os.close(fd)
                 raise
             return fd, False
         raise self.error(f"{what} {self.path / name} keeps appearing and disappearing")
 
-    def read(self, name: str, what: str, *, limit: int, secret: bool = False) -> bytes | None:
+    def read(
+        self, name: str, what: str, *, limit: int, secret: bool = False, owner_writes: bool = False
+    ) -> bytes | None:
         """The whole file (None if missing), refused beyond `limit` bytes."""
-        opened = self.open_file(name, what, os.O_RDONLY, secret=secret)
+        opened = self.open_file(name, what, os.O_RDONLY, secret=secret, owner_writes=owner_writes)
         if opened is None:
             return None
         fd = opened[0]
@@ -401,7 +413,13 @@ def discard(pending: PendingFile) -> None:
 
 
 def read_file(
-    path: StrPath, what: str, error: Error, *, limit: int, secret: bool = False
+    path: StrPath,
+    what: str,
+    error: Error,
+    *,
+    limit: int,
+    secret: bool = False,
+    owner_writes: bool = False,
 ) -> bytes | None:
     """`Dir.read` of the file at `path`; None if it (or its directory) does not exist."""
     p = Path(path)
@@ -409,7 +427,7 @@ def read_file(
     if d is None:
         return None
     with d:
-        return d.read(p.name, what, limit=limit, secret=secret)
+        return d.read(p.name, what, limit=limit, secret=secret, owner_writes=owner_writes)
 
 
 def open_reader(path: StrPath, what: str, error: Error) -> BinaryIO | None:

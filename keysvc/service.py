@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from keysvc import audit as audit_mod
-from keysvc import keytypes, lifecycle
+from keysvc import keytypes, lifecycle, protocol
 from keysvc.audit import AuditRecord, AuditWriter
+from keysvc.denials import DenialBudget
 from keysvc.errors import (
     AccessDenied,
     InvalidInputError,
@@ -44,6 +45,7 @@ from keysvc.safefs import discard
 
 Reply = tuple[dict[str, Any], bytes]
 MAX_DATA_KEY = 1024
+_KEY_SHOWN = 256  # a refused request's key name is clipped to this in its audit line
 
 
 @dataclass(slots=True)
@@ -100,19 +102,24 @@ class Service:
         self.started = time.time()
         self.requests = 0
         self.batches = 0
+        self.denials = DenialBudget()
 
     # -- batch execution
 
-    def run_batch(self, items: list[tuple[dict[str, Any], bytes, Caller]]) -> list[Reply]:
+    def run_batch(self, items: list[tuple[dict[str, Any], bytes | None, Caller]]) -> list[Reply]:
         return self.commit(self.execute(items))
 
-    def execute(self, items: list[tuple[dict[str, Any], bytes, Caller]]) -> Pending:
-        """Step 1: check and execute every request; nothing is released yet."""
+    def execute(
+        self, items: list[tuple[dict[str, Any], bytes | None, Caller]], *, checked: bool = False
+    ) -> Pending:
+        """Step 1: check and execute every request; nothing is released yet. `checked`: the
+        headers were checked against protocol.check_request already (the daemon's decoder
+        does it once per distinct header)."""
         records: list[AuditRecord] = []
         replies: list[Reply] = []
         self._structural = False
         for req, blob, caller in items:
-            replies.append(self._one(req, blob, caller, records))
+            replies.append(self._one(req, blob, caller, records, checked))
         self.requests += len(items)
         self.batches += 1
         return Pending(records, replies, self._structural, self._save_due())
@@ -122,44 +129,83 @@ class Service:
             self._dirty and time.monotonic() - self._last_flush >= self.flush_interval
         )
 
-    def _one(
-        self, req: dict[str, Any], blob: bytes, caller: Caller, records: list[AuditRecord]
-    ) -> Reply:
+    def admit(self, req: dict[str, Any], caller: Caller) -> KeysvcError | None:
+        """Why the request may not run at all (None: it may): not a known operation, no
+        usable key name, not allowed by the policy, a wrong master key.
+
+        No side effects: the daemon asks as soon as a header arrives, before it buffers the
+        payload; `_one` asks again and audits the refusal. The policy comes first, so a
+        caller it denies learns nothing else."""
         op = req.get("op")
         spec = OPS.get(op) if isinstance(op, str) else None
         if spec is None or (spec.internal and caller.pid != os.getpid()):
-            return error_reply(InvalidInputError(f"unknown operation {op!r}"))
+            shown = op[:64] if isinstance(op, str) else op  # check_request: a str or None
+            return InvalidInputError(f"unknown operation {shown!r}")
         key = req.get("key") or ""
         if not isinstance(key, str):
-            return error_reply(InvalidInputError("key must be a string"))
+            return InvalidInputError("key must be a string")
+        if self.policy is not None:
+            if spec.needs_key:
+                if not self.policy.allows(caller.uid, caller.gid, key, op):
+                    shown = key[:_KEY_SHOWN]  # a hostile name must not make the reply big
+                    return AccessDenied(f"access denied: uid {caller.uid} may not {op} key {shown}")
+            elif not self.policy.grants_any(caller.uid, caller.gid):
+                return AccessDenied(f"access denied: uid {caller.uid} may not {op}")
+        if caller.mk_check is not None and not hmac.compare_digest(
+            caller.mk_check.encode(), self.ks.check.encode()
+        ):
+            return WrongMasterKeyError("wrong master key: it does not match the keystore")
+        return None
+
+    def _refused(
+        self, req: dict[str, Any], caller: Caller, e: KeysvcError, records: list[AuditRecord]
+    ) -> Reply:
+        """Answer a refusal; access denials and wrong master keys are audited AUTH_FAILURE
+        (within the caller's budget of lines, see keysvc.denials)."""
+        if isinstance(e, AccessDenied | WrongMasterKeyError):
+            records.extend(self.denial_summaries())
+            if self.denials.take(caller.uid):
+                key = req.get("key")
+                key = key[:_KEY_SHOWN] if isinstance(key, str) and key else "N/A"
+                details = (
+                    "wrong master key"
+                    if isinstance(e, WrongMasterKeyError)
+                    else f"access denied: {req.get('op')} (pid {caller.pid})"
+                )
+                records.append(
+                    AuditRecord("AUTH_FAILURE", key, caller.user, details, False, caller.uid)
+                )
+        return error_reply(e)
+
+    def _one(
+        self,
+        req: dict[str, Any],
+        blob: bytes | None,
+        caller: Caller,
+        records: list[AuditRecord],
+        checked: bool = False,
+    ) -> Reply:
+        """One request. `blob` None: the daemon refused it when its header arrived and
+        discarded its payload; it is refused now too, even if the policy changed meanwhile.
+        A malformed request is refused before anything else and not audited, as the daemon
+        refuses a malformed frame."""
+        if not checked:
+            try:
+                protocol.check_request(req)
+            except InvalidInputError as e:
+                return error_reply(e)
+        refusal = self.admit(req, caller)
+        if refusal is None and blob is None:
+            refusal = AccessDenied(f"access denied: uid {caller.uid} may not {req['op']}")
+        if refusal is not None:
+            return self._refused(req, caller, refusal, records)
+        assert blob is not None
+        op: str = req["op"]
+        spec = OPS[op]
+        key = req.get("key") or ""
         self._event_override = None
         self._follow_ups: list[tuple[str, str, str]] = []
         try:
-            if caller.mk_check is not None and not hmac.compare_digest(
-                caller.mk_check.encode(), self.ks.check.encode()
-            ):
-                records.append(
-                    AuditRecord(
-                        "AUTH_FAILURE", key, caller.user, "wrong master key", False, caller.uid
-                    )
-                )
-                raise WrongMasterKeyError("wrong master key: it does not match the keystore")
-            if (
-                self.policy is not None
-                and spec.needs_key
-                and not self.policy.allows(caller.uid, caller.gid, key, op)
-            ):
-                records.append(
-                    AuditRecord(
-                        "AUTH_FAILURE",
-                        key,
-                        caller.user,
-                        f"access denied: {op} (pid {caller.pid})",
-                        False,
-                        caller.uid,
-                    )
-                )
-                raise AccessDenied(f"access denied: uid {caller.uid} may not {op} key {key}")
             resp, out, details = spec.fn(self, req, blob, caller)
             event = self._event_override or spec.event
             if event:
@@ -170,11 +216,19 @@ class Service:
             return resp, out
         except KeysvcError as e:
             event = self._event_override or spec.event
-            if event and not isinstance(e, WrongMasterKeyError | AccessDenied):
+            if event:
                 records.append(
                     AuditRecord(event, key, caller.user, f"{op} failed: {e}", False, caller.uid)
                 )
             return error_reply(e)
+
+    def denial_summaries(self) -> list[AuditRecord]:
+        """Summary lines for refusals not logged one by one, once their window has ended
+        (the daemon commits them with its periodic chores)."""
+        return [
+            AuditRecord("AUTH_FAILURE", "N/A", "vhsm-keysvc", self.denials.summary(uid, n), False)
+            for uid, n in self.denials.due()
+        ]
 
     def commit(self, pending: Pending) -> list[Reply]:
         """Steps 2-4: make the batch durable, then hand back its replies.
@@ -282,18 +336,15 @@ def _generate(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[
 
 
 def _policy_from(req: dict[str, Any], base: RotationPolicy) -> RotationPolicy:
+    """The rotation policy a request asks for. Its values were checked by
+    protocol.check_request (finite, in range: `--max-age-days nan` is refused there)."""
     p = RotationPolicy(**asdict(base))
-    try:
-        if req.get("max_age_days") is not None:
-            p.max_age_days = float(req["max_age_days"])
-        if req.get("max_uses") is not None:
-            p.max_uses = int(req["max_uses"])
-        if req.get("auto_rotate") is not None:
-            p.auto = bool(req["auto_rotate"])
-    except (TypeError, ValueError):
-        raise InvalidInputError("rotation policy values must be numbers") from None
-    if p.max_age_days < 0 or p.max_uses < 0:
-        raise InvalidInputError("rotation policy values must not be negative")
+    if req.get("max_age_days") is not None:
+        p.max_age_days = float(req["max_age_days"])
+    if req.get("max_uses") is not None:
+        p.max_uses = int(req["max_uses"])
+    if req.get("auto_rotate") is not None:
+        p.auto = bool(req["auto_rotate"])
     return p
 
 
@@ -580,7 +631,7 @@ def auto_rotate_batch(service: Service, caller: Caller) -> list[tuple[str, int, 
     """Run one auto-rotation pass as its own batch (audited KEY_ROTATED per key)."""
     records: list[AuditRecord] = []
     service._structural = False
-    reply = service._one({"op": "_auto_rotate"}, b"", caller, records)
+    reply = service._one({"op": "_auto_rotate"}, b"", caller, records, checked=True)
     rotated = reply[0].get("rotated", [])
     for name, n, reason in rotated:
         records.append(
