@@ -212,6 +212,7 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._loop_thread = 0
         self.crash: BaseException | None = None  # what stopped the daemon, if not a signal
+        self._socket_ident = (0, 0)  # (dev, ino) of the socket file bound (sockpath.remove)
 
     def _policy_path(self) -> Path | None:
         if self.cfg.policy is not None:
@@ -660,23 +661,9 @@ class Daemon:
         print(f"vhsm keysvc: {msg}", file=sys.stderr, flush=True)
 
     def _bind(self) -> pysocket.socket:
-        path = self.cfg.socket
-        s = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
-        with sockpath.usable(path) as p:
-            if os.path.lexists(path):
-                probe = pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
-                try:
-                    probe.connect(p)
-                except (ConnectionRefusedError, FileNotFoundError):
-                    os.unlink(path)  # stale socket of a daemon that died
-                else:
-                    s.close()
-                    raise DaemonError(f"a key service is already listening on {path}")
-                finally:
-                    probe.close()
-            s.bind(p)
-        os.chmod(path, self.cfg.socket_mode)
-        return s  # listen() comes once the daemon is ready (see run)
+        # listen() comes once the daemon is ready (see run)
+        s, self._socket_ident = sockpath.bind(self.cfg.socket, self.cfg.socket_mode)
+        return s
 
     async def run(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -717,8 +704,7 @@ class Daemon:
             self._epoll.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
-            with contextlib.suppress(OSError):
-                os.unlink(self.cfg.socket)
+            sockpath.remove(self.cfg.socket, self._socket_ident)
             self._shutdown(crash)
 
     def _shutdown(self, crash: BaseException | None = None) -> None:
