@@ -203,7 +203,13 @@ def unix_user(uid: int | None = None) -> str:
 
 def validate_user(user: str) -> str:
     user = user.strip()
-    if not user or len(user) > 256 or any(ord(c) < 32 or ord(c) == 127 for c in user):
+    # Surrogates: argv and JSON can carry lone ones (undecodable bytes), which no UTF-8 line
+    # can hold. C1 and bidi characters pass here; every output escapes them.
+    if (
+        not user
+        or len(user) > 256
+        or any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in user)
+    ):
         raise InvalidInputError("a user name must be 1-256 printable characters")
     return user
 

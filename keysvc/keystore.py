@@ -49,7 +49,7 @@ from keysvc.errors import (
 
 FORMAT = "vhsm-keystore"
 VERSION = 1
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:+-]{0,127}")
 DEFAULT_MAX_AGE_DAYS = 90.0
 # Largest keystore.dat read or written: about 50,000 Ed25519 or 13,000 RSA-3072 key versions
 # (docs/KEYSVC.md). A save that would exceed it fails instead of writing a file no later run
@@ -58,7 +58,7 @@ MAX_SIZE = 64 * 1024 * 1024
 
 
 def validate_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):  # (match with `$` let a final newline through)
         raise InvalidInputError(
             "a key name must be 1-128 characters of letters, digits and . _ @ : + - "
             "(starting with a letter or digit)"

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from attack import assert_one_line_error, env_for, vhsm
@@ -142,3 +143,21 @@ def test_error_lines_stay_one_line(tmp_path: Path) -> None:
     p = vhsm("token", "store", "missing\x1b[1m", "--store", "store", cwd=tmp_path)
     assert_inert(p)
     assert_one_line_error(p, "missing\\x1b[1m")
+
+
+def test_key_names_and_user_names_the_log_cannot_hold_are_refused(tmp_path: Path) -> None:
+    """A key name ending in a newline was accepted (`$` in the name pattern matches before a
+    final newline); a user name with undecodable argv bytes (a lone surrogate in Python) made
+    `user set` crash with a UnicodeEncodeError traceback. Both are one-line errors now."""
+    run("key", "generate-master-key", cwd=tmp_path)
+    p = vhsm("key", "generate", "abc\n", cwd=tmp_path)
+    assert_one_line_error(p, "key name")
+    assert b"abc" not in run("key", "list", cwd=tmp_path).stdout
+    p = subprocess.run(
+        [sys.executable, "-m", "cli.main", "user", "set", b"a\xffb"],
+        cwd=tmp_path,
+        env=env_for(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert_one_line_error(p, "user name")
