@@ -14,7 +14,6 @@ import sysconfig
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -229,21 +228,6 @@ def test_protocol_errors(work: Work, daemon: Daemon) -> None:
 
 
 # --- a second, real Unix user ------------------------------------------------------------------
-
-
-@pytest.fixture
-def other_user() -> object:
-    name = f"vhsmt{uuid.uuid4().hex[:8]}"
-    subprocess.run(
-        ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=60)
 
 
 def _world_executable(path: str) -> bool:
