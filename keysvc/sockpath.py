@@ -19,6 +19,7 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+from keysvc import safefs
 from keysvc.errors import DaemonError
 
 _LIMIT = 100
@@ -36,20 +37,6 @@ def usable(path: Path) -> Iterator[str]:
         yield f"/proc/self/fd/{fd}/{path.name}"
     finally:
         os.close(fd)
-
-
-def _kind(mode: int) -> str:
-    for test, name in (
-        (stat.S_ISREG, "a regular file"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-    ):
-        if test(mode):
-            return name
-    return "not a socket"
 
 
 def bind(path: Path, mode: int) -> tuple[socket.socket, tuple[int, int]]:
@@ -70,7 +57,7 @@ def bind(path: Path, mode: int) -> tuple[socket.socket, tuple[int, int]]:
         if st is not None:
             if not stat.S_ISSOCK(st.st_mode):
                 raise DaemonError(
-                    f"socket path {path} is {_kind(st.st_mode)}, not a socket; refusing to "
+                    f"socket path {path} is {safefs.kind(st.st_mode)}, not a socket; refusing to "
                     "replace it"
                 )
             if st.st_uid not in (os.geteuid(), os.fstat(dfd).st_uid):
