@@ -275,7 +275,8 @@ class LocalBackend:
         return _LocalObjectReader(fd, st.st_size)
 
     def object_sizes(self, token: uuid.UUID) -> dict[int, int]:
-        """Sizes from fstat of each opened, checked object (never of what a link points to)."""
+        """Sizes from the lstat of each checked object: the entry itself, never what a link
+        points to (a link, special file or stranger's file is refused). Nothing is opened."""
         out: dict[int, int] = {}
         try:
             d = self._data_dir(token)
@@ -285,10 +286,9 @@ class LocalBackend:
             for name in d.names():
                 if _OBJECT_RE.fullmatch(name):
                     try:
-                        fd, st = d.open_file(name)
+                        st = d.check_entry(name, stat.S_IFREG)
                     except FileNotFoundError:  # wiped meanwhile
                         continue
-                    os.close(fd)
                     out[int(name, 16)] = st.st_size
         return out
 

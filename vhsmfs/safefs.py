@@ -224,16 +224,16 @@ class SafeDir:
             raise
         return fd
 
-    def open_or_create(self, name: str, mode: int = 0o600) -> int:
-        """A regular file opened read-write, created if missing; an existing one must be ours
-        alone (it is written to: a lock file)."""
+    def open_or_create(self, name: str, mode: int = 0o600, flags: int = os.O_RDWR) -> int:
+        """A regular file opened for writing (`flags`: O_RDWR, or O_WRONLY|O_APPEND), created
+        if missing; an existing one must be ours alone (it is written to: a lock file, a log)."""
         while True:
             try:
-                return self.create_file(name, mode, os.O_RDWR)
+                return self.create_file(name, mode, flags)
             except FileExistsError:
                 pass
             try:
-                return self.open_file(name, os.O_RDWR, sole=True)[0]
+                return self.open_file(name, flags, sole=True)[0]
             except FileNotFoundError:
                 continue  # removed in between: create it after all
 

@@ -248,6 +248,18 @@ def test_mount_log_is_private_and_never_followed(
     assert planted.read_bytes() == b"" and not _in_mount_table(mnt)
 
 
+def test_mount_log_is_never_another_files_hard_link(mounts: Mounts) -> None:
+    """The log is appended to as root: a hard link planted at its path would append the
+    mount's log to the linked file (say /etc/passwd). Refused, the linked file untouched."""
+    victim = mounts.base / "victim"
+    victim.write_bytes(b"precious\n")
+    os.link(victim, mounts.base / "linked.log")
+    want = snapshot(victim)
+    p, mnt = mounts.background(log=mounts.base / "linked.log")
+    assert_one_line_error(p, "linked.log", "hard links")
+    assert snapshot(victim) == want and not _in_mount_table(mnt)
+
+
 def test_mount_log_names_no_files(mounts: Mounts) -> None:
     secret = f"SECRET-{uuid.uuid4().hex}"
     log = mounts.base / "mount.log"

@@ -17,7 +17,6 @@ import gc
 import logging
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -259,33 +258,21 @@ def report_ready(fd: int | None, message: str) -> None:
 
 
 def open_log(path: str) -> int:
-    """The `--log` file, opened for appending: created 0600; never through a symbolic link
-    (O_NOFOLLOW), never a FIFO, device or directory (O_NONBLOCK, so opening a FIFO cannot hang,
-    then fstat), never a file of a third user (trusted owner: you or the directory's owner).
-    An existing regular file is appended to and keeps its mode."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+    """The `--log` file, opened for appending, like any entry below a directory others may
+    write (vhsmfs.safefs): created 0600; never through a symbolic link, never a FIFO, device or
+    directory, never a file of a third user (trusted owner: you or the directory's owner), and
+    never another file's hard link (it is appended to). An existing log keeps its mode."""
+    parent, name = os.path.split(os.path.abspath(path))
     try:
-        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        d = SafeDir.open_root(parent, "log file", trust_owner=True)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise MountError(f"log file {path} is a symbolic link; refusing it") from None
-        if e.errno in (errno.ENXIO, errno.EISDIR):
-            raise MountError(f"log file {path} is not a regular file; refusing it") from None
         raise MountError(f"cannot open log file {path}: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise MountError(f"log file {path} is not a regular file; refusing it")
-        trusted = {os.geteuid(), os.stat(os.path.dirname(os.path.abspath(path))).st_uid}
-        if st.st_uid not in trusted:
-            raise MountError(
-                f"log file {path} is owned by uid {st.st_uid}, not by you or the "
-                "directory's owner; refusing it"
-            )
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
+    with d:
+        try:
+            fd = d.open_or_create(name, flags=os.O_WRONLY | os.O_APPEND | os.O_NOCTTY)
+        except OSError as e:
+            raise MountError(f"cannot open log file {path}: {e.strerror}") from None
+    os.set_blocking(fd, True)  # safefs opens O_NONBLOCK; the child writes to it as stdout
     return fd
 
 
