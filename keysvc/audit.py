@@ -26,14 +26,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hmac
-import io
 import os
 import pwd
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -467,7 +466,7 @@ class AuditWriter:
         the new file continues the chain with a MAC'd chain-start line. Anything else that
         shows a chain existed (a head, the audit key) makes it a break."""
         if head is None:
-            if self._key is not None or os.path.lexists(self._key_path):
+            if self._key is not None or self._log_dir().lstat(self._key_path.name) is not None:
                 extra.append(
                     _chain_break(
                         "log and head missing while the audit key exists: "
@@ -563,6 +562,11 @@ def _read_tail(path: Path, size: int) -> tuple[bytes, bool]:
                 c.startswith(b"# Chain-Start") for c in candidates
             ):
                 return (buf if pos == 0 else buf[buf.index(b"\n") + 1 :]), pos == 0
+            if len(buf) > 2 * _MAX_LINE:  # the last entry lies within the last line's length
+                raise AuditError(
+                    f"audit log {path} ends with a line longer than any entry; "
+                    "run: vhsm audit verify"
+                )
         return buf, True
 
 
@@ -577,6 +581,30 @@ def _tail_blocks(f: BinaryIO, size: int, block: int) -> Iterator[tuple[int, byte
         buf = f.read(step) + buf
         yield pos, buf
         block *= 2
+
+
+# Longer than any line a writer makes (three fields of at most _MAX_FIELD escaped characters,
+# up to 4 bytes each, and a few short ones): anything longer is not an entry, and a reader never
+# holds more of it than this.
+_MAX_LINE = 64 * 1024
+
+
+def _log_lines(f: BinaryIO) -> Iterator[tuple[int, bytes | None, bool]]:
+    """(line number, the line without its newline, whether a newline ended it) for each line
+    of a log, read in pieces of at most _MAX_LINE: a line longer than that comes as None (read
+    past, never held), so an edited or planted file of any size costs bounded memory. Only
+    the last line can lack its newline."""
+    n = 0
+    while raw := f.readline(_MAX_LINE):
+        n += 1
+        if raw.endswith(b"\n"):
+            yield n, raw[:-1], True
+        elif len(raw) < _MAX_LINE:
+            yield n, raw, False  # the end of the file
+        else:
+            while raw and not raw.endswith(b"\n"):
+                raw = f.readline(_MAX_LINE)
+            yield n, None, bool(raw)
 
 
 def _open_log_reader(
@@ -595,7 +623,9 @@ def _chain_break(reason: str) -> AuditRecord:
     )
 
 
-_ROTATION_SCAN_MAX = 64 << 20  # bytes read back from a rotated file's end, at most
+# Bytes read back from the end of a log at most, in one buffer (a rotated file's end, the uses
+# after the keystore's stamp); past that a reader gives up or streams (_log_lines).
+_TAIL_SCAN_MAX = 16 << 20
 
 
 def _chain_end_in(path: Path, head: tuple[int, bytes], key: bytes) -> tuple[int, bytes] | None:
@@ -616,7 +646,7 @@ def _chain_end_in(path: Path, head: tuple[int, bytes], key: bytes) -> tuple[int,
         for pos, buf in _tail_blocks(f, st.st_size, 8192):
             lines = buf.split(b"\n")[0 if pos == 0 else 1 : -1]
             first = next((e for e in map(_parse_raw, lines) if e is not None), None)
-            if (first is not None and first.seq <= hseq) or len(buf) >= _ROTATION_SCAN_MAX:
+            if (first is not None and first.seq <= hseq) or len(buf) >= _TAIL_SCAN_MAX:
                 break
     start = next(
         (
@@ -742,18 +772,19 @@ def read_entries(log_path: str | os.PathLike[str]) -> Iterator[AuditEntry]:
     raw = _open_log_reader(log_path)
     if raw is None:
         return
-    with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if line and not line.startswith("#"):
-                e = parse_line(line, n)
+    with raw as f:
+        for n, line, _ in _log_lines(f):
+            if line and not line.startswith(b"#"):
+                e = parse_line(line.decode("utf-8", "replace"), n)
                 if e is not None:
                     yield e
 
 
 def entries_after(log_path: str | os.PathLike[str], seq: int) -> list[AuditEntry]:
     """Entries with a sequence number above `seq`, read backwards from the end of the log so
-    that the usual case (a few new lines) reads one block."""
+    that the usual case (a few new lines) reads one block. Further back than _TAIL_SCAN_MAX
+    (many uses since the stamp, or a line no writer makes) the log is streamed from its start
+    instead, in bounded lines."""
     f = _open_log_reader(log_path)
     if f is None:
         return []
@@ -765,7 +796,13 @@ def entries_after(log_path: str | os.PathLike[str], seq: int) -> list[AuditEntry
             e = parse_line(first.decode("utf-8", "replace"), 0) if first else None
             if e is not None and e.seq <= seq:
                 break
-    lines = buf.split(b"\n")[0 if pos == 0 else 1 :]
+            if len(buf) >= _TAIL_SCAN_MAX:
+                f.seek(0)
+                return _entries_above(seq, (raw for _, raw, _ in _log_lines(f) if raw))
+    return _entries_above(seq, buf.split(b"\n")[0 if pos == 0 else 1 :])
+
+
+def _entries_above(seq: int, lines: Iterable[bytes]) -> list[AuditEntry]:
     out = []
     for raw in lines:
         if raw and not raw.startswith(b"#"):
@@ -802,93 +839,91 @@ def verify(log_paths: Iterable[str | os.PathLike[str]]) -> VerifyResult:
     if key is None:
         raise AuditIntegrityError(f"audit key {key_path} not found")
     head = read_head(files[-1])
-    seq: int | None = None
-    prev = _GENESIS
-    count = 0
-    first_start = 0
-    head_chain: bytes | None = None  # our chain value at the head's seq, once read
-    breaks = auditchain.Breaks()
+    c = _Chain(key, head)
     for path in files:
         f = _open_log_reader(path, AuditIntegrityError)
         if f is None:
             if path is not files[-1] or len(files) == 1:
                 raise AuditIntegrityError(f"{path}: audit log not found")
-            data = b""
-        else:
-            with f:
-                data = f.read()
-        if data and not data.endswith(b"\n"):
-            n = data.count(b"\n") + 1
-            return VerifyResult(False, count, seq or 0, f"{path}:{n}: incomplete final line")
+            continue
+        with f:
+            problem = c.read(f, path)
+        if problem is not None:
+            return VerifyResult(False, c.count, c.seq or 0, problem)
+    last = c.seq or 0
+    problem = _final_problem(files[-1], c.count, last, head, c.head_chain)
+    problem = problem or c.breaks.first_open()
+    if problem:
+        return VerifyResult(False, c.count, last, problem)
+    msg = f"OK: {c.count} entries, chain intact, last seq {last}"
+    if c.first_start:
+        # a rotated (or deleted) predecessor holds seq 1..first_start: say so, it is not here
+        msg += f" (continues from seq {c.first_start}: verify older rotated files with it)"
+    if c.breaks.acknowledged:
+        msg += f" ({c.breaks.acknowledged} chain break(s) acknowledged)"
+    return VerifyResult(True, c.count, last, msg)
+
+
+@dataclass
+class _Chain:
+    """What verify() knows after the lines read so far, across rotated files."""
+
+    key: bytes
+    head: tuple[int, bytes] | None
+    seq: int | None = None
+    prev: bytes = _GENESIS
+    count: int = 0
+    first_start: int = 0
+    head_chain: bytes | None = None  # our chain value at the head's seq, once read
+    breaks: auditchain.Breaks = field(default_factory=auditchain.Breaks)
+
+    def read(self, f: BinaryIO, path: Path) -> str | None:
+        """Check one file's lines (streamed, bounded: _log_lines); the first problem, if any."""
+        key = self.key
         in_header = True
-        for n, raw in enumerate(data.split(b"\n")[:-1] if data else [], 1):
-            line = raw.decode("utf-8", "replace")
+        for n, raw, ended in _log_lines(f):
             where = f"{path}:{n}"
+            if raw is None:
+                return f"{where}: malformed line (edited or inserted)"
+            if not ended:
+                return f"{where}: incomplete final line"
+            line = raw.decode("utf-8", "replace")
             if line.startswith("#"):
                 if not in_header:
-                    return VerifyResult(
-                        False, count, seq or 0, f"{where}: comment line inside the log (inserted)"
-                    )
+                    return f"{where}: comment line inside the log (inserted)"
                 m = _CHAIN_START_RE.match(line)
                 if m:
                     s, p = int(m.group(1)), bytes.fromhex(m.group(2))
                     if not _ct_eq(_start_mac(key, s, p).hex(), m.group(3)):
-                        return VerifyResult(
-                            False, count, seq or 0, f"{where}: forged chain-start line"
-                        )
-                    if seq is not None and (s != seq or p != prev):
-                        return VerifyResult(
-                            False,
-                            count,
-                            seq,
+                        return f"{where}: forged chain-start line"
+                    if self.seq is not None and (s != self.seq or p != self.prev):
+                        return (
                             f"{where}: file does not continue the previous one "
-                            f"(expected seq {seq})",
+                            f"(expected seq {self.seq})"
                         )
-                    if seq is None:
-                        first_start = s
-                    seq, prev = s, p
+                    if self.seq is None:
+                        self.first_start = s
+                    self.seq, self.prev = s, p
                 continue
             in_header = False
             entry = parse_line(line, n)
             if entry is None or len(entry.chain) != 64:
-                return VerifyResult(
-                    False, count, seq or 0, f"{where}: malformed line (edited or inserted)"
-                )
-            expected = (seq or 0) + 1
+                return f"{where}: malformed line (edited or inserted)"
+            expected = (self.seq or 0) + 1
             if entry.seq != expected:
-                return VerifyResult(
-                    False,
-                    count,
-                    seq or 0,
+                return (
                     f"{where}: sequence {entry.seq} where {expected} was expected "
-                    "(a line was deleted, inserted or reordered)",
+                    "(a line was deleted, inserted or reordered)"
                 )
-            body = line.rsplit("|", 1)[0].encode()
-            mac = _mac(key, prev, body)
+            mac = _mac(key, self.prev, raw.rsplit(b"|", 1)[0])
             if not _ct_eq(mac.hex(), entry.chain):
-                return VerifyResult(
-                    False,
-                    count,
-                    seq or 0,
-                    f"{where}: chain value does not match (seq {entry.seq} edited or forged)",
-                )
-            seq, prev = entry.seq, mac
-            if head is not None and entry.seq == head[0]:
-                head_chain = mac
-            breaks.see(where, entry.seq, entry.event, entry.user, entry.details)
-            count += 1
-    last = seq or 0
-    problem = _final_problem(files[-1], count, last, head, head_chain)
-    problem = problem or breaks.first_open()
-    if problem:
-        return VerifyResult(False, count, last, problem)
-    msg = f"OK: {count} entries, chain intact, last seq {last}"
-    if first_start:
-        # a rotated (or deleted) predecessor holds seq 1..first_start: say so, it is not here
-        msg += f" (continues from seq {first_start}: verify older rotated files with it)"
-    if breaks.acknowledged:
-        msg += f" ({breaks.acknowledged} chain break(s) acknowledged)"
-    return VerifyResult(True, count, last, msg)
+                return f"{where}: chain value does not match (seq {entry.seq} edited or forged)"
+            self.seq, self.prev = entry.seq, mac
+            if self.head is not None and entry.seq == self.head[0]:
+                self.head_chain = mac
+            self.breaks.see(where, entry.seq, entry.event, entry.user, entry.details)
+            self.count += 1
+        return None
 
 
 def _final_problem(

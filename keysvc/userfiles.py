@@ -26,11 +26,12 @@ import stat
 import sys
 
 from keysvc.errors import InvalidInputError
+from keysvc.protocol import MAX_PAYLOAD
 from keysvc.safefs import kind, read_at_most, rename_over, write_all, write_temp
 
-# The daemon protocol's payload limit (keysvc.protocol.MAX_FRAME less the header's room): more
-# could not be sent to the daemon, so it is refused before it is all read into memory.
-MAX_INPUT = 256 * 1024 * 1024
+# The daemon protocol's payload limit: more could not be sent to the daemon, so it is refused
+# before it is all read into memory.
+MAX_INPUT = MAX_PAYLOAD
 
 
 def read_input(path: str, *, limit: int = MAX_INPUT) -> bytes:

@@ -224,3 +224,19 @@ def test_acknowledge_cannot_hide_an_edited_line(data: Path) -> None:
     p = vhsm("audit", "acknowledge", "--reason", "try", cwd=data)
     assert_one_line_error(p, "still fails verification", "chain value does not match")
     verify_fails(data, "chain value does not match")
+
+
+def test_a_huge_line_in_the_log_is_read_past_not_held(data: Path) -> None:
+    """A log whose last "line" is 512 MiB without a newline (a sparse file: cheap to plant).
+    verify, logs and the next writer read lines in pieces of at most 64 KiB, so each refuses
+    in one line under a 400 MiB address-space cap, where reading the line whole would not."""
+    log = data / LOG
+    with open(log, "r+b") as f:
+        f.truncate(f.seek(0, os.SEEK_END) + (512 << 20))
+    cap = 400 << 20
+    p = vhsm("audit", "verify", cwd=data, max_memory=cap)
+    assert_one_line_error(p, "malformed line")
+    p = vhsm("audit", "logs", "1", cwd=data, max_memory=cap)
+    assert p.returncode == 0 and b"Total entries: 4" in p.stdout, p.stderr
+    p = vhsm("key", "generate", "after", cwd=data, max_memory=cap)
+    assert_one_line_error(p, "longer than any entry")
