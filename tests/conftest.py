@@ -1,14 +1,17 @@
-"""Fixtures every area of the suite uses: a second, real Unix user. The suite runs as root, as
-vhsm usually does; tests that need another user (access policy, ownership rules, attacks) get
-one created here and always removed."""
+"""Fixtures every area of the suite uses: a second, real Unix user and a directory both users
+can reach. The suite runs as root, as vhsm usually does; tests that need another user (access
+policy, ownership rules, attacks) get one created here and always removed."""
 
 from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +33,15 @@ def other_user() -> Iterator[pwd.struct_passwd]:
     finally:
         subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, timeout=30)
         subprocess.run(["userdel", name], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory under /tmp that every user can reach (pytest's tmp_path is private to root):
+    mode 0755, owned by root. Tests open it up further where the attack needs write access."""
+    d = Path(tempfile.mkdtemp(prefix="vhsm-shared-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -292,13 +291,11 @@ def _interpreter_for_others(scratch: Path) -> tuple[str, str]:
 
 
 @pytest.fixture
-def shared_dir() -> object:
-    d = Path(tempfile.mkdtemp(prefix="vhsm-shared-", dir="/tmp"))
-    os.chmod(d, 0o777)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+def shared_dir(shared_dir: Path) -> Path:
+    """The suite's shared directory (tests/conftest.py), writable by the second user too: it
+    writes its signatures there."""
+    os.chmod(shared_dir, 0o777)
+    return shared_dir
 
 
 def test_second_unix_user_denied_then_allowed_by_policy(
