@@ -4,9 +4,15 @@ Nothing above this module may assume a POSIX path: the token store talks to a Ba
 local directory backend is the embedded default. Layout of a local store (docs/FORMAT.md):
 
     STORE/VHSM-STORE                  marker: "vhsm-store 1"
-    STORE/<uuid>.metadata             the committed metadata file of a token
+    STORE/<uuid>.metadata             the token's current metadata (a copy of its newest
+                                      generation file); the token exists while this does
     STORE/<uuid>.data/<8 hex>         immutable objects holding encrypted chunk records
+    STORE/<uuid>.data/gen-<16 hex>    immutable generation files: every committed metadata
     STORE/.<uuid>.deleting            a token being deleted (hidden from list; gc finishes it)
+    STORE/.tmp/                       files being written under a name; backups skip it
+
+Objects and generation files are written without a name (O_TMPFILE) and linked in only once
+complete and durable, so a backup tool walking the store never meets a partial one.
 
 Whoever can write to the store can plant links and special files in it (docs/FORMAT.md section
 8), so the local backend reaches every entry through vhsmfs.safefs: relative to the store's
@@ -17,18 +23,19 @@ owner, and nothing with other hard links is wiped or overwritten.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import re
 import stat
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from vhsmfs.errors import StoreError, TokenNotFoundError, VhsmError
-from vhsmfs.safefs import SafeDir
+from vhsmfs.safefs import SafeDir, rename_noreplace
 
 Buffer = bytes | bytearray | memoryview
 
@@ -41,25 +48,52 @@ UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _META_RE = re.compile(rf"({UUID_PATTERN})\.metadata")
 _DATA_RE = re.compile(rf"({UUID_PATTERN})\.data")
 _TOMB_RE = re.compile(rf"\.({UUID_PATTERN})\.deleting")
+# format v1's metadata temp files sat in the store directory itself
 _TEMP_RE = re.compile(rf"\.({UUID_PATTERN})\.metadata\.([0-9]+)\.[0-9a-f]+")
+_STAGED_RE = re.compile(rf"({UUID_PATTERN})\.[0-9a-z]+\.([0-9]+)\.[0-9a-f]{{8}}")  # in .tmp/
 _OBJECT_RE = re.compile(r"[0-9a-f]{8}")
+_GEN_RE = re.compile(r"gen-([0-9a-f]{16})")
 LOCK_NAME = ".vhsm-mount.lock"  # the mount's lock (vhsmfs.mount.runner); gc leaves it alone
-_KNOWN = (STORE_MARKER, LOCK_NAME)
+TEMP_DIR = ".tmp"  # files being written under a name; backups exclude it (docs/BACKUP.md)
+_KNOWN = (STORE_MARKER, LOCK_NAME, TEMP_DIR)
+# O_TMPFILE unsupported by the filesystem or kernel: stage under a name in .tmp/ instead
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
 
 
 class ObjectWriter(Protocol):
-    def write(self, data: bytes | bytearray | memoryview) -> None: ...
-    # At a given offset, from any thread: the mount encrypts several runs at once and each
-    # lands where its place was reserved. An object is complete only after finish().
-    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
-    def finish(self) -> None: ...
-    def abort(self) -> None: ...
+    """An object being built. Invisible to readers (and to backup tools) until finish()."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append `data` (one thread)."""
+        ...
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at `offset`, from any thread: the mount encrypts several runs at once
+        and each lands where its place was reserved. Unwritten gaps read as zeros."""
+        ...
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read back what was written so far (before finish)."""
+        ...
+
+    def finish(self) -> None:
+        """Seal: make the object durable and publish it under its id, atomically; immutable
+        from then on. Raises FileExistsError if the id is taken, OSError on I/O errors (the
+        object is then not published and the writer is closed)."""
+        ...
+
+    def abort(self) -> None:
+        """Drop the object unpublished. Never raises."""
+        ...
 
 
 class ObjectReader(Protocol):
     size: int  # when it was opened
 
-    def pread(self, offset: int, length: int) -> bytes: ...
+    def pread(self, offset: int, length: int) -> bytes:
+        """At most `length` bytes from `offset` (fewer at the end)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -74,31 +108,118 @@ class GarbageReport:
 
 
 class Backend(Protocol):
-    def token_ids(self) -> list[uuid.UUID]: ...
-    def open_metadata(self, token: uuid.UUID) -> ObjectReader: ...
-    def commit_metadata(self, token: uuid.UUID, data: bytes | Sequence[Buffer]) -> None: ...
-    def new_object(self, token: uuid.UUID, object_id: int) -> ObjectWriter: ...
-    def open_object(self, token: uuid.UUID, object_id: int) -> ObjectReader: ...
-    def object_sizes(self, token: uuid.UUID) -> dict[int, int]: ...
-    def delete_object(self, token: uuid.UUID, object_id: int) -> None: ...
-    def delete_token(self, token: uuid.UUID) -> None: ...
-    def discard_uncommitted(self, token: uuid.UUID) -> None: ...
-    def writing(self, token: uuid.UUID) -> contextlib.AbstractContextManager[None]: ...
-    def idle(self, token: uuid.UUID) -> contextlib.AbstractContextManager[bool]: ...
-    def collect_garbage(self, report: GarbageReport | None = None) -> list[str]: ...
-    def describe(self) -> str: ...
+    """Where tokens live: per token, immutable objects and immutable generation files named by
+    number, and a current-metadata pointer replaced atomically; plus per-token writer locks.
+    Nothing above a backend sees a path. Besides what each method names, any method may raise
+    UnsafeEntryError (an entry that breaks the store's rules; left alone), StoreError and
+    OSError (I/O, e.g. ENOSPC)."""
+
+    def describe(self) -> str:
+        """The store's location, for messages."""
+        ...
+
+    def token_ids(self) -> list[uuid.UUID]:
+        """Tokens that have current metadata, sorted by their string form."""
+        ...
+
+    def open_metadata(self, token: uuid.UUID) -> ObjectReader:
+        """The token's current metadata. Raises TokenNotFoundError."""
+        ...
+
+    def generations(self, token: uuid.UUID) -> list[int]:
+        """The numbers of the token's generation files, ascending ([] for a v1 token)."""
+        ...
+
+    def open_generation(self, token: uuid.UUID, generation: int) -> ObjectReader:
+        """One generation file. Raises FileNotFoundError."""
+        ...
+
+    def commit_metadata(self, token: uuid.UUID, generation: int, parts: Iterable[Buffer]) -> None:
+        """Commit: store `parts` (iterated once, in order) durably as generation file
+        `generation`, then make the same bytes the token's current metadata atomically (a
+        reader sees the old or the new, never a mix). Every object the metadata names must be
+        finished before. Raises FileExistsError if that generation file exists."""
+        ...
+
+    def set_current(self, token: uuid.UUID, generation: int) -> None:
+        """Make an existing generation file the current metadata again (gc's repair).
+        Raises FileNotFoundError."""
+        ...
+
+    def delete_generation(self, token: uuid.UUID, generation: int) -> None:
+        """Wipe and remove a generation file (already gone: nothing to do)."""
+        ...
+
+    def new_object(self, token: uuid.UUID, object_id: int) -> ObjectWriter:
+        """Start object `object_id`. A finished object of that id (the leftover of a writer
+        killed before its commit: ids from the committed next_object_id on are never
+        referenced) is wiped first."""
+        ...
+
+    def open_object(self, token: uuid.UUID, object_id: int) -> ObjectReader:
+        """A finished object. Raises FileNotFoundError."""
+        ...
+
+    def object_sizes(self, token: uuid.UUID) -> dict[int, int]:
+        """Every finished object of the token: id -> length."""
+        ...
+
+    def delete_object(self, token: uuid.UUID, object_id: int) -> None:
+        """Wipe and remove an object (already gone: nothing to do)."""
+        ...
+
+    def delete_token(self, token: uuid.UUID) -> None:
+        """Hide the token atomically, then wipe all of it. Raises TokenNotFoundError."""
+        ...
+
+    def discard_uncommitted(self, token: uuid.UUID) -> None:
+        """Remove what a first commit that never happened left (a failed store)."""
+        ...
+
+    def writing(self, token: uuid.UUID) -> contextlib.AbstractContextManager[None]:
+        """Held (shared) by a writer of the token while it has uncommitted work."""
+        ...
+
+    def idle(self, token: uuid.UUID) -> contextlib.AbstractContextManager[bool]:
+        """Excludes writers while held; yields False (nothing held) if one is at work."""
+        ...
+
+    def collect_garbage(self, report: GarbageReport | None = None) -> list[str]:
+        """The backend's own clean-up (interrupted deletes and first stores, stale temp
+        files). Returns a line per thing removed."""
+        ...
 
 
 class _LocalObjectWriter:
-    def __init__(self, directory: SafeDir, name: str, fd: int) -> None:
-        self._dir, self._name, self._fd = directory, name, fd
-        self._st = os.fstat(fd)
+    """A file staged without a name in its directory (O_TMPFILE) and linked under its name by
+    finish(); where O_TMPFILE is missing, staged under a name in .tmp/ and renamed."""
+
+    def __init__(self, directory: SafeDir, name: str, staging: SafeDir, token: uuid.UUID) -> None:
+        self._dir, self._name, self._staging = directory, name, staging
+        self._tmp: str | None = None
+        self.written = 0  # by write()
+        try:
+            self._fd = os.open(
+                ".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=directory.fd
+            )
+        except OSError as e:
+            if e.errno not in _NO_TMPFILE:
+                raise
+            self._tmp = staged_name(f"{token}.{name}")
+            self._fd = staging.create_file(self._tmp, flags=os.O_RDWR)
+        else:
+            try:
+                directory.give(self._fd)
+            except BaseException:
+                os.close(self._fd)
+                raise
+        self._st = os.fstat(self._fd)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
+        self.written += len(view)
         while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+            view = view[os.write(self._fd, view) :]
 
     def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -107,21 +228,44 @@ class _LocalObjectWriter:
             view = view[n:]
             offset += n
 
+    def pread(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
     def finish(self) -> None:
         try:
             os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-            self._dir.close()
+            if self._tmp is None:
+                # linkat(/proc/self/fd/N, AT_SYMLINK_FOLLOW): fails if the name is taken
+                os.link(
+                    f"/proc/self/fd/{self._fd}",
+                    self._name,
+                    dst_dir_fd=self._dir.fd,
+                    follow_symlinks=True,
+                )
+            else:
+                rename_noreplace(self._staging.fd, self._tmp, self._name, self._dir.fd)
+                self._tmp = None
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self._fd)
+        self._fd = -1
+        self._dir.close()
 
     def abort(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            with contextlib.suppress(OSError, VhsmError):
-                self._dir.unlink(self._name, self._st)  # only the file we made
+            if self._tmp is not None:
+                with contextlib.suppress(OSError, VhsmError):
+                    self._staging.unlink(self._tmp, self._st)  # only the file we made
+                self._tmp = None
             self._dir.close()
+
+
+def staged_name(what: str) -> str:
+    """A name in .tmp/ that gc can tell is stale: `<token>.<what>.<pid>.<random>`."""
+    return f"{what}.{os.getpid()}.{os.urandom(4).hex()}"
 
 
 class _LocalObjectReader:
@@ -158,6 +302,7 @@ class LocalBackend:
             raise StoreError(f"store {self.root} is not a directory") from None
         except OSError as e:
             raise StoreError(f"cannot open store {self.root}: {e.strerror}") from None
+        self._tmpdir: SafeDir | None = None
         if create:
             self._ensure_marker()
 
@@ -165,6 +310,8 @@ class LocalBackend:
         return self.root
 
     def close(self) -> None:
+        if self._tmpdir is not None:
+            self._tmpdir.close()
         self._dir.close()
 
     @property
@@ -217,53 +364,117 @@ class LocalBackend:
         return sorted(found, key=str)
 
     def open_metadata(self, token: uuid.UUID) -> ObjectReader:
-        """The committed metadata file, checked (a regular file of a trusted owner). The caller
-        reads it with a bound the format allows (vhsmfs.format.metadata_size_limit)."""
+        """The current metadata file, checked (a regular file of a trusted owner). The caller
+        reads it within the bounds the format allows (vhsmfs.format.parse)."""
         try:
             fd, st = self._dir.open_file(self._meta_name(token))
         except FileNotFoundError:
             raise TokenNotFoundError(f"token {token} not found in {self.root}") from None
         return _LocalObjectReader(fd, st.st_size)
 
-    def commit_metadata(self, token: uuid.UUID, data: bytes | Sequence[Buffer]) -> None:
-        """Publish a new metadata file atomically: objects it names must be durable first, so the
-        data directory is fsynced, then temp file written + fsynced, renamed, root fsynced."""
-        with contextlib.suppress(FileNotFoundError):  # a token with no objects has no directory
-            with self._data_dir(token) as d:
-                d.fsync()
-        tmp = f".{token}.metadata.{os.getpid()}.{os.urandom(4).hex()}"
-        fd = self._dir.create_file(tmp)
+    def _staging(self) -> SafeDir:
+        """STORE/.tmp, made on first use."""
+        if self._tmpdir is None:
+            self._tmpdir = self._dir.open_dir(TEMP_DIR, create=True)
+        return self._tmpdir
+
+    @staticmethod
+    def _gen_name(generation: int) -> str:
+        return f"gen-{generation:016x}"
+
+    def generations(self, token: uuid.UUID) -> list[int]:
         try:
-            for part in [data] if isinstance(data, bytes | bytearray) else data:
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(fd, view) :]
+            d = self._data_dir(token)
+        except FileNotFoundError:
+            return []
+        with d:
+            return sorted(int(m.group(1), 16) for n in d.names() if (m := _GEN_RE.fullmatch(n)))
+
+    def open_generation(self, token: uuid.UUID, generation: int) -> ObjectReader:
+        with self._data_dir(token) as d:
+            fd, st = d.open_file(self._gen_name(generation))
+        return _LocalObjectReader(fd, st.st_size)
+
+    def commit_metadata(self, token: uuid.UUID, generation: int, parts: Iterable[Buffer]) -> None:
+        """The generation file first (written unnamed, fsynced, linked; the data directory
+        fsynced, which also makes the names of the objects it refers to durable), then a copy
+        made in .tmp/ renamed over <uuid>.metadata, and the store directory fsynced."""
+        name = self._gen_name(generation)
+        w = self._writer(token, name)
+        try:
+            for part in parts:
+                w.write(part)
+            size = w.written
+            w.finish()
+        except BaseException:
+            w.abort()
+            raise
+        with self._data_dir(token) as d:
+            d.fsync()
+            fd, _ = d.open_file(name)
+        try:
+            self._publish_current(token, fd, size)
+        finally:
+            os.close(fd)
+
+    def set_current(self, token: uuid.UUID, generation: int) -> None:
+        with self._data_dir(token) as d:
+            fd, st = d.open_file(self._gen_name(generation))
+        try:
+            self._publish_current(token, fd, st.st_size)
+        finally:
+            os.close(fd)
+
+    def _publish_current(self, token: uuid.UUID, src: int, size: int) -> None:
+        """Copy `size` bytes of the open file `src` (in the kernel) to a temp file in .tmp/,
+        fsync it and rename it over <uuid>.metadata (which must be a regular file if present)."""
+        staging = self._staging()
+        tmp = staged_name(f"{token}.metadata")
+        fd = staging.create_file(tmp)
+        try:
+            done = 0
+            while done < size:
+                n = os.copy_file_range(src, fd, size - done, done, done)
+                if n == 0:
+                    raise OSError(errno.EIO, "generation file shrank while it was copied")
+                done += n
             os.fsync(fd)
             os.close(fd)
             fd = -1
-            self._dir.replace(tmp, self._meta_name(token))
+            meta = self._meta_name(token)
+            if self._dir.lstat(meta) is not None:
+                self._dir.check_entry(meta, stat.S_IFREG)
+            os.rename(tmp, meta, src_dir_fd=staging.fd, dst_dir_fd=self._dir.fd)
             self._dir.fsync()
         except BaseException:
             if fd >= 0:
                 os.close(fd)
             with contextlib.suppress(OSError):
-                self._dir.unlink(tmp)
+                staging.unlink(tmp)
             raise
+
+    def delete_generation(self, token: uuid.UUID, generation: int) -> None:
+        try:
+            with self._data_dir(token) as d:
+                d.wipe(self._gen_name(generation))
+        except FileNotFoundError:
+            pass
 
     # -- objects --------------------------------------------------------------------------------
     def new_object(self, token: uuid.UUID, object_id: int) -> ObjectWriter:
-        """A new object, created O_EXCL. A regular file of ours already at that id is what a
-        writer killed before its commit left (ids from the committed next_object_id on are
-        never referenced): it is wiped and the id reused. Anything else there is refused."""
-        d = self._data_dir(token, create=True)
+        """A new object, staged unnamed and linked under its id by finish(). A regular file of
+        ours already at that id is what a writer killed before its commit left (ids from the
+        committed next_object_id on are never referenced): it is wiped now. Anything else
+        there is refused."""
         name = f"{object_id:08x}"
+        with self._data_dir(token, create=True) as d, contextlib.suppress(FileNotFoundError):
+            d.wipe(name)
+        return self._writer(token, name)
+
+    def _writer(self, token: uuid.UUID, name: str) -> _LocalObjectWriter:
+        d = self._data_dir(token, create=True)
         try:
-            try:
-                fd = d.create_file(name)
-            except FileExistsError:
-                d.wipe(name)
-                fd = d.create_file(name)
-            return _LocalObjectWriter(d, name, fd)
+            return _LocalObjectWriter(d, name, self._staging(), token)
         except BaseException:
             d.close()
             raise
@@ -388,6 +599,7 @@ class LocalBackend:
         except OSError as e:
             raise StoreError(f"cannot list store {self.root}: {e.strerror}") from None
         before = len(rep.removed)
+        self._collect_staged(rep)
         for name in names:
             try:
                 self._collect(name, rep)
@@ -401,6 +613,32 @@ class LocalBackend:
             for line in rep.ignored + rep.refused:
                 log.warning("gc: %s", line)
         return rep.removed
+
+    def _collect_staged(self, rep: GarbageReport) -> None:
+        """Files in .tmp/ whose writer is gone (its pid is no longer alive)."""
+        if self._dir.lstat(TEMP_DIR) is None:
+            return
+        try:
+            staging = self._staging()
+            names = sorted(staging.names())
+        except VhsmError as e:
+            rep.refused.append(str(e))
+            return
+        for name in names:
+            m = _STAGED_RE.fullmatch(name)
+            if m is None:
+                rep.ignored.append(f"{staging.shown(name)} (not vhsm's; left alone)")
+                continue
+            if pid_alive(int(m.group(2))):
+                continue
+            try:
+                staging.wipe(name)
+            except FileNotFoundError:
+                continue
+            except VhsmError as e:
+                rep.refused.append(str(e))
+                continue
+            rep.removed.append(f"removed stale temp file {TEMP_DIR}/{name}")
 
     def _collect(self, name: str, rep: GarbageReport) -> None:
         if name in _KNOWN or _META_RE.fullmatch(name):

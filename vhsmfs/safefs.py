@@ -206,7 +206,7 @@ class SafeDir:
         d = SafeDir(self._open(name, _DIR_FLAGS, stat.S_IFDIR)[0], self.shown(name), self.rules)
         if made:
             try:
-                self._give(d.fd)
+                self.give(d.fd)
             except BaseException:
                 d.close()
                 raise
@@ -216,7 +216,7 @@ class SafeDir:
         """A new file (never one that exists, never through a link). FileExistsError if taken."""
         fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode, dir_fd=self.fd)
         try:
-            self._give(fd)
+            self.give(fd)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -237,7 +237,7 @@ class SafeDir:
             except FileNotFoundError:
                 continue  # removed in between: create it after all
 
-    def _give(self, fd: int) -> None:
+    def give(self, fd: int) -> None:
         """Root creating in another user's directory: the entry goes to that user, so the
         directory stays usable by its owner."""
         if self.rules.give_to is not None:
@@ -317,12 +317,15 @@ if _renameat2 is not None:
     _renameat2.restype = ctypes.c_int
 
 
-def rename_noreplace(dir_fd: int, src: str, dst: str) -> None:
-    """renameat2(RENAME_NOREPLACE) within one directory. Where the filesystem or kernel lacks
-    it: reserve dst with O_CREAT|O_EXCL (fails if anything is there), then rename over our own
-    reservation, which is removed again if the rename fails."""
+def rename_noreplace(dir_fd: int, src: str, dst: str, dst_dir_fd: int | None = None) -> None:
+    """renameat2(RENAME_NOREPLACE) from directory `dir_fd` to `dst_dir_fd` (the same one by
+    default). Where the filesystem or kernel lacks it: reserve dst with O_CREAT|O_EXCL (fails
+    if anything is there), then rename over our own reservation, which is removed again if the
+    rename fails."""
+    src_fd = dir_fd
+    dir_fd = src_fd if dst_dir_fd is None else dst_dir_fd  # from here on: the destination's
     if _renameat2 is not None:
-        res = _renameat2(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst), RENAME_NOREPLACE)
+        res = _renameat2(src_fd, os.fsencode(src), dir_fd, os.fsencode(dst), RENAME_NOREPLACE)
         if res == 0:
             return
         err = ctypes.get_errno()
@@ -334,7 +337,7 @@ def rename_noreplace(dir_fd: int, src: str, dst: str) -> None:
     finally:
         os.close(fd)
     try:
-        os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
             now = os.stat(dst, dir_fd=dir_fd, follow_symlinks=False)

@@ -1,9 +1,13 @@
 """The token store: store, retrieve, list, info, verify and delete tokens (docs/FORMAT.md).
 
 Streaming throughout: a file is read, encrypted and written in runs of chunks through a bounded
-ordered pipeline (vhsmfs.pipeline), so memory does not grow with file size. Plaintext is only
-ever released into a temp file next to the destination, renamed into place after every chunk
-authenticated and the whole-file SHA-256 matched.
+ordered pipeline (vhsmfs.pipeline), and the chunk manifest is spooled when written and streamed
+when read, so memory does not grow with file size. Plaintext is only ever released into an
+unnamed file next to the destination, named after every chunk and the manifest authenticated.
+
+Reading a format v2 token means its newest *complete* generation: the current metadata, or,
+where objects it names are missing (a backup copy taken mid-commit), the newest generation file
+whose objects are all there (docs/FORMAT.md section 5). Writing goes through vhsmfs.tokenwriter.
 """
 
 from __future__ import annotations
@@ -32,22 +36,17 @@ from vhsmfs.errors import (
 )
 from vhsmfs.format import (
     DEFAULT_CHUNK_SIZE,
-    FIXED_HEADER,
+    FORMAT_V1,
     MANIFEST_ENTRY,
-    MAX_CHUNK_COUNT,
     MAX_CHUNK_SIZE,
-    MAX_META_JSON,
     MIN_CHUNK_SIZE,
     RECORD_OVERHEAD,
-    SALT_LEN,
-    Header,
     Metadata,
     ParsedFile,
-    build_parts,
     chunk_count_for,
-    manifest_digest,
-    metadata_size_limit,
-    parse_file,
+    object_hasher,
+    parse,
+    record_checksum,
     record_len,
 )
 from vhsmfs.keyfile import KeyProvider
@@ -55,11 +54,20 @@ from vhsmfs.outfile import OutputDirs, PendingFile, check_destination
 from vhsmfs.pipeline import OrderedHasher, run_ordered
 from vhsmfs.safefs import UnsafeEntryError
 from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
+from vhsmfs.tokenwriter import (
+    ManifestSpool,
+    TokenWriter,
+    check_chunk_count,
+    grace_from_env,
+    prune,
+    read_generations,
+)
 
 RUN_TARGET = 1 << 20  # plaintext bytes per pipeline item: big enough to amortise overheads
-OBJECT_TARGET = 64 << 20  # roll to a new object past this many bytes
+_SCRUB_BLOCK = 4 << 20
 
 Progress = Callable[[int], None]
+__all__ = ["TokenStore", "check_chunk_count", "parse_token"]
 
 
 def parse_token(text: str) -> uuid.UUID:
@@ -97,24 +105,6 @@ def _env_number(name: str, default: int, lo: int, hi: int, what: str) -> int:
     return int(raw)
 
 
-def check_chunk_count(size: int, chunk_size: int, what: str) -> None:
-    """Refuse, before anything is written, a file whose manifest would exceed the format's cap
-    (MAX_CHUNK_COUNT entries, a 1 GiB manifest): readers refuse such metadata."""
-    count = chunk_count_for(size, chunk_size)
-    if count <= MAX_CHUNK_COUNT:
-        return
-    need = -(-size // MAX_CHUNK_COUNT)
-    hint = (
-        f"store it with TOKEN_CHUNK_SIZE={need} or more"
-        if need <= MAX_CHUNK_SIZE
-        else "that is more than the format holds at any chunk size"
-    )
-    raise InputError(
-        f"{what} is too large for chunk size {chunk_size}: {count} chunks, the format allows "
-        f"{MAX_CHUNK_COUNT}; {hint}"
-    )
-
-
 def safe_relative_path(name: str, fallback: str) -> PurePosixPath:
     """The stored name as a relative path that cannot escape the output directory."""
     p = PurePosixPath(name)
@@ -134,11 +124,13 @@ class OpenedToken:
     meta: Metadata
 
     @property
-    def header(self) -> Header:
+    def header(self):  # type: ignore[no-untyped-def]
         return self.parsed.header
 
-    def entry(self, index: int) -> tuple[int, int, int, bytes]:
-        return MANIFEST_ENTRY.unpack_from(self.parsed.manifest, index * MANIFEST_ENTRY.size)
+    @property
+    def note(self) -> str | None:
+        """Why an older generation is shown (the newest is incomplete), if it is."""
+        return self.parsed.note
 
 
 @dataclass
@@ -156,6 +148,7 @@ class TokenSummary:
     mode: int | None = None
     readable: bool = False  # metadata authenticated under the key given
     kind: str = "file"  # "dir" for a directory marker made by the mount
+    note: str | None = None  # an older generation is shown (the newest is incomplete)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -172,6 +165,7 @@ class TokenSummary:
             "mode": self.mode,
             "readable": self.readable,
             "kind": self.kind if self.readable else None,
+            "note": self.note,
         }
 
 
@@ -194,39 +188,6 @@ def _disk_error(e: OSError, where: str) -> VhsmError:
     return StoreError(f"cannot write {where}: {e.strerror}")
 
 
-class _ObjectSink:
-    """Appends records to a token's objects, rolling to a new object past OBJECT_TARGET."""
-
-    def __init__(self, backend: Backend, token: uuid.UUID, first_object: int) -> None:
-        self._backend, self._token = backend, token
-        self.next_object = first_object
-        self._writer = None
-        self._object = -1
-        self._offset = 0
-
-    def append(self, records: bytes | bytearray) -> tuple[int, int]:
-        if self._writer is None or self._offset >= OBJECT_TARGET:
-            self.finish()
-            self._object = self.next_object
-            self.next_object += 1
-            self._writer = self._backend.new_object(self._token, self._object)
-            self._offset = 0
-        self._writer.write(records)
-        at = self._offset
-        self._offset += len(records)
-        return self._object, at
-
-    def finish(self) -> None:
-        if self._writer is not None:
-            self._writer.finish()
-            self._writer = None
-
-    def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
-
-
 class TokenStore:
     def __init__(
         self,
@@ -235,11 +196,13 @@ class TokenStore:
         *,
         chunk_size: int | None = None,
         parallel: int | None = None,
+        grace: int | None = None,
     ) -> None:
         self.backend = backend
         self.keys = keys
         self.chunk_size = chunk_size or chunk_size_from_env()
         self.parallel = parallel or parallel_from_env()
+        self.grace = grace_from_env() if grace is None else grace
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise VhsmError(f"chunk size {self.chunk_size} out of range")
 
@@ -248,38 +211,83 @@ class TokenStore:
             raise VhsmError("this operation needs the key (--key FILE)")
         return self.keys
 
-    # -- metadata ---------------------------------------------------------------------------------
-    def seal(
-        self, keys: TokenKeys, header: Header, manifest: bytes | bytearray, meta: Metadata
-    ) -> list[bytes | bytearray]:
-        """The metadata file's parts (see format.build_parts), ready for commit_metadata.
-        Refuses what readers would refuse: too many chunks, too much metadata."""
-        check_chunk_count(meta.size, header.chunk_size, f"token {header.token_id}")
-        doc = meta.to_json()
-        if len(doc) > MAX_META_JSON:
-            raise InputError(
-                f"token {header.token_id}: its name and attributes take {len(doc)} bytes, more "
-                f"than the format allows ({MAX_META_JSON})"
-            )
-        header_bytes = header.pack()
-        nonce, ct = keys.seal_metadata(doc, header_bytes)
-        return build_parts(header, manifest, nonce, ct)
-
-    def parse(self, token: uuid.UUID) -> ParsedFile:
-        """Read and split a token's metadata file, reading no more than its fixed header
-        allows: a planted huge or endless file is refused before anything is allocated."""
+    # -- finding a token's newest complete generation -----------------------------------------
+    def _parse_current(self, token: uuid.UUID) -> ParsedFile:
         r = self.backend.open_metadata(token)
         try:
-            limit = metadata_size_limit(r.pread(0, FIXED_HEADER.size), token)
-            if r.size > limit:
-                raise IntegrityError(
-                    f"token {token}: metadata file is {r.size} bytes, more than its header "
-                    f"allows ({limit})"
-                )
-            data = r.pread(0, r.size)
+            return parse(r, token, lambda: self.backend.open_metadata(token))
         finally:
             r.close()
-        return parse_file(data, token)
+
+    def _parse_generation(self, token: uuid.UUID, g: int) -> ParsedFile:
+        r = self.backend.open_generation(token, g)
+        try:
+            parsed = parse(r, token, lambda: self.backend.open_generation(token, g))
+        finally:
+            r.close()
+        if parsed.header.generation != g:
+            raise IntegrityError(
+                f"token {token}: generation file {g} holds generation {parsed.header.generation}"
+            )
+        return parsed
+
+    def parse(self, token: uuid.UUID) -> ParsedFile:
+        """The token's newest complete generation, parsed (nothing authenticated yet).
+
+        A v1 token has one: its metadata file. For v2, candidates are the current metadata and
+        the generation files, newest first; the first whose objects are all present with the
+        lengths it records wins. Falling back (a backup copy taken mid-commit; an interrupted
+        commit) is noted in ParsedFile.note. Raises TokenNotFoundError, or IntegrityError naming
+        what is wrong with the newest candidate when none is complete."""
+        current: ParsedFile | None = None
+        first_error: VhsmError | None = None
+        try:
+            current = self._parse_current(token)
+        except (IntegrityError, StoreError) as e:  # damaged: a generation file may do
+            first_error = e
+        if current is not None and current.version == FORMAT_V1:
+            return current
+        gens = self.backend.generations(token)
+        if current is None and not gens:
+            assert first_error is not None
+            raise first_error
+        sizes = self.backend.object_sizes(token)
+        numbers = sorted(set(gens) | ({current.header.generation} if current else set()))
+        for g in reversed(numbers):
+            try:
+                if current is not None and g == current.header.generation:
+                    cand = current
+                else:
+                    cand = self._parse_generation(token, g)
+                self._check_objects(cand, sizes)
+            except FileNotFoundError:
+                continue
+            except (IntegrityError, StoreError) as e:
+                first_error = first_error or e
+                if not isinstance(e, _MissingObject):
+                    raise
+                continue
+            if current is None or g != current.header.generation:
+                why = str(first_error).removeprefix(f"token {token}: ") if first_error else ""
+                cand.note = f"using generation {g}" + (f" ({why})" if why else "")
+            return cand
+        assert first_error is not None
+        raise first_error
+
+    @staticmethod
+    def _check_objects(parsed: ParsedFile, sizes: dict[int, int]) -> None:
+        """Every object of the table present with its recorded length. A missing one makes the
+        generation incomplete (_MissingObject); a length that differs is damage."""
+        tok = parsed.header.token_id
+        for obj, (length, _) in sorted(parsed.objects.items()):
+            have = sizes.get(obj)
+            if have is None:
+                raise _MissingObject(f"token {tok}: object {obj:08x} is missing")
+            if have != length:
+                raise IntegrityError(
+                    f"token {tok}: object {obj:08x} is {have} bytes, its metadata says {length} "
+                    "(truncated or extended)"
+                )
 
     def open_token(self, token: uuid.UUID) -> OpenedToken:
         """Read and authenticate a token's metadata; WrongKeyError / IntegrityError otherwise."""
@@ -289,29 +297,19 @@ class TokenStore:
             ikm = self._need_keys().token_key(token, h.key_ref)
         except LookupError as e:
             raise WrongKeyError(f"wrong key for token {token}: {e}") from None
-        keys = TokenKeys(ikm, h.salt, token)
+        keys = TokenKeys(ikm, h.salt, token, parsed.version)
         if not keys.key_matches(h.key_check):
             raise WrongKeyError(f"wrong key for token {token}")
         plain = keys.open_metadata(parsed.meta_nonce, parsed.meta_ciphertext, parsed.header_bytes)
         if plain is None:
             raise IntegrityError(f"token {token}: metadata failed authentication (modified)")
         try:
-            meta = Metadata.from_json(plain)
+            meta = Metadata.from_json(plain, parsed.version)
         except (ValueError, KeyError, TypeError):
             raise IntegrityError(f"token {token}: metadata is malformed") from None
-        opened = OpenedToken(token, parsed, keys, meta)
-        self._check_layout(opened)
-        return opened
-
-    @staticmethod
-    def _check_layout(t: OpenedToken) -> None:
-        """The authenticated sizes must agree with the manifest's record lengths."""
-        h, size = t.header, t.meta.size
-        if size < 0 or chunk_count_for(size, h.chunk_size) != h.chunk_count:
-            raise IntegrityError(f"token {t.token}: size and chunk count disagree")
-        for i in (0, h.chunk_count - 1) if h.chunk_count else ():
-            if t.entry(i)[2] != record_len(h.chunk_size, size, i, h.chunk_count):
-                raise IntegrityError(f"token {t.token}: chunk {i} has the wrong length")
+        if meta.size < 0 or chunk_count_for(meta.size, h.chunk_size) != h.chunk_count:
+            raise IntegrityError(f"token {token}: size and chunk count disagree")
+        return OpenedToken(token, parsed, keys, meta)
 
     # -- store ------------------------------------------------------------------------------------
     def store_file(
@@ -351,21 +349,19 @@ class TokenStore:
 
     def _store_stream(
         self,
-        f,
+        f,  # type: ignore[no-untyped-def]
         *,
         name: str,
-        st: os.stat_result,  # type: ignore[no-untyped-def]
+        st: os.stat_result,
         progress: Progress | None,
     ) -> uuid.UUID:
-        token = uuid.uuid4()
-        salt = os.urandom(SALT_LEN)
-        ikm, key_ref = self._need_keys().new_token_key(token)
-        keys = TokenKeys(ikm, salt, token)
+        """Read, encrypt (on worker threads) and append records in order; the manifest goes
+        to a spool. Then one commit through the token writer."""
         cs = self.chunk_size
+        writer = TokenWriter.create(self.backend, self._need_keys(), cs, grace=self.grace)
+        token, keys = writer.token, writer.keys
         run_bytes = max(cs, (RUN_TARGET // cs) * cs)
-        manifest = bytearray()
-        hasher = OrderedHasher(hashlib.sha256())
-        sink = _ObjectSink(self.backend, token, 0)
+        manifest = ManifestSpool()
         total = 0
 
         def runs() -> Iterator[tuple[bytes, int, int]]:
@@ -376,7 +372,6 @@ class TokenStore:
                     nxt = _read_full(f, run_bytes) if len(cur) == run_bytes else b""
                     n = chunk_count_for(len(cur), cs)
                     check_chunk_count(index * cs + len(cur), cs, name)  # grew while stored
-                    hasher.update(cur)
                     yield cur, index, (index + n - 1) if not nxt else -1
                     index += n
                     cur = nxt
@@ -388,79 +383,94 @@ class TokenStore:
             records, entries = keys.encrypt_run(data, first, cs, final)
             return records, entries, len(data)
 
+        pack = MANIFEST_ENTRY.pack
+
         def consume(result: tuple[bytearray, list[tuple[int, bytes]], int]) -> None:
             nonlocal total
             records, entries, plain_len = result
-            obj, offset = sink.append(records)
-            pack = MANIFEST_ENTRY.pack
+            obj, offset = writer.append(records)
+            packed = []
             for rlen, digest in entries:
-                manifest.extend(pack(obj, offset, rlen, digest))
+                packed.append(pack(obj, offset, rlen, digest))
                 offset += rlen
+            manifest.append(b"".join(packed))
             total += plain_len
             if progress:
                 progress(plain_len)
 
-        with self.backend.writing(token):
+        try:
             try:
-                try:
-                    run_ordered(runs(), work, consume, workers=self.parallel)
-                    sink.finish()
-                except OSError as e:
-                    raise _disk_error(e, f"token {token} to {self.backend.describe()}") from None
-                now = time.time()
-                header = Header(
-                    token_id=token,
-                    salt=salt,
-                    key_check=keys.key_check,
-                    generation=1,
-                    chunk_size=cs,
-                    chunk_count=len(manifest) // MANIFEST_ENTRY.size,
-                    next_object_id=sink.next_object,
-                    manifest_digest=manifest_digest(manifest),
-                    key_ref=key_ref,
-                )
-                meta = Metadata(
-                    name=name,
-                    size=total,
-                    sha256=hasher.digest().hex(),
-                    mode=stat.S_IMODE(st.st_mode),
-                    mtime_ns=st.st_mtime_ns,
-                    atime_ns=st.st_atime_ns,
-                    ctime_ns=time.time_ns(),
-                    created=int(now),
-                    parallel_chunks=self.parallel,
-                )
-                try:
-                    self.backend.commit_metadata(token, self.seal(keys, header, manifest, meta))
-                except OSError as e:
-                    raise _disk_error(e, f"metadata of token {token}") from None
-            except BaseException:
-                sink.abort()
-                hasher.close()
-                with contextlib.suppress(OSError):
-                    self.backend.discard_uncommitted(token)
-                raise
+                run_ordered(runs(), work, consume, workers=self.parallel)
+                writer.seal()
+            except OSError as e:
+                raise _disk_error(e, f"token {token} to {self.backend.describe()}") from None
+            now = time.time()
+            meta = Metadata(
+                name=name,
+                size=total,
+                mode=stat.S_IMODE(st.st_mode),
+                mtime_ns=st.st_mtime_ns,
+                atime_ns=st.st_atime_ns,
+                ctime_ns=time.time_ns(),
+                created=int(now),
+                parallel_chunks=self.parallel,
+            )
+            try:
+                writer.commit(manifest, meta, writer.sealed)
+            except OSError as e:
+                raise _disk_error(e, f"metadata of token {token}") from None
+        except BaseException:
+            writer.abort()
+            with contextlib.suppress(OSError, VhsmError):
+                self.backend.discard_uncommitted(token)
+            raise
+        finally:
+            manifest.close()
         return token
 
     # -- reading ----------------------------------------------------------------------------------
-    def _runs(self, t: OpenedToken) -> Iterator[tuple[int, int, list[int], int, list[bytes]]]:
-        """Group consecutive manifest entries stored contiguously in one object into runs."""
+    def _runs(self, t: ParsedFile, size: int | None) -> Iterator[_Run]:
+        """Consecutive manifest entries stored contiguously in one object, as runs, streamed
+        from the manifest. Each entry's length and place are checked against the format (and
+        `size`, when the authenticated size is known) as it goes by."""
         h = t.header
         limit = max(RUN_TARGET, h.chunk_size + RECORD_OVERHEAD)
-        i = 0
-        while i < h.chunk_count:
-            obj, off, rlen, dig = t.entry(i)
-            lengths, digests, first, end = [rlen], [dig], i, off + rlen
-            i += 1
-            while i < h.chunk_count and end - off < limit:
-                o2, off2, rlen2, dig2 = t.entry(i)
-                if o2 != obj or off2 != end:
-                    break
-                lengths.append(rlen2)
-                digests.append(dig2)
-                end += rlen2
-                i += 1
-            yield obj, off, lengths, first, digests
+        full = h.chunk_size + RECORD_OVERHEAD
+        last = h.chunk_count - 1
+        objects = t.objects if t.version != FORMAT_V1 else None
+        tok = h.token_id
+        entry = t.entry
+        run: _Run | None = None
+        for first, block in t.manifest_blocks():
+            for k, (obj, off, rlen, dig) in enumerate(entry.iter_unpack(block)):
+                i = first + k
+                if i < last:
+                    ok = rlen == full
+                elif size is not None:
+                    ok = rlen == record_len(h.chunk_size, size, i, h.chunk_count)
+                else:
+                    ok = RECORD_OVERHEAD < rlen <= full
+                if not ok:
+                    raise IntegrityError(f"token {tok}: chunk {i} has the wrong length")
+                if objects is not None:
+                    known = objects.get(obj)
+                    if known is None or off + rlen > known[0]:
+                        raise IntegrityError(f"token {tok}: chunk {i} lies outside its object")
+                if (
+                    run is not None
+                    and obj == run.obj
+                    and off == run.end
+                    and run.end - run.off < limit
+                ):
+                    run.lengths.append(rlen)
+                    run.digests.append(dig)
+                    run.end += rlen
+                    continue
+                if run is not None:
+                    yield run
+                run = _Run(obj, off, off + rlen, i, [rlen], [dig])
+        if run is not None:
+            yield run
 
     def _decrypt_stream(
         self,
@@ -470,12 +480,16 @@ class TokenStore:
         check_digests: bool,
         progress: Progress | None = None,
     ) -> None:
-        """Authenticate and decrypt every chunk in order, feeding plaintext to `sink`; then check
-        size and whole-file SHA-256. Raises IntegrityError naming the first bad part."""
+        """Authenticate and decrypt every chunk in order, feeding plaintext to `sink`; the
+        manifest's digest is checked before the last plaintext is handed over. v1 tokens also
+        have their whole-file SHA-256 checked. Raises IntegrityError naming the first bad part."""
         h, token = t.header, t.token
         readers: dict[int, ObjectReader] = {}
         final = h.chunk_count - 1
-        hasher = OrderedHasher(hashlib.sha256())
+        v1 = t.parsed.version == FORMAT_V1
+        hasher = OrderedHasher(hashlib.sha256()) if v1 and t.meta.sha256 else None
+        checksum = record_checksum(t.parsed.version)
+        check = check_digests or not v1  # v2's checksums cost nothing: always checked
         total = 0
 
         def reader(obj: int) -> ObjectReader:
@@ -487,17 +501,16 @@ class TokenStore:
                     raise IntegrityError(f"token {token}: object {obj:08x} is missing") from None
             return r
 
-        def work(item: tuple[int, int, list[int], int, list[bytes]]) -> bytearray:
-            obj, off, lengths, first, digests = item
-            want = sum(lengths)
-            records = reader(obj).pread(off, want)
+        def work(run: _Run) -> bytearray:
+            want = run.end - run.off
+            records = reader(run.obj).pread(run.off, want)
             if len(records) != want:
-                bad = first + _first_short(lengths, len(records))
+                bad = run.first + _first_short(run.lengths, len(records))
                 raise IntegrityError(f"token {token}: chunk {bad} is truncated or missing")
-            if check_digests:
-                _check_digests(token, records, lengths, digests, first)
+            if check:
+                _check_digests(token, records, run, checksum)
             try:
-                return t.keys.decrypt_run(records, lengths, first, final)
+                return t.keys.decrypt_run(records, run.lengths, run.first, final)
             except ChunkAuthError as e:
                 raise IntegrityError(
                     f"token {token}: chunk {e.index} failed authentication (modified, swapped "
@@ -506,7 +519,8 @@ class TokenStore:
 
         def consume(plain: bytearray) -> None:
             nonlocal total
-            hasher.update(plain)
+            if hasher is not None:
+                hasher.update(plain)
             if sink is not None:
                 sink(plain)
             total += len(plain)
@@ -514,16 +528,25 @@ class TokenStore:
                 progress(len(plain))
 
         try:
-            run_ordered(self._runs(t), work, consume, workers=self.parallel)
-            digest = hasher.digest()
+            run_ordered(self._runs(t.parsed, t.meta.size), work, consume, workers=self.parallel)
+            digest = hasher.digest() if hasher is not None else None
         finally:
-            hasher.close()
+            if hasher is not None:
+                hasher.close()
             for r in readers.values():
                 r.close()
         if total != t.meta.size:
             raise IntegrityError(f"token {token}: size mismatch after decryption")
-        if t.meta.sha256 is not None and not hmac.compare_digest(digest.hex(), t.meta.sha256):
+        if digest is not None and not hmac.compare_digest(digest.hex(), t.meta.sha256 or ""):
             raise IntegrityError(f"token {token}: whole-file SHA-256 mismatch")
+
+    def digest(self, token: uuid.UUID | OpenedToken, progress: Progress | None = None) -> str:
+        """The whole plaintext's SHA-256 (what `sha256sum` prints), computed by decrypting:
+        format v2 does not store one (docs/FORMAT.md section 3)."""
+        t = token if isinstance(token, OpenedToken) else self.open_token(token)
+        h = hashlib.sha256()
+        self._decrypt_stream(t, h.update, check_digests=False, progress=progress)
+        return h.hexdigest()
 
     # -- retrieve ---------------------------------------------------------------------------------
     def retrieve(
@@ -575,48 +598,75 @@ class TokenStore:
         return dest
 
     # -- verify -----------------------------------------------------------------------------------
-    def verify_ciphertext(self, token: uuid.UUID) -> None:
-        """Without the key: metadata checksum, manifest digest, and each record's SHA-256."""
+    def verify_ciphertext(self, token: uuid.UUID) -> str | None:
+        """Without the key: the metadata's checksums, every object's length and XXH3-128 (so
+        bytes appended to an object are found), the manifest's digest and each record's
+        checksum. Returns the note if an older generation had to be used."""
         parsed = self.parse(token)
-        h = parsed.header
-        full = h.chunk_size + RECORD_OVERHEAD
-        entries = [
-            MANIFEST_ENTRY.unpack_from(parsed.manifest, i * MANIFEST_ENTRY.size)
-            for i in range(h.chunk_count)
-        ]
-        for i, (_, _, rlen, _) in enumerate(entries):
-            if rlen != full if i < h.chunk_count - 1 else not RECORD_OVERHEAD < rlen <= full:
-                raise IntegrityError(f"token {token}: chunk {i} has the wrong length")
+        self._scrub_objects(parsed)
+        checksum = record_checksum(parsed.version)
         readers: dict[int, ObjectReader] = {}
         try:
-            for i, (obj, off, rlen, dig) in enumerate(entries):
-                if obj not in readers:
+            for run in self._runs(parsed, None):
+                r = readers.get(run.obj)
+                if r is None:
                     try:
-                        readers[obj] = self.backend.open_object(token, obj)
+                        r = readers[run.obj] = self.backend.open_object(token, run.obj)
                     except FileNotFoundError:
                         raise IntegrityError(
-                            f"token {token}: object {obj:08x} is missing"
+                            f"token {token}: object {run.obj:08x} is missing"
                         ) from None
-                rec = readers[obj].pread(off, rlen)
-                if len(rec) != rlen:
-                    raise IntegrityError(f"token {token}: chunk {i} is truncated or missing")
-                if not hmac.compare_digest(hashlib.sha256(rec).digest(), dig):
-                    raise IntegrityError(f"token {token}: chunk {i} checksum mismatch (modified)")
+                rec = r.pread(run.off, run.end - run.off)
+                if len(rec) != run.end - run.off:
+                    bad = run.first + _first_short(run.lengths, len(rec))
+                    raise IntegrityError(f"token {token}: chunk {bad} is truncated or missing")
+                _check_digests(token, rec, run, checksum)
         finally:
             for r in readers.values():
                 r.close()
+        return parsed.note
 
-    def verify_full(self, token: uuid.UUID) -> None:
-        """With the key: everything above plus decryption and the whole-file SHA-256."""
+    def _scrub_objects(self, parsed: ParsedFile) -> None:
+        """v2: each object of the table read whole and compared with its length and digest."""
+        token = parsed.header.token_id
+        for obj, (length, digest) in sorted(parsed.objects.items()):
+            try:
+                r = self.backend.open_object(token, obj)
+            except FileNotFoundError:
+                raise IntegrityError(f"token {token}: object {obj:08x} is missing") from None
+            try:
+                if r.size != length:
+                    raise IntegrityError(
+                        f"token {token}: object {obj:08x} is {r.size} bytes, its metadata says "
+                        f"{length} (truncated or extended)"
+                    )
+                h = object_hasher()
+                for at in range(0, length, _SCRUB_BLOCK):
+                    h.update(r.pread(at, min(_SCRUB_BLOCK, length - at)))
+                if not hmac.compare_digest(h.digest(), digest):
+                    raise IntegrityError(
+                        f"token {token}: object {obj:08x} checksum mismatch (modified)"
+                    )
+            finally:
+                r.close()
+
+    def verify_full(self, token: uuid.UUID) -> str | None:
+        """With the key: everything above plus decryption of every chunk. Returns the note if
+        an older generation had to be used."""
         t = self.open_token(token)
+        self._scrub_objects(t.parsed)
         self._decrypt_stream(t, None, check_digests=True)
+        return t.note
 
     # -- list / info / delete ---------------------------------------------------------------------
     def summary(self, token: uuid.UUID) -> TokenSummary:
         parsed = self.parse(token)
         h = parsed.header
-        stored = sum(self.backend.object_sizes(token).values())
+        sizes = self.backend.object_sizes(token)
+        ids = parsed.object_ids()
+        stored = sum(n for o, n in sizes.items() if o in ids)
         s = TokenSummary(token, h.chunk_size, h.chunk_count, h.generation, stored)
+        s.note = parsed.note
         if self.keys is not None:
             try:
                 t = self.open_token(token)
@@ -632,20 +682,24 @@ class TokenStore:
         return self.backend.token_ids()
 
     def delete(self, token: uuid.UUID) -> None:
-        """Wipe a token. Needs no key and does not parse the metadata, so that a damaged token
-        can be deleted too; TokenNotFoundError if there is no such token."""
+        """Wipe a token at once, every generation of it included. Needs no key and does not
+        parse the metadata, so that a damaged token can be deleted too; TokenNotFoundError if
+        there is no such token."""
         self.backend.delete_token(token)
 
-    def collect_garbage(self) -> GarbageReport:
-        """The backend's clean-up (interrupted deletes and stores, stale temp files), then the
-        objects at or past each committed token's next_object_id: a writer killed before its
-        commit (a mount) left them, and no commit refers to them. A token is only touched while
-        no writer holds it; unsafe entries are refused and noted, never touched."""
+    def collect_garbage(self, *, now_ns: int | None = None) -> GarbageReport:
+        """The backend's clean-up (interrupted deletes and stores, stale temp files), then per
+        token, while no writer holds it: the current metadata set back to the newest complete
+        generation where a newer one lacks objects; a v2 token with no complete generation at
+        all removed (a copy taken while it was stored or deleted); generations and objects
+        superseded longer than the grace period ago wiped; objects a killed writer left past
+        next_object_id wiped. Unsafe entries are refused and noted, never touched."""
         report = GarbageReport()
         self.backend.collect_garbage(report)
+        now = time.time_ns() if now_ns is None else now_ns
         for token in self.list_tokens():
             try:
-                self._reclaim_past_end(token, report)
+                self._collect_token(token, report, now)
             except TokenNotFoundError:
                 continue  # deleted meanwhile
             except UnsafeEntryError as e:
@@ -655,17 +709,62 @@ class TokenStore:
                 report.ignored.append(f"token {token} ({reason}; left alone)")
         return report
 
-    def _reclaim_past_end(self, token: uuid.UUID, report: GarbageReport) -> None:
+    def _collect_token(self, token: uuid.UUID, report: GarbageReport, now: int) -> None:
         with self.backend.idle(token) as idle:
             if not idle:
                 return
-            first_unused = self.parse(token).header.next_object_id  # read under the lock
+            try:
+                parsed = self.parse(token)  # under the lock
+            except _MissingObject as e:
+                if self.backend.generations(token):  # a v2 token with nothing complete
+                    self.backend.delete_token(token)
+                    reason = str(e).removeprefix(f"token {token}: ")
+                    report.removed.append(
+                        f"removed token {token}: no complete generation ({reason}; stored or "
+                        "deleted while this copy was taken)"
+                    )
+                    return
+                raise
+            h = parsed.header
+            if parsed.note is not None:
+                self.backend.set_current(token, h.generation)
+                report.removed.append(
+                    f"token {token}: set back to generation {h.generation} "
+                    f"({parsed.note.split('(', 1)[-1].rstrip(')')})"
+                )
+            if parsed.version != FORMAT_V1:
+                gens = read_generations(self.backend, token)
+                for g in [g for g in gens if g > h.generation]:
+                    self.backend.delete_generation(token, g)
+                    del gens[g]
+                    report.removed.append(f"removed incomplete generation {g} of token {token}")
+                report.removed.extend(
+                    prune(
+                        self.backend, token, gens, h.generation, h.next_object_id, now, self.grace
+                    )
+                )
             for obj in sorted(self.backend.object_sizes(token)):
-                if obj >= first_unused:
+                if obj >= h.next_object_id:
                     self.backend.delete_object(token, obj)
                     report.removed.append(
                         f"removed object {obj:08x} of token {token} (left by an interrupted write)"
                     )
+
+
+class _MissingObject(IntegrityError):
+    """An object a generation names is not there: that generation is incomplete."""
+
+
+@dataclass
+class _Run:
+    """Manifest entries stored back to back in one object."""
+
+    obj: int
+    off: int
+    end: int
+    first: int  # chunk index of the first
+    lengths: list[int]
+    digests: list[bytes]
 
 
 def _first_short(lengths: list[int], got: int) -> int:
@@ -678,11 +777,13 @@ def _first_short(lengths: list[int], got: int) -> int:
 
 
 def _check_digests(
-    token: uuid.UUID, records: bytes, lengths: list[int], digests: list[bytes], first: int
+    token: uuid.UUID, records: bytes, run: _Run, checksum: Callable[[memoryview], bytes]
 ) -> None:
     view = memoryview(records)
     pos = 0
-    for k, n in enumerate(lengths):
-        if not hmac.compare_digest(hashlib.sha256(view[pos : pos + n]).digest(), digests[k]):
-            raise IntegrityError(f"token {token}: chunk {first + k} checksum mismatch (modified)")
+    for k, n in enumerate(run.lengths):
+        if not hmac.compare_digest(checksum(view[pos : pos + n]), run.digests[k]):
+            raise IntegrityError(
+                f"token {token}: chunk {run.first + k} checksum mismatch (modified)"
+            )
         pos += n

@@ -7,7 +7,6 @@ Records: nonce(12) || ciphertext || tag(16), nonce random per record (never reus
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import uuid
@@ -24,11 +23,14 @@ from vhsmfs.format import (
     NONCE_LEN,
     RECORD_OVERHEAD,
     chunk_aad_prefix,
+    record_checksum,
 )
 
-INFO_DATA = b"vhsm token v1 chunk data key"
-INFO_META = b"vhsm token v1 metadata key"
-INFO_CHECK = b"vhsm token v1 key check"
+
+def _infos(version: int) -> tuple[bytes, bytes, bytes]:
+    """HKDF info prefixes (chunk data, metadata, key check) of a format version."""
+    v = b"vhsm token v%d " % version
+    return v + b"chunk data key", v + b"metadata key", v + b"key check"
 
 
 def _hkdf(ikm: bytes, salt: bytes, info: bytes) -> bytes:
@@ -46,15 +48,20 @@ class ChunkAuthError(Exception):
 class TokenKeys:
     """The derived keys of one token. Holds AESGCM objects, never exposes key bytes."""
 
-    __slots__ = ("token_id", "key_check", "_data", "_meta", "_aad_prefix")
+    __slots__ = ("token_id", "version", "key_check", "_data", "_meta", "_aad_prefix", "_digest")
 
-    def __init__(self, ikm: bytes, salt: bytes, token_id: uuid.UUID) -> None:
-        bound = token_id.bytes + FORMAT_VERSION.to_bytes(2, "big")
+    def __init__(
+        self, ikm: bytes, salt: bytes, token_id: uuid.UUID, version: int = FORMAT_VERSION
+    ) -> None:
+        bound = token_id.bytes + version.to_bytes(2, "big")
+        info_data, info_meta, info_check = _infos(version)
         self.token_id = token_id
-        self.key_check = _hkdf(ikm, salt, INFO_CHECK + bound)
-        self._data = AESGCM(_hkdf(ikm, salt, INFO_DATA + bound))
-        self._meta = AESGCM(_hkdf(ikm, salt, INFO_META + bound))
-        self._aad_prefix = chunk_aad_prefix(token_id)
+        self.version = version
+        self.key_check = _hkdf(ikm, salt, info_check + bound)
+        self._data = AESGCM(_hkdf(ikm, salt, info_data + bound))
+        self._meta = AESGCM(_hkdf(ikm, salt, info_meta + bound))
+        self._aad_prefix = chunk_aad_prefix(token_id, version)
+        self._digest = record_checksum(version)
 
     def __repr__(self) -> str:
         return f"TokenKeys({self.token_id})"
@@ -83,7 +90,8 @@ class TokenKeys:
     ) -> tuple[bytearray, list[tuple[int, bytes]]]:
         """Encrypt consecutive chunks starting at `first_index` into one buffer of records.
 
-        Returns the records and, per chunk, (record length, SHA-256 of the record). The chunk
+        Returns the records and, per chunk, (record length, checksum of the record: XXH3-128
+        in format v2). The chunk
         whose index is `final_index` carries the final marker.
         """
         src = memoryview(plaintext)
@@ -110,7 +118,7 @@ class TokenKeys:
         out = bytearray(sum(map(len, chunks)) + len(chunks) * RECORD_OVERHEAD)
         dst = memoryview(out)
         nonces = os.urandom(NONCE_LEN * len(chunks))  # one syscall per run, not per chunk
-        prefix, tail, aead, sha = self._aad_prefix, CHUNK_AAD_TAIL.pack, self._data, hashlib.sha256
+        prefix, tail, aead, digest = self._aad_prefix, CHUNK_AAD_TAIL.pack, self._data, self._digest
         entries: list[tuple[int, bytes]] = []
         pos = 0
         for k, (index, piece) in enumerate(zip(indexes, chunks, strict=True)):
@@ -123,7 +131,7 @@ class TokenKeys:
                 prefix + tail(index, index == final_index),
                 dst[pos + NONCE_LEN : pos + rlen],
             )
-            entries.append((rlen, sha(dst[pos : pos + rlen]).digest()))
+            entries.append((rlen, digest(dst[pos : pos + rlen])))
             pos += rlen
         return out, entries
 

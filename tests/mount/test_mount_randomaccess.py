@@ -22,8 +22,12 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def store(tmp_path) -> TokenStore:
+    # grace 0: superseded objects go at once, so the checks below see only live ones
     return TokenStore(
-        LocalBackend(tmp_path / "store"), StaticKeyProvider(os.urandom(32)), chunk_size=4096
+        LocalBackend(tmp_path / "store"),
+        StaticKeyProvider(os.urandom(32)),
+        chunk_size=4096,
+        grace=0,
     )
 
 

@@ -6,10 +6,13 @@ later. Nothing on disk is ever modified in place:
 
 * write-back encrypts pending chunks in runs, on the encryption threads, into places reserved
   in order at the end of a NEW object of the token (fresh nonces);
-* commit finishes (fsyncs) that object and publishes a new metadata file (generation + 1) with the
-  new manifest, then wipes objects no longer referenced. A crash before the metadata rename leaves
-  the previous generation intact; the orphaned object is removed the next time the token is
-  written (or by `collect_garbage` for a token that never committed).
+* commit seals that object and publishes a new generation (generation + 1) with the new
+  manifest. Objects and places, sealing, the commit and retention of superseded objects belong
+  to vhsmfs.tokenwriter, the one module that writes the format; this module keeps chunks.
+  A crash before the commit leaves the previous generation intact; the orphaned object is
+  removed the next time the token is written (or by `collect_garbage`).
+* a format v1 token is read as it is and rewritten as v2 (every chunk encrypted again under new
+  keys) before its first change is committed.
 
 The final-chunk marker is part of every record's AAD, so the chunk that ends the file is always
 kept dirty until commit, and any chunk that stops (or starts) being the last one is re-encrypted.
@@ -22,32 +25,32 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
-import itertools
+import hmac
 import os
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from typing import Any
 
-from vhsmfs.backend import ObjectReader, ObjectWriter
+from vhsmfs.backend import ObjectReader
 from vhsmfs.errors import IntegrityError, TokenNotFoundError
 from vhsmfs.format import (
+    FORMAT_V1,
     MANIFEST_ENTRY,
+    MANIFEST_ENTRY_V1,
     MAX_CHUNK_COUNT,
     RECORD_OVERHEAD,
-    SALT_LEN,
-    Header,
     Metadata,
+    ParsedFile,
     chunk_count_for,
-    manifest_digest,
+    record_checksum,
 )
 from vhsmfs.mount.workers import CountingPool
 from vhsmfs.store import OpenedToken, TokenStore
 from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
+from vhsmfs.tokenwriter import ManifestBuffer, TokenWriter
 
 ENTRY = MANIFEST_ENTRY.size
 Buffer = bytes | bytearray | memoryview
@@ -56,7 +59,8 @@ Pending = bytearray | memoryview | list[tuple[int, Buffer]] | None
 # A manifest entry for a chunk that has no record yet (a hole from sparse extension, or a chunk
 # only held dirty in memory). Never committed: every such chunk is encrypted before a commit.
 NO_OBJECT = 0xFFFFFFFF
-SENTINEL = MANIFEST_ENTRY.pack(NO_OBJECT, 0, 0, bytes(32))
+SENTINEL = MANIFEST_ENTRY.pack(NO_OBJECT, 0, 0, bytes(16))
+_CHECKSUM = record_checksum(2)  # format v2's record checksum (XXH3-128)
 
 # Dirty plaintext per file before full chunks are written back (in the background). Tests lower
 # it through the environment to exercise write-back with small files.
@@ -79,72 +83,12 @@ PATCH_BYTES = int(os.environ.get("VHSM_MOUNT_PATCH_BYTES", 16 << 20))
 # usually finds its window decrypted and is answered on the event loop.
 READAHEAD_BYTES = 1 << 20
 READAHEAD_WINDOWS = 3
-OBJECT_TARGET = 64 << 20  # roll to a new object past this size
-HASH_AT_CLOSE_LIMIT = 1 << 30  # recompute the whole-file SHA-256 at close up to this size
-HASH_HOLD_BYTES = 256 << 10  # a file's first bytes are hashed at commit, not on the hash thread
 
-# Background work, shared by all files: encryption of written-back chunks, decryption ahead of
-# sequential readers, and the running whole-file hash. Each file has at most MAX_RUNS runs being
-# encrypted and READAHEAD_WINDOWS read-ahead jobs in flight, so memory stays bounded whatever
-# the file sizes.
+# Background work, shared by all files: encryption of written-back chunks and decryption ahead
+# of sequential readers. Each file has at most MAX_RUNS runs being encrypted and
+# READAHEAD_WINDOWS read-ahead jobs in flight, so memory stays bounded whatever the file sizes.
 _ENCRYPT = CountingPool(max_workers=2, thread_name_prefix="vhsm-encrypt")  # never waits
 _READAHEAD = CountingPool(max_workers=2, thread_name_prefix="vhsm-readahead")
-_HASHING = CountingPool(max_workers=1, thread_name_prefix="vhsm-hash")  # FIFO: in order
-
-
-class RunningHash:
-    """SHA-256 fed on the hash thread, so hashing overlaps encryption. At most `depth` buffers
-    wait to be hashed; one hash thread keeps each file's updates in order.
-
-    The first `hold` bytes are only kept (references to the callers' immutable buffers), not
-    handed over: a small file, written in one or two requests, is then hashed by hexdigest() on
-    the committing thread, with no hand-off to the hash thread and back (which cost more than
-    hashing a few KiB). Past `hold` bytes, everything goes to the hash thread in order."""
-
-    def __init__(self, depth: int = 8, hold: int | None = None) -> None:
-        hold = HASH_HOLD_BYTES if hold is None else hold
-        self._h = hashlib.sha256()
-        self._pending: deque[Future[None]] = deque()
-        self._depth = depth
-        self._held: list[bytes | bytearray | memoryview] | None = [] if hold else None
-        self._held_bytes = 0
-        self._hold = hold
-
-    def update(self, data: bytes | bytearray | memoryview) -> None:
-        held = self._held
-        if held is not None:
-            if self._held_bytes + len(data) <= self._hold:
-                held.append(data)
-                self._held_bytes += len(data)
-                return
-            self._held = None  # from now on, in the background
-            if held:
-                self._submit(self._update_all, held)
-        self._submit(self._h.update, data)
-
-    def _submit(self, fn: Callable[[Any], None], arg: Any) -> None:
-        while len(self._pending) >= self._depth:
-            self._pending.popleft().result()
-        self._pending.append(_HASHING.submit(fn, arg))
-
-    def _update_all(self, bufs: list[bytes | bytearray | memoryview]) -> None:
-        for b in bufs:
-            self._h.update(b)
-
-    def has_room(self) -> bool:
-        """update() would not wait (it may submit two jobs: the held bytes, then the new)."""
-        p = self._pending
-        return len(p) <= self._depth - 2 or all(f.done() for f in itertools.islice(p, 2))
-
-    def hexdigest(self) -> str:
-        """Not on the event loop: hashes the bytes held so far here (and lets go of them)."""
-        while self._pending:
-            self._pending.popleft().result()
-        if self._held:
-            for b in self._held:
-                self._h.update(b)
-            self._held = []  # the byte count stays: later writes are held only up to `hold`
-        return self._h.copy().hexdigest()
 
 
 def _fit(buf: Buffer, want: int) -> Buffer:
@@ -170,12 +114,19 @@ def _lay(buf: bytearray, patches: Iterable[tuple[int, Buffer]] | None) -> None:
 class _Patched:
     """A stored chunk plus the patches to lay over its plaintext, merged by the run."""
 
-    __slots__ = ("obj", "off", "rlen", "patches", "want")
+    __slots__ = ("obj", "off", "rlen", "digest", "patches", "want")
 
     def __init__(
-        self, obj: int, off: int, rlen: int, patches: list[tuple[int, Buffer]], want: int
+        self,
+        obj: int,
+        off: int,
+        rlen: int,
+        digest: bytes,
+        patches: list[tuple[int, Buffer]],
+        want: int,
     ) -> None:
-        self.obj, self.off, self.rlen, self.patches, self.want = obj, off, rlen, patches, want
+        self.obj, self.off, self.rlen, self.digest = obj, off, rlen, digest
+        self.patches, self.want = patches, want
 
 
 class _Run:
@@ -194,32 +145,30 @@ class TokenFile:
     def __init__(
         self,
         store: TokenStore,
-        token: uuid.UUID,
-        keys: TokenKeys,
-        header: Header,
+        writer: TokenWriter,
         manifest: bytes | bytearray,
         meta: Metadata,
         *,
-        committed: bool,
+        legacy: ParsedFile | None = None,
+        legacy_keys: TokenKeys | None = None,
     ) -> None:
+        """`writer` continues the token's newest generation; `manifest` is its manifest in
+        v2 layout. A v1 token is read with `legacy_keys` until it is upgraded (`legacy`)."""
         self.store = store
         self.backend = store.backend
-        self.token = token
-        self.keys = keys
+        self.writer = writer
+        self.token = writer.token
+        self.keys = legacy_keys or writer.keys
+        self._legacy = legacy
         self.lock = threading.RLock()
         # Guards `meta` alone, held for microseconds: attribute changes (the kernel's mtime
         # updates under its write-back cache) need not wait for a write-back holding `lock`.
         self.meta_lock = threading.Lock()
-        self._salt = header.salt
-        self._key_ref = header.key_ref
-        self.cs = header.chunk_size
-        self.generation = header.generation
-        self.next_object = header.next_object_id
+        self.cs = writer.chunk_size
         self.manifest = bytearray(manifest)
         self.meta = meta
         self.size = meta.size
-        self.committed = committed  # a metadata file exists for this token
-        self.meta_dirty = not committed
+        self.meta_dirty = not writer.committed
         # Dirty plaintext per chunk: a bytearray, or a read-only view of the write request that
         # replaced the whole chunk (not copied; made a bytearray if later written in part).
         self._dirty: dict[int, bytearray | memoryview] = {}
@@ -231,25 +180,12 @@ class TokenFile:
         self._patch_bytes = 0
         # runs being encrypted and written, oldest first (see _submit)
         self._runs: deque[_Run] = deque()
-        # A run failed (e.g. disk full): its reserved place is left as a hole, and the next
-        # records go to a new object rather than after it.
-        self._roll = False
         self._ahead: deque[tuple[int, int, Future[bytearray]]] = deque()  # read-ahead jobs
         self._holes: set[int] = set()  # sentinel entries that are not dirty: read as zeros
-        self._writer: ObjectWriter | None = None
-        self._wobj = -1
-        self._woff = 0
-        self._writing = contextlib.ExitStack()  # backend.writing() while uncommitted data exists
-        self._swept = False
-        # a token that never committed has no objects yet: nothing to list or sweep
-        self._obj_sizes: dict[int, int] | None = None if committed else {}
         self._readers: dict[int, ObjectReader] = {}
         self._cache_first = 0
         self._cache: bytearray | None = None  # decrypted plaintext of chunks from _cache_first
         self._last_read_end = 0  # a first read from offset 0 starts a sequential reader
-        # Whole-file SHA-256 kept while writes are sequential from offset 0 (see docs/MOUNT.md).
-        self._hash: RunningHash | None = RunningHash() if self.size == 0 else None
-        self._hash_pos = 0
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -258,7 +194,30 @@ class TokenFile:
 
     @classmethod
     def from_opened(cls, store: TokenStore, t: OpenedToken) -> TokenFile:
-        return cls(store, t.token, t.keys, t.header, t.parsed.manifest, t.meta, committed=True)
+        parsed = t.parsed
+        manifest = parsed.load_manifest()
+        if parsed.version == FORMAT_V1:
+            # read in place with the v1 keys; entries in v2 layout (their checksums unused
+            # until the token is upgraded, which re-encrypts and re-checksums every record)
+            manifest = b"".join(
+                MANIFEST_ENTRY.pack(o, off, n, d[:16])
+                for o, off, n, d in MANIFEST_ENTRY_V1.iter_unpack(manifest)
+            )
+            writer = TokenWriter(store.backend, t.keys, t.header, grace=store.grace)
+            return cls(store, writer, manifest, t.meta, legacy=parsed, legacy_keys=t.keys)
+        writer = TokenWriter(
+            store.backend, t.keys, t.header, objects=parsed.objects, grace=store.grace
+        )
+        return cls(store, writer, manifest, t.meta)
+
+    @property
+    def committed(self) -> bool:
+        """A metadata file exists for this token."""
+        return self.writer.committed
+
+    @property
+    def generation(self) -> int:
+        return self.writer.generation
 
     @classmethod
     def create(
@@ -271,21 +230,16 @@ class TokenFile:
         token: uuid.UUID | None = None,
     ) -> TokenFile:
         """A new, empty, not yet committed token."""
-        token = token or uuid.uuid4()
         provider = store.keys
         if provider is None:
             raise IntegrityError("the mount needs a key")
-        ikm, key_ref = provider.new_token_key(token)
-        salt = os.urandom(SALT_LEN)
-        keys = TokenKeys(ikm, salt, token)
-        now = time.time_ns()
-        header = Header(
-            token, salt, keys.key_check, 0, store.chunk_size, 0, 0, manifest_digest(b""), key_ref
+        writer = TokenWriter.create(
+            store.backend, provider, store.chunk_size, token=token, grace=store.grace
         )
+        now = time.time_ns()
         meta = Metadata(
             name=name,
             size=0,
-            sha256=hashlib.sha256().hexdigest(),
             mode=mode,
             mtime_ns=now,
             atime_ns=now,
@@ -294,7 +248,7 @@ class TokenFile:
             parallel_chunks=1,
             extra=dict(extra or {}),
         )
-        return cls(store, token, keys, header, b"", meta, committed=False)
+        return cls(store, writer, b"", meta)
 
     def claim(self, name: str, mode: int, extra: dict | None = None) -> None:
         """Give a token prepared ahead (keys derived) its name, mode and fresh times."""
@@ -321,7 +275,7 @@ class TokenFile:
             bool(self._dirty)
             or bool(self._holes)
             or self.meta_dirty
-            or self._writer is not None
+            or self.writer.building
             or bool(self._runs)
             or bool(self._patches)
         )
@@ -460,6 +414,9 @@ class TokenFile:
     def _reader(self, obj: int) -> ObjectReader:
         r = self._readers.get(obj)
         if r is None:
+            building = self.writer.reading(obj)
+            if building is not None:  # not sealed, so not named yet: read it back, uncached
+                return building
             try:
                 r = self._readers[obj] = self.backend.open_object(self.token, obj)
             except FileNotFoundError:
@@ -475,9 +432,12 @@ class TokenFile:
         out = bytearray(sum(sum(r[2]) - len(r[2]) * RECORD_OVERHEAD for r in runs))
         view = memoryview(out)
         pos = 0
+        check = self._legacy is None  # v2 records are checked against the manifest first
         for obj, off, lengths, start in runs:
             want = sum(lengths)
             records = self._read_records(obj, off, want, start)
+            if check:
+                self._check_records(records, lengths, start)
             n = want - len(lengths) * RECORD_OVERHEAD
             try:
                 self.keys.decrypt_run_into(records, lengths, start, final, view[pos : pos + n])
@@ -487,6 +447,16 @@ class TokenFile:
                 ) from None
             pos += n
         return out
+
+    def _check_records(self, records: bytes, lengths: list[int], first: int) -> None:
+        """Each record's XXH3-128 against the manifest: a record swapped for another genuine
+        record of the same chunk (an older version kept for the grace period) is refused."""
+        view = memoryview(records)
+        pos = 0
+        for k, n in enumerate(lengths):
+            if not hmac.compare_digest(_CHECKSUM(view[pos : pos + n]), self._entry(first + k)[3]):
+                raise IntegrityError(f"token {self.token}: chunk {first + k} checksum mismatch")
+            pos += n
 
     def _read_records(self, obj: int, off: int, want: int, index: int) -> bytes:
         """`want` bytes of records of object `obj` from `off`; IntegrityError if it is short."""
@@ -517,13 +487,13 @@ class TokenFile:
         replaced. Then the FUSE layer may run it on its event loop (a memory copy)."""
         if n <= 0:
             return True
+        if self._legacy is not None:
+            return False  # a v1 token is rewritten as v2 first
         if self._ahead and not all(a[2].done() for a in self._ahead):
             return False
         # n + cs: a write of n bytes into a new chunk counts the whole chunk as dirty
         if self._over_budget(n + self.cs) and self._write_back_would_wait(n + self.cs):
             return False  # starting the next write-back would wait (or open an object)
-        if self._hash is not None and not self._hash.has_room():
-            return False
         cs, end, count = self.cs, offset + n, self.count
         if end > self.size and count and not self._no_io(count - 1):
             return False  # the old last chunk must be loaded to drop its final marker
@@ -569,6 +539,8 @@ class TokenFile:
         n = len(data)
         if n == 0:
             return 0
+        if self._legacy is not None:
+            self._upgrade()
         end = offset + n
         cs = self.cs
         self._stop_ahead()
@@ -605,12 +577,6 @@ class TokenFile:
             elif not isinstance(buf, bytearray):
                 buf = self._dirty[i] = bytearray(buf)
             _lay(buf, ((a, piece),))
-        if self._hash is not None:
-            if offset == self._hash_pos:
-                self._hash.update(data)
-                self._hash_pos = end
-            else:
-                self._hash = None  # not sequential any more: recomputed at close if small
         now = time.time_ns()
         self.meta.mtime_ns = self.meta.ctime_ns = now
         self.meta_dirty = True
@@ -640,11 +606,9 @@ class TokenFile:
     def truncate(self, size: int) -> None:
         if size == self.size:
             return
+        if self._legacy is not None:
+            self._upgrade(keep_data=size > 0)
         self._resize(size)
-        if size == 0:
-            self._hash, self._hash_pos = RunningHash(), 0
-        elif self._hash is not None and size < self._hash_pos:
-            self._hash = None
         now = time.time_ns()
         self.meta.mtime_ns = self.meta.ctime_ns = now
         self.meta_dirty = True
@@ -688,57 +652,17 @@ class TokenFile:
 
     # -- write-back and commit -------------------------------------------------------------------
     def _reserve(self, nbytes: int) -> tuple[int, int]:
-        """A place for `nbytes` of records at the end of the current new object (a new one is
-        started at first, and past OBJECT_TARGET once every run writing the old one is done)."""
-        if self._writer is None or self._woff >= OBJECT_TARGET or self._roll:
+        """A place for `nbytes` of records at the end of the object being written (a new one
+        at first, and past its size target or after a failed run, once every run writing the
+        old one has landed: the writer seals it then)."""
+        if self.writer.would_roll(nbytes):
             self._settle(0)  # runs still writing into the current object land first
-            self._roll = False
-            self._finish_object()
-            if not self._swept:
-                self._writing.enter_context(self.backend.writing(self.token))
-                if self.committed:
-                    self._sweep_orphans()
-                self._swept = True
-            self._wobj = self.next_object
-            self.next_object += 1
-            self._writer = self.backend.new_object(self.token, self._wobj)
-            self._woff = 0
-            self._sizes()[self._wobj] = 0
-        at = self._woff
-        self._woff += nbytes
-        self._sizes()[self._wobj] = self._woff
-        return self._wobj, at
+        return self.writer.reserve(nbytes)
 
     def _append(self, records: bytes | bytearray) -> tuple[int, int]:
         obj, at = self._reserve(len(records))
-        assert self._writer is not None
-        self._writer.write_at(at, records)
+        self.writer.write_at(obj, at, records)
         return obj, at
-
-    def _finish_object(self) -> None:
-        if self._writer is not None:
-            self._writer.finish()
-            self._writer = None
-
-    def _sizes(self) -> dict[int, int]:
-        if self._obj_sizes is None:
-            self._obj_sizes = self.backend.object_sizes(self.token)
-        return self._obj_sizes
-
-    def _sweep_orphans(self) -> None:
-        """Objects at or past next_object_id were written by a session that never committed
-        (killed mount): nothing references them, so they are wiped before ids are reused."""
-        self._swept = True
-        for obj in sorted(self._sizes()):
-            if obj >= self.next_object:
-                self._drop_object(obj)
-
-    def _drop_object(self, obj: int) -> None:
-        r = self._readers.pop(obj, None)
-        if r is not None:
-            r.close()
-        self.backend.delete_object(self.token, obj)
-        self._sizes().pop(obj, None)
 
     def _busy_runs(self) -> int:
         """Runs in flight from the oldest one not finished (finished ones are applied next)."""
@@ -754,11 +678,7 @@ class TokenFile:
         if busy >= MAX_RUNS:
             return self._far_over_budget(n)
         room = MAX_RUNS - busy
-        if (
-            self._writer is None
-            or self._roll
-            or self._woff + room * (RUN_BYTES + RUN_BYTES // 32) >= OBJECT_TARGET
-        ):
+        if self.writer.would_roll(room * (RUN_BYTES + RUN_BYTES // 32)):
             return True
         return any(self._entry(i)[0] not in self._readers for i in self._patches)
 
@@ -812,8 +732,8 @@ class TokenFile:
             for i, want in zip(idx, wants, strict=True):
                 patches = self._drop_patches(i)
                 if patches is not None:
-                    e_obj, e_off, e_rlen, _ = self._entry(i)
-                    parts.append(_Patched(e_obj, e_off, e_rlen, patches, want))
+                    e_obj, e_off, e_rlen, e_dig = self._entry(i)
+                    parts.append(_Patched(e_obj, e_off, e_rlen, e_dig, patches, want))
                     self._inflight[i] = patches
                     bufs.append(patches)
                     continue
@@ -828,38 +748,34 @@ class TokenFile:
                 bufs.append(buf)
             run = _Run(idx, bufs, obj, off)
             self._runs.append(run)
-            writer = self._writer
             if inline_last and k + len(idx) >= len(todo):
                 run.future = Future()
                 try:
-                    run.future.set_result(self._encrypt_run(writer, run, parts, final))
+                    run.future.set_result(self._encrypt_run(run, parts, final))
                 except BaseException as e:
                     run.future.set_exception(e)
             else:
-                run.future = _ENCRYPT.submit(self._encrypt_run, writer, run, parts, final)
+                run.future = _ENCRYPT.submit(self._encrypt_run, run, parts, final)
 
     def _encrypt_run(
-        self,
-        writer: ObjectWriter | None,
-        run: _Run,
-        parts: list[Buffer | _Patched],
-        final: int,
+        self, run: _Run, parts: list[Buffer | _Patched], final: int
     ) -> list[tuple[int, bytes]]:
         """On an encryption thread: touches only the run's own buffers, the readers opened for
-        it, and its reserved place."""
-        assert writer is not None
+        it, and its reserved place (the token writer hashes the object in order)."""
         plain = [
             self._merge(p, i, final) if isinstance(p, _Patched) else p
             for i, p in zip(run.idx, parts, strict=True)
         ]
         records, entries = self.keys.encrypt_chunks(plain, run.idx, final)
-        writer.write_at(run.off, records)
+        self.writer.write_at(run.obj, run.off, records)
         return entries
 
     def _merge(self, p: _Patched, i: int, final: int) -> Buffer:
         """A patched chunk's plaintext: its stored record, authenticated, with the patches laid
         over it in the order they were written."""
         record = self._read_records(p.obj, p.off, p.rlen, i)  # reader opened by _submit
+        if not hmac.compare_digest(_CHECKSUM(record), p.digest):
+            raise IntegrityError(f"token {self.token}: chunk {i} checksum mismatch")
         try:
             buf = self.keys.decrypt_run(record, [p.rlen], i, final)
         except ChunkAuthError:
@@ -880,7 +796,7 @@ class TokenFile:
                 entries = run.future.result()
             except BaseException as e:
                 error = error or e
-                self._roll = True
+                self.writer.failed()  # its place stays a gap: later runs go to a new object
                 for i, buf in zip(run.idx, run.bufs, strict=True):
                     self._inflight.pop(i, None)
                     if i >= self.count or i in self._dirty or i in self._patches:
@@ -919,14 +835,14 @@ class TokenFile:
         return live
 
     def _compact(self) -> None:
-        """Copy the live records of objects that are mostly dead into the current new object.
-        Records are bound to (token, index, final), not to their location: no re-encryption."""
+        """Copy the live records of sealed objects that are mostly dead into the object being
+        written. Records are bound to (token, index, final), not to their location: no
+        re-encryption. The old objects stay for the grace period (vhsmfs.tokenwriter)."""
         live = self._live_bytes()
-        sizes = self._sizes()
         victims = {
             obj
-            for obj, size in sizes.items()
-            if obj in live and obj != self._wobj and live[obj] * 2 < size
+            for obj, (size, _) in self.writer.sealed.items()
+            if obj in live and live[obj] * 2 < size
         }
         if not victims:
             return
@@ -949,7 +865,7 @@ class TokenFile:
             view = memoryview(records)
             pos = 0
             for rl, dg in run:  # copied bytes must still match the manifest
-                if hashlib.sha256(view[pos : pos + rl]).digest() != dg:
+                if not hmac.compare_digest(_CHECKSUM(view[pos : pos + rl]), dg):
                     raise IntegrityError(f"token {self.token}: chunk {i} checksum mismatch")
                 pos += rl
             new_obj, new_off = self._append(records)
@@ -958,60 +874,74 @@ class TokenFile:
                 new_off += rl
             i = j
 
-    def _whole_hash(self, final: bool) -> str | None:
-        if self._hash is not None and self._hash_pos == self.size:
-            return self._hash.hexdigest()
-        if not final or self.size > HASH_AT_CLOSE_LIMIT:
-            return None
-        h = RunningHash()
-        step = max(1, RUN_BYTES // self.cs)
-        for first in range(0, self.count, step):
-            h.update(self._plaintext(first, min(self.count, first + step) - 1))
-        # Later appends continue from here.
-        self._hash, self._hash_pos = h, self.size
-        return h.hexdigest()
+    def _upgrade(self, *, keep_data: bool = True) -> None:
+        """Rewrite a format v1 token as v2 before its first change: every chunk decrypted with
+        the v1 keys and encrypted again under new v2 keys into new objects, in runs (none when
+        the change is a truncation to zero, `keep_data=False`). The v1 metadata is kept as a
+        generation file, so its objects stay for the grace period."""
+        legacy = self._legacy
+        if legacy is None:
+            return
+        if not keep_data:
+            self.size = 0
+        provider = self.store.keys
+        if provider is None:
+            raise IntegrityError("the mount needs a key")
+        self._stop_ahead()
+        r = self.backend.open_metadata(self.token)
+        try:
+            raw = r.pread(0, r.size)
+        finally:
+            r.close()
+        writer = TokenWriter.upgrade(self.backend, provider, legacy.header, grace=self.store.grace)
+        count, final, cs = self.count, self.count - 1, self.cs
+        manifest = bytearray()
+        step = max(1, RUN_BYTES // cs)
+        try:
+            for first in range(0, count, step):
+                last = min(count, first + step) - 1
+                plain = self._decrypt(first, last)
+                records, entries = writer.keys.encrypt_run(plain, first, cs, final)
+                obj, off = writer.append(records)
+                for rlen, digest in entries:
+                    manifest += MANIFEST_ENTRY.pack(obj, off, rlen, digest)
+                    off += rlen
+            writer.seal()
+            writer.keep_generation(legacy, raw)
+        except BaseException:
+            writer.abort()
+            raise
+        for rd in self._readers.values():
+            rd.close()
+        self._readers.clear()
+        self._cache = None
+        self.writer, self.keys, self.manifest, self._legacy = writer, writer.keys, manifest, None
+        self.meta_dirty = True
 
     def commit(self, *, final: bool = True) -> bool:
-        """Publish everything written so far as a new generation. Durable on return.
-        `final` (last close, fsync, unmount) also recomputes a whole-file hash that sequential
-        writing could not keep. Returns False if there was nothing to publish."""
+        """Publish everything written so far as a new generation. Durable on return. Returns
+        False if there was nothing to publish. (`final`: the last close, fsync or unmount;
+        nothing differs any more since format v2 keeps no whole-file digest.)"""
         self._stop_ahead()
         self._drain()
         if not self.dirty:
             return False
-        sha = self._whole_hash(final)
+        self._upgrade()
         self._write_back()
         self._compact()
-        self._finish_object()
         with self.meta_lock:  # a consistent snapshot; later setattrs mark it dirty again
             self.meta.size = self.size
-            self.meta.sha256 = sha
+            self.meta.sha256 = None
             meta = dataclasses.replace(self.meta, extra=dict(self.meta.extra))
             self.meta_dirty = False
-        header = Header(
-            token_id=self.token,
-            salt=self._salt,
-            key_check=self.keys.key_check,
-            generation=self.generation + 1,
-            chunk_size=self.cs,
-            chunk_count=self.count,
-            next_object_id=self.next_object,
-            manifest_digest=manifest_digest(self.manifest),
-            key_ref=self._key_ref,
-        )
+        used = set(self._live_bytes())
         try:
-            data = self.store.seal(self.keys, header, self.manifest, meta)
-            self.backend.commit_metadata(self.token, data)
+            self.writer.commit(ManifestBuffer(self.manifest), meta, used)
         except BaseException:
             self.meta_dirty = True
             raise
-        self.generation += 1
-        self.committed = True
-        self._writing.close()  # the metadata now references every object written
-        self._swept = False
-        live = self._live_bytes()
-        for obj in [o for o in self._sizes() if o not in live]:
-            self._drop_object(obj)
+        for obj in [o for o in self._readers if o not in used]:
+            self._readers.pop(obj).close()
         return True
 
     # -- lifetime -------------------------------------------------------------------------------
@@ -1023,17 +953,14 @@ class TokenFile:
                 self.backend.delete_token(self.token)
         else:
             self.backend.discard_uncommitted(self.token)
-        self.committed = False
+        self.writer.committed = False
 
     def close(self) -> None:
         """Drop caches and file descriptors. Uncommitted data is discarded: commit first."""
         self._stop_ahead()
         with contextlib.suppress(Exception):
             self._drain()
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
-        self._writing.close()
+        self.writer.abort()
         for r in self._readers.values():
             r.close()
         self._readers.clear()

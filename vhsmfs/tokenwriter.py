@@ -1,0 +1,532 @@
+"""Writing and committing one token: the only module that writes the token format (v2).
+
+Both writers of tokens use it: `vhsm token store` (vhsmfs.store, sequential) and the mount
+(vhsmfs.mount.randomaccess, chunks rewritten anywhere by several encryption threads). It owns:
+
+* object allocation: places for records are reserved in order in the token's current object,
+  which rolls to a new object past OBJECT_TARGET; records are written there from any thread;
+* sealing: an object is finished (durable, published under its id, immutable) with its length
+  and XXH3-128 recorded for the object table, hashed in offset order as the bytes arrive;
+* the commit: metadata sealed under the token's key, the generation file written, then the
+  current metadata replaced (vhsmfs.backend.Backend.commit_metadata);
+* retention: what earlier generations and superseded objects stay for the grace period, so a
+  backup copy taken at any moment holds a complete generation of every token (FORMAT.md 7, 9).
+
+Nothing here knows chunks' plaintext: callers hand in encrypted records and manifest entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from vhsmfs.backend import Backend, ObjectWriter
+from vhsmfs.errors import InputError, IntegrityError, StoreError, VhsmError
+from vhsmfs.format import (
+    MANIFEST_ENTRY,
+    MAX_CHUNK_COUNT,
+    MAX_CHUNK_SIZE,
+    MAX_META_JSON,
+    SALT_LEN,
+    Header,
+    Metadata,
+    ParsedFile,
+    build_head,
+    chunk_count_for,
+    object_hasher,
+    pack_object_table,
+    parse,
+)
+from vhsmfs.keyfile import KeyProvider
+from vhsmfs.tokencrypto import TokenKeys
+
+OBJECT_TARGET = 64 << 20  # roll to a new object past this many bytes
+DEFAULT_GRACE_SECONDS = 3600
+SPOOL_IN_MEMORY = 8 << 20  # manifest bytes kept in memory before the spool goes to a temp file
+_READ_BACK = 4 << 20
+
+
+def grace_from_env() -> int:
+    """VHSM_GRACE_SECONDS: how long superseded generations and objects are kept (0 to 10 years)."""
+    raw = os.environ.get("VHSM_GRACE_SECONDS", "")
+    if not raw:
+        return DEFAULT_GRACE_SECONDS
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        raise VhsmError(f"VHSM_GRACE_SECONDS must be a number of seconds, got {raw!r}")
+    return int(raw)
+
+
+def check_chunk_count(size: int, chunk_size: int, what: str) -> None:
+    """Refuse, before anything is written, a file whose manifest would exceed the format's cap
+    (MAX_CHUNK_COUNT entries, a 1 GiB manifest): readers refuse such metadata."""
+    count = chunk_count_for(size, chunk_size)
+    if count <= MAX_CHUNK_COUNT:
+        return
+    need = -(-size // MAX_CHUNK_COUNT)
+    hint = (
+        f"store it with TOKEN_CHUNK_SIZE={need} or more"
+        if need <= MAX_CHUNK_SIZE
+        else "that is more than the format holds at any chunk size"
+    )
+    raise InputError(
+        f"{what} is too large for chunk size {chunk_size}: {count} chunks, the format allows "
+        f"{MAX_CHUNK_COUNT}; {hint}"
+    )
+
+
+class ManifestSpool:
+    """A manifest built in index order (by `store`): entries spooled to an anonymous temp file
+    past SPOOL_IN_MEMORY bytes, so memory stays flat whatever the file size."""
+
+    def __init__(self) -> None:
+        self._f = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
+        self.count = 0
+        self._hash = hashlib.sha256()
+
+    def append(self, entries: bytes | bytearray) -> None:
+        self._f.write(entries)
+        self._hash.update(entries)
+        self.count += len(entries) // MANIFEST_ENTRY.size
+
+    def digest(self, object_table: bytes) -> bytes:
+        h = self._hash.copy()
+        h.update(object_table)
+        return h.digest()
+
+    def parts(self) -> Iterator[bytes]:
+        self._f.flush()
+        self._f.seek(0)
+        while block := self._f.read(1 << 20):
+            yield block
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class ManifestBuffer:
+    """A manifest held in memory (by the mount, which changes entries anywhere)."""
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+
+    @property
+    def count(self) -> int:
+        return len(self.data) // MANIFEST_ENTRY.size
+
+    def digest(self, object_table: bytes) -> bytes:
+        h = hashlib.sha256(self.data)
+        h.update(object_table)
+        return h.digest()
+
+    def parts(self) -> Iterator[bytes | bytearray]:
+        yield self.data
+
+    def object_ids(self) -> set[int]:
+        return {e[0] for e in MANIFEST_ENTRY.iter_unpack(self.data)}
+
+
+class _Building:
+    """The object being filled: places reserved in order, bytes arriving from any thread, the
+    XXH3-128 kept in offset order (bytes that arrive early wait for those before them)."""
+
+    def __init__(self, object_id: int, writer: ObjectWriter) -> None:
+        self.id = object_id
+        self.writer = writer
+        self.end = 0
+        self._hashed = 0
+        self._hash = object_hasher()
+        self._early: dict[int, bytes | bytearray | memoryview] = {}
+        self._lock = threading.Lock()
+
+    def reserve(self, n: int) -> int:
+        at = self.end
+        self.end += n
+        return at
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.writer.write_at(offset, data)
+        with self._lock:
+            if offset != self._hashed:
+                self._early[offset] = data
+                return
+            self._hash.update(data)
+            self._hashed += len(data)
+            while (nxt := self._early.pop(self._hashed, None)) is not None:
+                self._hash.update(nxt)
+                self._hashed += len(nxt)
+
+    def digest(self) -> bytes:
+        """The object's XXH3-128. Where some reserved place never got its bytes (a run that
+        failed, e.g. on a full disk), the object is read back: what is there is what counts."""
+        if self._hashed == self.end and not self._early:
+            return self._hash.digest()
+        h = object_hasher()
+        for at in range(0, self.end, _READ_BACK):
+            want = min(_READ_BACK, self.end - at)
+            data = self.writer.pread(at, want)
+            h.update(data + bytes(want - len(data)))  # a hole at the end reads short
+        return h.digest()
+
+
+class _BuildingReader:
+    """Reads records back from the object being written (before it is sealed)."""
+
+    def __init__(self, b: _Building) -> None:
+        self._b = b
+        self.size = b.end
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self._b.writer.pread(offset, length)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Generation:
+    """What retention needs to know of a generation: when it was committed, what it uses."""
+
+    number: int
+    commit_time_ns: int
+    objects: set[int]
+
+
+def generation_info(parsed: ParsedFile) -> Generation:
+    return Generation(
+        parsed.header.generation, parsed.header.commit_time_ns, set(parsed.object_ids())
+    )
+
+
+class TokenWriter:
+    """Writes new generations of one token. Not thread-safe except write_at (the caller holds
+    its own lock around reserve, seal and commit)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        keys: TokenKeys,
+        header: Header,
+        *,
+        objects: dict[int, tuple[int, bytes]] | None = None,
+        grace: int | None = None,
+        committed: bool = True,
+    ) -> None:
+        """`header` is the token's newest committed generation (for a new token: generation
+        0, no objects). `objects`: its object table (what earlier objects the next manifest
+        may still refer to)."""
+        self.backend = backend
+        self.token = header.token_id
+        self.keys = keys
+        self.salt = header.salt
+        self.key_ref = header.key_ref
+        self.chunk_size = header.chunk_size
+        self.generation = header.generation
+        self.next_object = header.next_object_id
+        self.committed = committed
+        self.grace = grace_from_env() if grace is None else grace
+        self.sealed: dict[int, tuple[int, bytes]] = dict(objects or {})
+        self._building: _Building | None = None
+        self._roll = False
+        self._writing = contextlib.ExitStack()  # backend.writing() while work is uncommitted
+        self._held = False
+        self._generations: dict[int, Generation] | None = None  # retention's cache
+        self._swept = False
+        self._listed = False  # generation files checked for leftovers (first commit)
+
+    @classmethod
+    def create(
+        cls,
+        backend: Backend,
+        provider: KeyProvider,
+        chunk_size: int,
+        *,
+        token: uuid.UUID | None = None,
+        grace: int | None = None,
+    ) -> TokenWriter:
+        """A new token (nothing written yet): fresh id unless given, salt and keys."""
+        token = token or uuid.uuid4()
+        ikm, key_ref = provider.new_token_key(token)
+        salt = os.urandom(SALT_LEN)
+        keys = TokenKeys(ikm, salt, token)
+        header = Header(token, salt, keys.key_check, 0, chunk_size, 0, 0, b"", key_ref)
+        return cls(backend, keys, header, grace=grace, committed=False)
+
+    @classmethod
+    def upgrade(
+        cls, backend: Backend, provider: KeyProvider, legacy: Header, *, grace: int | None = None
+    ) -> TokenWriter:
+        """A writer that rewrites a format v1 token as v2: new salt and keys (records must all
+        be encrypted again), generation and object numbering continued from `legacy`."""
+        token = legacy.token_id
+        ikm, key_ref = provider.new_token_key(token)
+        salt = os.urandom(SALT_LEN)
+        keys = TokenKeys(ikm, salt, token)
+        header = Header(
+            token,
+            salt,
+            keys.key_check,
+            legacy.generation,
+            legacy.chunk_size,
+            0,
+            legacy.next_object_id,
+            b"",
+            key_ref,
+        )
+        return cls(backend, keys, header, grace=grace, committed=True)
+
+    # -- objects ----------------------------------------------------------------------------------
+    def _begin_writing(self) -> None:
+        if not self._held:
+            self._writing.enter_context(self.backend.writing(self.token))
+            self._held = True
+
+    def _end_writing(self) -> None:
+        self._writing.close()
+        self._held = False
+
+    @property
+    def building(self) -> bool:
+        """An object is being written (not sealed yet)."""
+        return self._building is not None
+
+    def reading(self, object_id: int) -> _BuildingReader | None:
+        """A reader of the object being written if that is `object_id` (it has no name yet),
+        else None. Valid until the object is sealed: the caller lets no read overlap seal()."""
+        b = self._building
+        return _BuildingReader(b) if b is not None and b.id == object_id else None
+
+    def would_roll(self, nbytes: int) -> bool:
+        """Whether reserve(nbytes) would seal the current object and start a new one (the
+        caller lets every write into the current one land first)."""
+        b = self._building
+        return b is None or self._roll or b.end + nbytes > OBJECT_TARGET and b.end > 0
+
+    def reserve(self, nbytes: int) -> tuple[int, int]:
+        """A place for `nbytes` of records: (object id, offset), at the end of the current
+        object, or of a new one past OBJECT_TARGET (or after a failed write)."""
+        b = self._building
+        if self.would_roll(nbytes):
+            self.seal()
+            self._roll = False
+            self._begin_writing()
+            if not self._swept:
+                self._sweep_leftovers()
+            b = self._building = _Building(
+                self.next_object, self.backend.new_object(self.token, self.next_object)
+            )
+            self.next_object += 1
+        return b.id, b.reserve(nbytes)
+
+    def write_at(self, object_id: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write records at a reserved place (any thread). `data` must not change afterwards."""
+        b = self._building
+        if b is None or b.id != object_id:
+            raise StoreError(f"token {self.token}: object {object_id:08x} is not being written")
+        b.write_at(offset, data)
+
+    def append(self, data: bytes | bytearray | memoryview) -> tuple[int, int]:
+        obj, at = self.reserve(len(data))
+        self.write_at(obj, at, data)
+        return obj, at
+
+    def failed(self) -> None:
+        """A write at a reserved place failed: later records go to a new object."""
+        self._roll = True
+
+    def seal(self) -> None:
+        """Finish the current object: durable, published, its length and digest recorded."""
+        b, self._building = self._building, None
+        if b is None:
+            return
+        try:
+            digest = b.digest()
+            b.writer.finish()
+        except BaseException:
+            b.writer.abort()
+            raise
+        self.sealed[b.id] = (b.end, digest)
+
+    def abort(self) -> None:
+        """Drop the object being written (unpublished) and let go of the writer lock."""
+        b, self._building = self._building, None
+        if b is not None:
+            b.writer.abort()
+        self._end_writing()
+
+    def _sweep_leftovers(self) -> None:
+        """Objects at or past next_object_id were left by a writer killed before its commit:
+        nothing refers to them, so they go before their ids are used again."""
+        self._swept = True
+        if not self.committed:
+            return
+        for obj in sorted(self.backend.object_sizes(self.token)):
+            if obj >= self.next_object:
+                self.backend.delete_object(self.token, obj)
+
+    # -- commit ------------------------------------------------------------------------------------
+    def commit(
+        self,
+        manifest: ManifestSpool | ManifestBuffer,
+        meta: Metadata,
+        used: Iterable[int],
+    ) -> int:
+        """Publish a new generation: `manifest` (entries in index order), `meta` (the sizes
+        must agree), `used` the objects the manifest refers to, all sealed. Durable on return;
+        then superseded generations past the grace period are pruned. Returns the generation."""
+        self.seal()
+        check_chunk_count(meta.size, self.chunk_size, f"token {self.token}")
+        if manifest.count != chunk_count_for(meta.size, self.chunk_size):
+            raise StoreError(f"token {self.token}: manifest and size disagree")
+        try:
+            objects = {o: self.sealed[o] for o in used}
+        except KeyError as e:
+            raise IntegrityError(
+                f"token {self.token}: object {e.args[0]:08x} was never finished"
+            ) from None
+        doc = meta.to_json()
+        if len(doc) > MAX_META_JSON:
+            raise InputError(
+                f"token {self.token}: its name and attributes take {len(doc)} bytes, more than "
+                f"the format allows ({MAX_META_JSON})"
+            )
+        table = pack_object_table(objects)
+        now = time.time_ns()
+        header = Header(
+            token_id=self.token,
+            salt=self.salt,
+            key_check=self.keys.key_check,
+            generation=self.generation + 1,
+            chunk_size=self.chunk_size,
+            chunk_count=manifest.count,
+            next_object_id=self.next_object,
+            tables_digest=manifest.digest(table),
+            key_ref=self.key_ref,
+            commit_time_ns=now,
+            object_count=len(objects),
+        )
+        header_bytes = header.pack()
+        nonce, ct = self.keys.seal_metadata(doc, header_bytes)
+        head = build_head(header, nonce, ct, table)
+        self._clear_stale_generation(header.generation)
+        self.backend.commit_metadata(self.token, header.generation, _chain(head, manifest))
+        self.generation = header.generation
+        self.committed = True
+        self.sealed = objects  # what later generations may still refer to
+        self._end_writing()  # the metadata now refers to every object written
+        self._swept = False
+        if self._generations is not None:
+            self._generations[header.generation] = Generation(header.generation, now, set(objects))
+        self.prune(now)
+        return header.generation
+
+    def _clear_stale_generation(self, generation: int) -> None:
+        """A generation file with the number about to be written, or higher, is the leftover
+        of a writer killed between writing it and replacing the current metadata, whose
+        objects this writer has since reused: it is dead."""
+        if not self.committed:
+            return  # a new token: nothing of it is committed
+        if self._listed:
+            found = list(self._generations or ())
+        else:
+            found = self.backend.generations(self.token)
+            self._listed = True
+        for g in found:
+            if g >= generation:
+                self.backend.delete_generation(self.token, g)
+                if self._generations is not None:
+                    self._generations.pop(g, None)
+
+    def keep_generation(self, parsed: ParsedFile, data: bytes) -> None:
+        """Store `data`, the token's current metadata in format v1 (which kept no generation
+        files), as its generation file before the first v2 commit, so that its objects stay
+        for the grace period like any superseded generation's."""
+        if parsed.header.generation in self.backend.generations(self.token):
+            return
+        self.backend.commit_metadata(self.token, parsed.header.generation, [data])
+        if self._generations is not None:
+            self._generations[parsed.header.generation] = generation_info(parsed)
+
+    # -- retention ---------------------------------------------------------------------------------
+    def prune(self, now_ns: int | None = None) -> list[str]:
+        """Remove generations superseded more than `grace` seconds ago and the objects only
+        they referred to. Returns a line per thing removed."""
+        if self._generations is None:
+            self._generations = read_generations(self.backend, self.token)
+        return prune(
+            self.backend,
+            self.token,
+            self._generations,
+            self.generation,
+            self.next_object,
+            now_ns if now_ns is not None else time.time_ns(),
+            self.grace,
+        )
+
+
+def _chain(head: bytes, manifest: ManifestSpool | ManifestBuffer) -> Iterator[bytes | bytearray]:
+    yield head
+    yield from manifest.parts()
+
+
+def read_generations(backend: Backend, token: uuid.UUID) -> dict[int, Generation]:
+    """Every readable generation file of a token (an unreadable one is left out: retention
+    keeps it, gc reports it)."""
+    out: dict[int, Generation] = {}
+    for g in backend.generations(token):
+        try:
+            r = backend.open_generation(token, g)
+        except FileNotFoundError:
+            continue
+        try:
+            parsed = parse(r, token, lambda g=g: backend.open_generation(token, g))
+        except VhsmError:
+            continue
+        finally:
+            r.close()
+        if parsed.header.generation == g:
+            out[g] = generation_info(parsed)
+    return out
+
+
+def prune(
+    backend: Backend,
+    token: uuid.UUID,
+    generations: dict[int, Generation],
+    newest: int,
+    next_object: int,
+    now_ns: int,
+    grace: int,
+) -> list[str]:
+    """Retention. Generation g is superseded when the next newer one was committed; it is kept
+    while that was less than `grace` seconds ago. The newest is always kept; so is every
+    object a kept generation refers to, and every object at or past `next_object` (a writer's
+    work in progress). Everything else is wiped. `generations` is updated."""
+    order = sorted(g for g in generations if g <= newest)
+    keep = {newest}
+    for older, newer in zip(order, order[1:], strict=False):
+        if now_ns - generations[newer].commit_time_ns < grace * 1_000_000_000:
+            keep.add(older)
+    removed: list[str] = []
+    for g in order:
+        if g not in keep:
+            backend.delete_generation(token, g)
+            del generations[g]
+            removed.append(f"removed generation {g} of token {token} (superseded)")
+    live: set[int] = set()
+    for g in keep:
+        if g in generations:
+            live |= generations[g].objects
+    if newest not in generations:
+        return removed  # the newest is unreadable: nothing is known to be unused
+    for obj in sorted(backend.object_sizes(token)):
+        if obj < next_object and obj not in live:
+            backend.delete_object(token, obj)
+            removed.append(f"removed object {obj:08x} of token {token} (superseded)")
+    return removed
