@@ -251,16 +251,31 @@ def _fail_if_unreadable(failed: int) -> None:
 @key_option
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--digest",
+    is_flag=True,
+    help="Also compute the file's SHA-256 (as sha256sum prints it) by decrypting it; needs "
+    "the key.",
+)
 def info(
-    token_id: str, key_file: str | None, key_service: str | None, store_dir: str, as_json: bool
+    token_id: str,
+    key_file: str | None,
+    key_service: str | None,
+    store_dir: str,
+    as_json: bool,
+    digest: bool,
 ) -> None:
     """Show what is known about TOKEN (names and sizes need its key)."""
     with run_guarded():
         tok = parse_token(token_id)
         ts = _open_store(store_dir, key_file, key_service)
+        if digest and ts.keys is None:
+            raise VhsmError("info --digest needs the key: --key FILE or --key-service")
         s = ts.summary(tok)
         if ts.keys is not None and not s.readable:
             raise WrongKeyError(f"wrong key for token {tok}")
+        if digest:
+            s.sha256 = ts.digest(tok)
         d = s.as_dict()
         if as_json:
             click.echo(json.dumps(d, indent=2))
@@ -278,12 +293,15 @@ def info(
             ("Created", _fmt_s(d["created"])),
             ("Modified", _fmt_ns(d["mtime_ns"])),
             ("Mode", f"{d['mode']:04o}" if d["mode"] is not None else None),
+            ("Note", d["note"]),
         ]
         for label, value in labels:
             if value is not None:
                 say(f"{label + ':':14}{value}")
         if not s.readable:
             say("(name, size and checksum are encrypted: give --key to see them)")
+        elif s.sha256 is None:
+            say("(SHA-256 of the content: give --digest to compute it)")
 
 
 @token.command()
@@ -318,10 +336,10 @@ def verify(
         for tok in toks:
             try:
                 if no_key:
-                    ts.verify_ciphertext(tok)
+                    note = ts.verify_ciphertext(tok)
                 else:
                     try:
-                        ts.verify_full(tok)
+                        note = ts.verify_full(tok)
                     except WrongKeyError:
                         if explicit:
                             raise
@@ -329,7 +347,9 @@ def verify(
                         say(f"SKIP {tok} (other key; ciphertext checksums OK)")
                         skipped += 1
                         continue
-                say(f"OK {tok}")
+                # an older generation is complete where the newest is not: a copy taken
+                # mid-commit; `gc` sets the token back to it
+                say(f"OK {tok}" + (f" ({note}; run `vhsm token gc`)" if note else ""))
             except (VhsmError, KeysvcError) as e:
                 failed += 1
                 reason = str(e).removeprefix(f"token {tok}: ")
@@ -361,10 +381,20 @@ def delete(token_ids: tuple[str, ...], store_dir: str) -> None:
 
 @token.command()
 @store_option
-def gc(store_dir: str) -> None:
-    """Finish interrupted deletes and remove data of interrupted stores and writes."""
+@click.option(
+    "--grace",
+    type=click.IntRange(0, 10 * 365 * 86400),
+    default=None,
+    metavar="SECONDS",
+    help="Keep generations and objects superseded less than this long ago, for backups taken "
+    "meanwhile (default: VHSM_GRACE_SECONDS, else 3600).",
+)
+def gc(store_dir: str, grace: int | None) -> None:
+    """Finish interrupted deletes, remove data of interrupted stores and writes, set tokens
+    of a backup copy back to their newest complete generation, and remove superseded
+    generations past the grace period."""
     with run_guarded():
-        ts = _open_store(store_dir, None)
+        ts = TokenStore(LocalBackend(store_dir, create=False), None, grace=grace)
         report = ts.collect_garbage()
         for line in report.removed:
             say(line)

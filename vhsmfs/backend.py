@@ -168,8 +168,14 @@ class Backend(Protocol):
         """Wipe and remove an object (already gone: nothing to do)."""
         ...
 
+    def hide_token(self, token: uuid.UUID) -> None:
+        """Make the token disappear at once (atomically), before its data is wiped: by
+        delete_token, or by collect_garbage if nobody finishes. Raises TokenNotFoundError."""
+        ...
+
     def delete_token(self, token: uuid.UUID) -> None:
-        """Hide the token atomically, then wipe all of it. Raises TokenNotFoundError."""
+        """Hide the token atomically (unless hidden already), then wipe all of it. Raises
+        TokenNotFoundError."""
         ...
 
     def discard_uncommitted(self, token: uuid.UUID) -> None:
@@ -519,13 +525,26 @@ class LocalBackend:
         try:
             self._dir.check_entry(meta, stat.S_IFREG, sole=True)
         except FileNotFoundError:
-            raise TokenNotFoundError(f"token {token} not found in {self.root}") from None
-        self._check_data_dir(token)
-        self._dir.replace(meta, tomb)
+            if self._dir.lstat(tomb) is None:
+                raise TokenNotFoundError(f"token {token} not found in {self.root}") from None
+            self._dir.check_entry(tomb, stat.S_IFREG, sole=True)  # hidden already: wipe it
+        else:
+            self._check_data_dir(token)
+            self._dir.replace(meta, tomb)
         self._dir.fsync()
         self._wipe_data_dir(token)
         self._dir.wipe(tomb)
         self._dir.fsync()
+
+    def hide_token(self, token: uuid.UUID) -> None:
+        """The rename to the tombstone alone (the mount's unlink: the wipe follows later, in
+        the background). Not fsynced: like an unlink, durable with the next fsync."""
+        meta = self._meta_name(token)
+        try:
+            self._dir.check_entry(meta, stat.S_IFREG, sole=True)
+        except FileNotFoundError:
+            raise TokenNotFoundError(f"token {token} not found in {self.root}") from None
+        self._dir.replace(meta, f".{token}.deleting")
 
     def _each_object(self, token: uuid.UUID, action: Callable[[SafeDir, str], object]) -> bool:
         """action(data_dir, name) for every entry of the token's data directory (one removed

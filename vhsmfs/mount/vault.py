@@ -972,6 +972,7 @@ class Vault:
             if not isinstance(node, FileNode):
                 raise _err(errno.EISDIR)
             with self._hold(node.lock):
+                self._hide(node)
                 inval = self._detach(node)
                 inval = [i for i in inval if not (i[0] == parent.ino and i[1] == name)]
                 with self._idle_lock:
@@ -979,6 +980,20 @@ class Vault:
                 if node.opens == 0:
                     self._delete_data(node)
             return inval
+
+    def _hide(self, node: FileNode) -> None:
+        """The token vanishes from the store now (its metadata renamed to a tombstone), so a
+        backup taken after the unlink returned cannot bring it back; its data is wiped later,
+        in the background, once nothing has it open. Before any change: I/O, so not on the
+        event loop."""
+        if not node.tf_committed():
+            return
+        if self._nonblocking():
+            raise WouldBlock
+        try:
+            self.store.backend.hide_token(node.token)
+        except TokenNotFoundError:
+            pass  # deleted by the CLI meanwhile
 
     def _detach(self, node: FileNode) -> list[Invalidation]:
         """Remove a file token from both of its places. Returns the kernel entries to drop."""
@@ -1065,6 +1080,7 @@ class Vault:
             tf.commit(final=node.opens == 0)
             self._drop_if_idle(node)
         if isinstance(target, FileNode) and target is not node:
+            self._hide(target)
             inval += self._detach(target)
             inval = [i for i in inval if not (i[0] == dst_dir.ino and i[1] == new_name)]
             with target.lock:
