@@ -76,6 +76,10 @@ class ObjectWriter(Protocol):
         """Read back what was written so far (before finish)."""
         ...
 
+    def size(self) -> int:
+        """The object's length so far (the end of the furthest write)."""
+        ...
+
     def finish(self) -> None:
         """Seal: make the object durable and publish it under its id, atomically; immutable
         from then on. Raises FileExistsError if the id is taken, OSError on I/O errors (the
@@ -236,6 +240,9 @@ class _LocalObjectWriter:
 
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
 
     def finish(self) -> None:
         try:

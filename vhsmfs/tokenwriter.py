@@ -162,17 +162,21 @@ class _Building:
                 self._hash.update(nxt)
                 self._hashed += len(nxt)
 
-    def digest(self) -> bytes:
-        """The object's XXH3-128. Where some reserved place never got its bytes (a run that
-        failed, e.g. on a full disk), the object is read back: what is there is what counts."""
+    def sealed_as(self) -> tuple[int, bytes]:
+        """(length, XXH3-128) of the object as it stands. Where some reserved place never got
+        its bytes (a run that failed, e.g. on a full disk), the object is read back: what is
+        there is what counts (records are only ever referenced where their write succeeded)."""
         if self._hashed == self.end and not self._early:
-            return self._hash.digest()
+            return self.end, self._hash.digest()
+        length = self.writer.size()
         h = object_hasher()
-        for at in range(0, self.end, _READ_BACK):
-            want = min(_READ_BACK, self.end - at)
+        for at in range(0, length, _READ_BACK):
+            want = min(_READ_BACK, length - at)
             data = self.writer.pread(at, want)
-            h.update(data + bytes(want - len(data)))  # a hole at the end reads short
-        return h.digest()
+            if len(data) != want:
+                raise StoreError(f"object {self.id:08x} could not be read back")
+            h.update(data)
+        return length, h.digest()
 
 
 class _BuildingReader:
@@ -346,12 +350,12 @@ class TokenWriter:
         if b is None:
             return
         try:
-            digest = b.digest()
+            length, digest = b.sealed_as()
             b.writer.finish()
         except BaseException:
             b.writer.abort()
             raise
-        self.sealed[b.id] = (b.end, digest)
+        self.sealed[b.id] = (length, digest)
 
     def abort(self) -> None:
         """Drop the object being written (unpublished) and let go of the writer lock."""
