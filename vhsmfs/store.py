@@ -364,7 +364,9 @@ class TokenStore:
         manifest = ManifestSpool()
         total = 0
 
-        def runs() -> Iterator[tuple[bytes, int, int]]:
+        def runs() -> Iterator[tuple[bytes, int, int, int, int]]:
+            """Runs of plaintext, each with the place its records will take (reserved here,
+            in order: the records' lengths are known before they are encrypted)."""
             try:
                 cur = _read_full(f, run_bytes)
                 index = 0
@@ -372,28 +374,33 @@ class TokenStore:
                     nxt = _read_full(f, run_bytes) if len(cur) == run_bytes else b""
                     n = chunk_count_for(len(cur), cs)
                     check_chunk_count(index * cs + len(cur), cs, name)  # grew while stored
-                    yield cur, index, (index + n - 1) if not nxt else -1
+                    obj, off = writer.reserve(len(cur) + n * RECORD_OVERHEAD)
+                    yield cur, index, (index + n - 1) if not nxt else -1, obj, off
                     index += n
                     cur = nxt
             except OSError as e:
                 raise InputError(f"cannot read {name}: {e.strerror}") from None
 
-        def work(item: tuple[bytes, int, int]) -> tuple[bytearray, list[tuple[int, bytes]], int]:
-            data, first, final = item
+        def work(item: tuple[bytes, int, int, int, int]) -> tuple[list, int, int, int]:
+            """On a worker thread: encrypt, then write the records where their place is."""
+            data, first, final, obj, off = item
             records, entries = keys.encrypt_run(data, first, cs, final)
-            return records, entries, len(data)
+            writer.write_at(obj, off, records)
+            return entries, obj, off, len(data)
 
         pack = MANIFEST_ENTRY.pack
+        last_obj = -1
 
-        def consume(result: tuple[bytearray, list[tuple[int, bytes]], int]) -> None:
-            nonlocal total
-            records, entries, plain_len = result
-            obj, offset = writer.append(records)
-            packed = []
-            for rlen, digest in entries:
-                packed.append(pack(obj, offset, rlen, digest))
-                offset += rlen
-            manifest.append(b"".join(packed))
+        def consume(result: tuple[list, int, int, int]) -> None:
+            nonlocal total, last_obj
+            entries, obj, offset, plain_len = result
+            if obj != last_obj:
+                # results come in order: every run into the objects before this one landed
+                writer.seal(upto=obj)
+                last_obj = obj
+            manifest.append(
+                b"".join([pack(obj, o, n, d) for o, (n, d) in _offsets(offset, entries)])
+            )
             total += plain_len
             if progress:
                 progress(plain_len)
@@ -479,15 +486,21 @@ class TokenStore:
         *,
         check_digests: bool,
         progress: Progress | None = None,
+        sink_at: Callable[[int, bytearray], None] | None = None,
     ) -> None:
-        """Authenticate and decrypt every chunk in order, feeding plaintext to `sink`; the
-        manifest's digest is checked before the last plaintext is handed over. v1 tokens also
-        have their whole-file SHA-256 checked. Raises IntegrityError naming the first bad part."""
+        """Authenticate and decrypt every chunk in order, feeding plaintext to `sink`, or to
+        `sink_at(offset, plaintext)` from the worker threads, in any order (so that writing
+        the output overlaps decryption). Nothing handed over is released before the caller
+        returns: the manifest's digest is checked as its last block is read, v1 tokens also
+        have their whole-file SHA-256 checked, and on any failure this raises IntegrityError
+        naming the first bad part."""
         h, token = t.header, t.token
         readers: dict[int, ObjectReader] = {}
         final = h.chunk_count - 1
         v1 = t.parsed.version == FORMAT_V1
         hasher = OrderedHasher(hashlib.sha256()) if v1 and t.meta.sha256 else None
+        if hasher is not None and sink_at is not None:
+            sink, sink_at = _sequential(sink_at), None  # the v1 digest needs the bytes in order
         checksum = record_checksum(t.parsed.version)
         check = check_digests or not v1  # v2's checksums cost nothing: always checked
         total = 0
@@ -501,7 +514,9 @@ class TokenStore:
                     raise IntegrityError(f"token {token}: object {obj:08x} is missing") from None
             return r
 
-        def work(run: _Run) -> bytearray:
+        plain_at = h.chunk_size
+
+        def work(run: _Run) -> bytearray | int:
             want = run.end - run.off
             records = reader(run.obj).pread(run.off, want)
             if len(records) != want:
@@ -510,22 +525,30 @@ class TokenStore:
             if check:
                 _check_digests(token, records, run, checksum)
             try:
-                return t.keys.decrypt_run(records, run.lengths, run.first, final)
+                plain = t.keys.decrypt_run(records, run.lengths, run.first, final)
             except ChunkAuthError as e:
                 raise IntegrityError(
                     f"token {token}: chunk {e.index} failed authentication (modified, swapped "
                     "or reordered)"
                 ) from None
+            if sink_at is None:
+                return plain
+            sink_at(run.first * plain_at, plain)
+            return len(plain)
 
-        def consume(plain: bytearray) -> None:
+        def consume(plain: bytearray | int) -> None:
             nonlocal total
-            if hasher is not None:
-                hasher.update(plain)
-            if sink is not None:
-                sink(plain)
-            total += len(plain)
+            if isinstance(plain, int):
+                n = plain
+            else:
+                n = len(plain)
+                if hasher is not None:
+                    hasher.update(plain)
+                if sink is not None:
+                    sink(plain)
+            total += n
             if progress:
-                progress(len(plain))
+                progress(n)
 
         try:
             run_ordered(self._runs(t.parsed, t.meta.size), work, consume, workers=self.parallel)
@@ -582,7 +605,9 @@ class TokenStore:
             check_destination(d, rel.name, force=force)
             pending = PendingFile(d, rel.name)
             try:
-                self._decrypt_stream(t, pending.write, check_digests=False, progress=progress)
+                self._decrypt_stream(
+                    t, None, check_digests=False, progress=progress, sink_at=pending.write_at
+                )
                 times = (t.meta.atime_ns or t.meta.mtime_ns, t.meta.mtime_ns)
                 pending.finish(t.meta.mode & 0o777, times if t.meta.mtime_ns else None)  # no suid
                 if before_publish is not None:
@@ -749,6 +774,27 @@ class TokenStore:
                     report.removed.append(
                         f"removed object {obj:08x} of token {token} (left by an interrupted write)"
                     )
+
+
+def _sequential(sink_at: Callable[[int, bytearray], None]) -> Callable[[bytearray], None]:
+    """An in-order sink writing through a positional one."""
+    pos = 0
+
+    def sink(plain: bytearray) -> None:
+        nonlocal pos
+        sink_at(pos, plain)
+        pos += len(plain)
+
+    return sink
+
+
+def _offsets(
+    start: int, entries: list[tuple[int, bytes]]
+) -> Iterator[tuple[int, tuple[int, bytes]]]:
+    """(offset, (record length, checksum)) of records laid back to back from `start`."""
+    for entry in entries:
+        yield start, entry
+        start += entry[0]
 
 
 class _MissingObject(IntegrityError):
