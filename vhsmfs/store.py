@@ -765,7 +765,14 @@ class TokenStore:
                     report.removed.append(f"removed incomplete generation {g} of token {token}")
                 report.removed.extend(
                     prune(
-                        self.backend, token, gens, h.generation, h.next_object_id, now, self.grace
+                        self.backend,
+                        token,
+                        gens,
+                        h.generation,
+                        h.next_object_id,
+                        now,
+                        self.grace,
+                        on_disk=self.backend.object_sizes(token),
                     )
                 )
             for obj in sorted(self.backend.object_sizes(token)):

@@ -424,14 +424,19 @@ class TokenWriter:
         head = build_head(header, nonce, ct, table)
         self._clear_stale_generation(header.generation)
         self.backend.commit_metadata(self.token, header.generation, _chain(head, manifest))
+        if not self.committed:
+            self._generations = {}  # a new token: this is its only generation
         self.generation = header.generation
         self.committed = True
         self.sealed = objects  # what later generations may still refer to
         self._end_writing()  # the metadata now refers to every object written
         self._swept = False
-        if self._generations is not None:
+        if self._generations is None:
+            self.prune(now)  # reads the generation files once
+        else:
             self._generations[header.generation] = Generation(header.generation, now, set(objects))
-        self.prune(now)
+            if len(self._generations) > 1:
+                self.prune(now)
         return header.generation
 
     def _clear_stale_generation(self, generation: int) -> None:
@@ -475,6 +480,7 @@ class TokenWriter:
             self.next_object,
             now_ns if now_ns is not None else time.time_ns(),
             self.grace,
+            on_disk=None,
         )
 
 
@@ -511,21 +517,26 @@ def prune(
     next_object: int,
     now_ns: int,
     grace: int,
+    *,
+    on_disk: Iterable[int] | None,
 ) -> list[str]:
     """Retention. Generation g is superseded when the next newer one was committed; it is kept
     while that was less than `grace` seconds ago. The newest is always kept; so is every
     object a kept generation refers to, and every object at or past `next_object` (a writer's
-    work in progress). Everything else is wiped. `generations` is updated."""
+    work in progress). Everything else is wiped: of `on_disk` (every object there is, as gc
+    lists them), or, when that is None (a writer after its commit, which lists nothing), of
+    the objects the generations dropped now referred to. `generations` is updated."""
     order = sorted(g for g in generations if g <= newest)
     keep = {newest}
     for older, newer in zip(order, order[1:], strict=False):
         if now_ns - generations[newer].commit_time_ns < grace * 1_000_000_000:
             keep.add(older)
     removed: list[str] = []
+    dropped: set[int] = set()
     for g in order:
         if g not in keep:
             backend.delete_generation(token, g)
-            del generations[g]
+            dropped |= generations.pop(g).objects
             removed.append(f"removed generation {g} of token {token} (superseded)")
     live: set[int] = set()
     for g in keep:
@@ -533,7 +544,7 @@ def prune(
             live |= generations[g].objects
     if newest not in generations:
         return removed  # the newest is unreadable: nothing is known to be unused
-    for obj in sorted(backend.object_sizes(token)):
+    for obj in sorted(dropped if on_disk is None else on_disk):
         if obj < next_object and obj not in live:
             backend.delete_object(token, obj)
             removed.append(f"removed object {obj:08x} of token {token} (superseded)")
