@@ -50,7 +50,7 @@ _DATA_RE = re.compile(rf"({UUID_PATTERN})\.data")
 _TOMB_RE = re.compile(rf"\.({UUID_PATTERN})\.deleting")
 # format v1's metadata temp files sat in the store directory itself
 _TEMP_RE = re.compile(rf"\.({UUID_PATTERN})\.metadata\.([0-9]+)\.[0-9a-f]+")
-_STAGED_RE = re.compile(rf"({UUID_PATTERN})\.[0-9a-z]+\.([0-9]+)\.[0-9a-f]{{8}}")  # in .tmp/
+_STAGED_RE = re.compile(rf"({UUID_PATTERN})\.[0-9a-z-]+\.([0-9]+)\.[0-9a-f]{{8}}")  # in .tmp/
 _OBJECT_RE = re.compile(r"[0-9a-f]{8}")
 _GEN_RE = re.compile(r"gen-([0-9a-f]{16})")
 LOCK_NAME = ".vhsm-mount.lock"  # the mount's lock (vhsmfs.mount.runner); gc leaves it alone

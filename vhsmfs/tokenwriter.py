@@ -377,6 +377,9 @@ class TokenWriter:
         for obj in sorted(self.backend.object_sizes(self.token)):
             if obj >= self.next_object:
                 self.backend.delete_object(self.token, obj)
+                # never reuse the id: a backup copy may hold the leftover, and must not pair
+                # it with a later generation that names a new object of that id
+                self.next_object = obj + 1
 
     # -- commit ------------------------------------------------------------------------------------
     def commit(

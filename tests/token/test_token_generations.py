@@ -109,7 +109,11 @@ def test_a_copy_missing_the_new_objects_falls_back_and_gc_sets_it_back(tmp_path:
     assert note is not None and "using generation 1" in note and "00000001 is missing" in note
     assert store.verify_ciphertext(tok) == note
     report = store.collect_garbage()
-    assert any(f"token {tok}: set back to generation 1" in line for line in report.removed)
+    assert any(
+        line.startswith(f"token {tok}: using generation 1 (")
+        and line.endswith("00000001 is missing); current metadata rewritten")
+        for line in report.removed
+    )
     assert store.verify_full(tok) is None  # the current metadata is generation 1 again
     assert store.parse(tok).header.generation == 1
     assert _retrieved(store, tok, tmp_path / "out") == old
@@ -230,3 +234,72 @@ def _now_ns() -> int:
     import time
 
     return time.time_ns()
+
+
+def _object_table_offset(raw: bytes) -> int:
+    """Where the object table starts in a v2 metadata file (docs/FORMAT.md)."""
+    import struct
+
+    kref_len = struct.unpack_from(">H", raw, 158)[0]
+    h = 160 + kref_len
+    (meta_len,) = struct.unpack_from(">I", raw, h)
+    return h + 4 + meta_len + 32
+
+
+def test_a_damaged_object_table_is_damage_not_an_incomplete_generation(tmp_path: Path) -> None:
+    """One bit flipped in an object id of the current metadata's object table makes an object
+    look missing (object 1 -> object 0, which the rewrite superseded and grace 0 removed). The
+    tables digest shows it is damage, so the generation file of the same number stands in,
+    and gc repairs the current metadata instead of removing the token."""
+    store = _store(tmp_path / "store", grace=0)
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(30_000))
+    tok = store.store_file(src)
+    new = os.urandom(30_000)
+    _rewrite(store, tok, 0, new)
+    assert sorted(p.name for p in _data(store, tok).iterdir()) == [
+        "00000001",
+        "gen-0000000000000002",
+    ]
+    meta = Path(store.backend.describe()) / f"{tok}.metadata"
+    raw = bytearray(meta.read_bytes())
+    raw[_object_table_offset(bytes(raw)) + 3] ^= 1  # object 1 -> object 0
+    meta.write_bytes(bytes(raw))
+    assert _retrieved(store, tok, tmp_path / "out") == new
+    with pytest.raises(IntegrityError, match="chunk manifest does not match its digest"):
+        store.verify_ciphertext(tok)  # damage is reported, even though a copy stands in
+    report = store.collect_garbage()
+    assert any(line.startswith(f"token {tok}: using generation 2") for line in report.removed)
+    assert store.list_tokens() == [tok]
+    assert store.verify_ciphertext(tok) is None  # repaired from the generation file
+    store.verify_full(tok)
+
+
+def test_damage_to_a_kept_generation_file_is_reported(tmp_path: Path) -> None:
+    store, tok, _, new = _two_generations(tmp_path)
+    gen1 = _data(store, tok) / "gen-0000000000000001"
+    raw = bytearray(gen1.read_bytes())
+    raw[-1] ^= 1  # in its manifest
+    gen1.write_bytes(bytes(raw))
+    assert _retrieved(store, tok, tmp_path / "out") == new  # the current one is intact
+    with pytest.raises(IntegrityError, match="generation file 1: chunk manifest"):
+        store.verify_ciphertext(tok)
+    with pytest.raises(IntegrityError, match="generation file 1"):
+        store.verify_full(tok)
+
+
+def test_gc_removes_stale_staged_files_of_a_dead_writer(tmp_path: Path) -> None:
+    """Where O_TMPFILE is missing, objects and generation files are staged in .tmp/ under
+    names that carry the writer's pid; gc removes those of dead writers."""
+    store = _store(tmp_path / "store")
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x")
+    tok = store.store_file(src)
+    tmp = Path(store.backend.describe()) / ".tmp"
+    dead = 2**22 + 12345  # above pid_max: no such process
+    names = [f"{tok}.gen-0000000000000002.{dead}.0123abcd", f"{tok}.00000001.{dead}.89abcdef"]
+    for n in names:
+        (tmp / n).write_bytes(b"partial")
+    report = store.collect_garbage()
+    assert sorted(report.removed) == sorted(f"removed stale temp file .tmp/{n}" for n in names)
+    assert list(tmp.iterdir()) == []
