@@ -526,19 +526,23 @@ def test_v1_cannot_see_bytes_appended_to_an_object(copy: Copy) -> None:
 
 def test_damage_to_the_current_metadata_alone_falls_back_to_its_generation_file(copy: Copy) -> None:
     """The generation file is a copy of the current metadata: a reader uses it (section 5),
-    vhsm says so, and gc puts the copy back."""
+    verify still reports the damage, and gc puts the copy back."""
     store = copy("v2")
     tok = TOKENS["v2"]
     _flip(_meta_path(store, "v2"), 250)
     mf, name = spec.newest_complete(store, tok)
     assert name == "gen-0000000000000001"
     assert spec.read_token(store, tok, KEY)[2] == VECTOR
-    note = _lib(store, None).verify_ciphertext(tok)
-    assert note is not None and note.startswith("using generation 1 (")
-    assert _lib(store).verify_full(tok) == note
+    opened = _lib(store).open_token(tok)
+    assert opened.note is not None and opened.note.startswith("using generation 1 (")
+    with pytest.raises(IntegrityError, match="metadata checksum mismatch"):
+        _lib(store, None).verify_ciphertext(tok)
+    with pytest.raises(IntegrityError, match="metadata checksum mismatch"):
+        _lib(store).verify_full(tok)
     report = _lib(store, None).collect_garbage()
     assert len(report.removed) == 1
-    assert report.removed[0].startswith(f"token {tok}: set back to generation 1 (metadata checksum")
+    assert report.removed[0].startswith(f"token {tok}: using generation 1 (metadata checksum")
+    assert report.removed[0].endswith("; current metadata rewritten")
     assert (
         _meta_path(store, "v2").read_bytes()
         == (store / f"{tok}.data" / "gen-0000000000000001").read_bytes()
