@@ -526,67 +526,54 @@ class Harness:
     # -- writers run in threads of this process (they only start subprocesses) --
 
     def _cli_writer(self, prefix: str) -> None:
+        """`vhsm token store` of new files and `vhsm token delete` of stored ones, at random."""
         rng = random.Random(f"cli-writer/{self.seed}/{prefix}")
-        live: dict[str, tuple[str, str]] = {}  # fid -> (token, name)
-        n = 0
+        live: dict[str, State] = {}  # fid -> its stored state
         lo, hi = self.cfg.cli_live
+        n = 0
         while not self.stop_event.is_set():
             try:
                 if len(live) < lo or (len(live) < hi and rng.random() < 0.55):
                     fid = f"{prefix}{n:04d}"
                     n += 1
-                    name = f"{fid}.bin"
                     size = rng.randint(1 << 10, self.cfg.cli_max_size)
-                    data = header(fid) + payload(self.seed, fid, 0, size - HEADER_LEN)
-                    src = self.work / name
-                    src.write_bytes(data)
-                    st = self.history.begin(
-                        State(
-                            fid,
-                            0,
-                            name,
-                            hashlib.sha256(data).hexdigest(),
-                            len(data),
-                            "store",
-                            time.monotonic(),
-                        )
-                    )
-                    r = vhsm(
-                        "token",
-                        "store",
-                        src,
-                        "--key",
-                        self.key,
-                        "--store",
-                        self.store,
-                        "-q",
-                        cwd=self.work,
-                    )
-                    if r.returncode != 0:
-                        self.errors.append(
-                            f"`vhsm token store` of {fid} failed: {r.stderr.strip()}"
-                        )
-                        continue  # its state stays open: it may or may not be in a copy
-                    self.history.end(st)
-                    st.token = r.stdout.strip()
-                    live[fid] = (st.token, name)
-                    src.unlink()
+                    st = self._cli_store(fid, header(fid) + payload(self.seed, fid, 0, size))
+                    if st is not None:
+                        live[fid] = st
                 elif live:
-                    fid = rng.choice(sorted(live))
-                    token, name = live.pop(fid)
-                    st = self.history.begin(
-                        State(fid, 1, name, None, None, "delete", time.monotonic(), token=token)
-                    )
-                    r = vhsm("token", "delete", token, "--store", self.store, cwd=self.work)
-                    if r.returncode != 0:
-                        self.errors.append(
-                            f"`vhsm token delete {token}` ({fid}) failed: {r.stderr.strip()}"
-                        )
-                        continue
-                    self.history.end(st)
+                    self._cli_delete(live.pop(rng.choice(sorted(live))))
             except subprocess.TimeoutExpired as e:
                 self.errors.append(f"CLI writer: {e}")
             self.stop_event.wait(rng.uniform(0, self.cfg.cli_pause))
+
+    def _cli_store(self, fid: str, data: bytes) -> State | None:
+        src = self.work / f"{fid}.bin"
+        src.write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        st = self.history.begin(State(fid, 0, src.name, sha, len(data), "store", time.monotonic()))
+        r = vhsm(
+            "token", "store", src, "--key", self.key, "--store", self.store, "-q", cwd=self.work
+        )
+        if r.returncode != 0:  # its state stays open: it may or may not be in a copy
+            self.errors.append(f"`vhsm token store` of {fid} failed: {r.stderr.strip()}")
+            return None
+        self.history.end(st)
+        st.token = r.stdout.strip()
+        src.unlink()
+        return st
+
+    def _cli_delete(self, stored: State) -> None:
+        st = self.history.begin(
+            State(stored.fid, 1, stored.name, None, None, "delete", time.monotonic(),
+                  token=stored.token)
+        )  # fmt: skip
+        r = vhsm("token", "delete", stored.token, "--store", self.store, cwd=self.work)
+        if r.returncode != 0:
+            self.errors.append(
+                f"`vhsm token delete {stored.token}` ({stored.fid}) failed: {r.stderr.strip()}"
+            )
+            return
+        self.history.end(st)
 
     def _gc_runner(self) -> None:
         rng = random.Random(f"gc/{self.seed}")
@@ -666,11 +653,12 @@ class Harness:
         renames), else by its name."""
         with ThreadPoolExecutor(self.cfg.check_workers) as pool:
             reports = list(pool.map(self.check_copy, self.copies))
-        known: dict[str, str] = {}
+        written: dict[str, str] = {}  # token -> file, as the writers saw it
         for sts in self.history.files.values():
             for s in sts.values():
                 if s.token:
-                    known[s.token] = s.fid
+                    written[s.token] = s.fid
+        known = dict(written)
         for rep in reports:
             for t in rep.seen.values():
                 if t.fid is not None and t.sha is not None:
@@ -680,8 +668,26 @@ class Harness:
                 if t.fid is None and t.token in known:
                     t.fid = known[t.token]
             if rep.checked:
+                for t in rep.seen.values():
+                    if t.sha is not None and t.fid != written.get(t.token, t.fid):
+                        rep.problem(
+                            f"SWAPPED: token {t.token} is file {written[t.token]}'s, but "
+                            f"retrieving it gave content of file {t.fid}"
+                        )
                 self.compare(rep.copy, rep, rep.seen)
+            if not rep.problems:  # keep only what a failure message points to
+                self.discard(rep)
         return reports
+
+    def discard(self, rep: CopyReport) -> None:
+        c = rep.copy
+        for path in (rep.restored, Path(c.artifact) if c.tool in ("rsync", "tar") else None):
+            if path is None or not path.exists():
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink()
 
     def check_copy(self, c: Copy) -> CopyReport:
         rep = CopyReport(c)

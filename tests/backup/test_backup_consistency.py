@@ -68,6 +68,7 @@ def test_copies_of_a_live_store_restore_complete_full_size(harness) -> None:  # 
         mount_live=(6, 16),
         cli_live=(4, 12),
         gap=(0.2, 3.0),
+        tool_rate=24 << 20,  # the store is about 10x the bounded one
         warmup=5.0,
     )
     run(harness, cfg)
