@@ -50,6 +50,7 @@ VENV_BIN = Path(sys.executable).parent
 EXCLUDES = (".tmp",)
 
 TOOLS = ("rsync", "tar", "restic", "borg")
+STORE_ITSELF = "the store itself, at the end"
 
 # Exit codes that mean "a copy was made" (docs/BACKUP.md explains why each is benign here).
 OK_CODES = {
@@ -513,12 +514,16 @@ class Harness:
                     continue
 
     def collect(self) -> None:
-        """After stop(): read the mount writers' logs into the model."""
+        """After stop(): read the mount writers' logs into the model, and check the store
+        itself like a copy taken now (unmounted, nothing writing): every file must be there
+        as its last state. A failure there is data lost in the store, not only in backups."""
         for proc, log in self.writer_procs:
             if log.exists():
                 self.errors.extend(self.history.load_writer_log(log))
             if proc.returncode not in (0, None):
                 self.errors.append(f"mount writer {log.name} exited {proc.returncode}")
+        now = time.monotonic()
+        self.copies.append(Copy(-1, STORE_ITSELF, [], str(self.store), now, now, 0, ""))
 
     def rel(self, t: float) -> str:
         return f"{t - self.t_start:.2f}s" if math.isfinite(t) else "never"
@@ -681,6 +686,8 @@ class Harness:
 
     def discard(self, rep: CopyReport) -> None:
         c = rep.copy
+        if c.tool == STORE_ITSELF:
+            return
         for path in (rep.restored, Path(c.artifact) if c.tool in ("rsync", "tar") else None):
             if path is None or not path.exists():
                 continue
@@ -696,12 +703,14 @@ class Harness:
         work = base / "work"
         work.mkdir(parents=True)
         rep.restored = restored
-        ok_codes = {0} if c.tool == "backup-store.sh" else OK_CODES[c.tool]
+        ok_codes = OK_CODES.get(c.tool, {0})
         if c.tool == "backup-store.sh" and c.rc == 0 and "backup OK: " not in c.output:
             rep.problem(f"backup-store.sh exited 0 without 'backup OK':\n{tail(c.output)}")
         if c.rc not in ok_codes:
             rep.problem(f"{c.tool} exited {c.rc} (accepted: {sorted(ok_codes)}):\n{tail(c.output)}")
-        if c.tool == "backup-store.sh":  # the script's dated copy, also after a failed run
+        if c.tool == STORE_ITSELF:
+            restored = rep.restored = self.store
+        elif c.tool == "backup-store.sh":  # the script's dated copy, also after a failed run
             root = Path(c.artifact)
             dests = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
             if len(dests) != 1:
@@ -934,16 +943,22 @@ class CopyReport:
 def report(h: Harness, reports: list[CopyReport]) -> str:
     """One block per failed copy: tool, number, when, exit code, every problem."""
     bad = [r for r in reports if r.problems]
+    copies = [r for r in reports if r.copy.tool != STORE_ITSELF]
+    store = [r for r in reports if r.copy.tool == STORE_ITSELF]
+    store_state = ("FAILED" if store[0].problems else "OK") if store else "not checked"
     lines = []
     if h.errors:
         lines.append(f"{len(h.errors)} error(s) while the copies were taken:")
         lines += [f"  {e}" for e in h.errors]
     for r in bad:
         c = r.copy
-        lines.append(
-            f"copy {c.n} ({c.tool}, {h.rel(c.t0)} to {h.rel(c.t1)} into the run, exit {c.rc}; "
-            f"restored at {r.restored}):"
-        )
+        if c.tool == STORE_ITSELF:
+            lines.append(f"{STORE_ITSELF} ({c.artifact}, after the writers stopped):")
+        else:
+            lines.append(
+                f"copy {c.n} ({c.tool}, {h.rel(c.t0)} to {h.rel(c.t1)} into the run, "
+                f"exit {c.rc}; restored at {r.restored}):"
+            )
         for p in r.problems[:MAX_PROBLEMS_SHOWN]:
             lines += ["  " + ln for ln in p.splitlines()]
         if len(r.problems) > MAX_PROBLEMS_SHOWN:
@@ -966,10 +981,10 @@ def report(h: Harness, reports: list[CopyReport]) -> str:
             kind = p.split(":", 1)[0] if p.split(":", 1)[0].isupper() else "TOOL/COMMAND"
             kinds[kind] = kinds.get(kind, 0) + 1
     head = (
-        f"backup consistency: {len(bad)} of {len(reports)} copies failed "
-        f"({', '.join(f'{k} {v}' for k, v in sorted(kinds.items())) or 'no problem in them'}), "
-        f"{len(h.errors)} writer error(s) (seed {h.seed}: rerun with VHSM_BACKUP_SEED={h.seed}; "
-        f"store, copies and writer logs under {h.root})"
+        f"backup consistency: {sum(1 for r in copies if r.problems)} of {len(copies)} copies "
+        f"failed ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items())) or 'no problems'}); "
+        f"the store itself: {store_state}; {len(h.errors)} writer error(s); seed {h.seed} "
+        f"(rerun with VHSM_BACKUP_SEED={h.seed}); store, copies and writer logs under {h.root}"
     )
     return "\n".join([head, *lines])
 
@@ -977,7 +992,7 @@ def report(h: Harness, reports: list[CopyReport]) -> str:
 def summary(h: Harness, reports: list[CopyReport]) -> str:
     """One line per tool: copies made, exit codes seen, copies that failed."""
     out = []
-    for tool in sorted({r.copy.tool for r in reports}):
+    for tool in sorted({r.copy.tool for r in reports} - {STORE_ITSELF}):
         rs = [r for r in reports if r.copy.tool == tool]
         codes = sorted({r.copy.rc for r in rs})
         took = sorted(r.copy.t1 - r.copy.t0 for r in rs)
