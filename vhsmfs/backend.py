@@ -754,6 +754,8 @@ class LocalBackend:
             token = uuid.UUID(m.group(1))
             if self._dir.lstat(self._meta_name(token)) is not None:
                 return  # a committed token's: TokenStore.collect_garbage looks past its end
+            if self._dir.lstat(f".{token}.deleting") is not None:
+                return  # a hidden token's: its tombstone says when it goes
             # Checked again under the lock: the writer may have committed and let go of its
             # lock since the directory was listed.
             with self.idle(token) as free:
