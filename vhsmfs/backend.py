@@ -759,7 +759,11 @@ class LocalBackend:
             # Checked again under the lock: the writer may have committed and let go of its
             # lock since the directory was listed.
             with self.idle(token) as free:
-                if free and self._dir.lstat(self._meta_name(token)) is None:
+                if (
+                    free
+                    and self._dir.lstat(self._meta_name(token)) is None
+                    and self._dir.lstat(name) is not None  # not wiped meanwhile
+                ):
                     self._check_data_dir(token)
                     self._wipe_data_dir(token)
                     rep.removed.append(f"removed data of unfinished store {token}")
