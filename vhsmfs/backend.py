@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from vhsmfs.errors import StoreError, TokenNotFoundError, VhsmError
-from vhsmfs.safefs import SafeDir, rename_noreplace
+from vhsmfs.safefs import READER_WAIT, SafeDir, rename_noreplace
 
 Buffer = bytes | bytearray | memoryview
 
@@ -637,7 +637,15 @@ class LocalBackend:
         self._each_object(token, lambda d, name: d.check_entry(name, stat.S_IFREG, sole=True))
 
     def _wipe_data_dir(self, token: uuid.UUID) -> None:
-        if self._each_object(token, SafeDir.wipe):
+        """Wipe every file of the data directory, then remove it. Waiting for other readers
+        (SafeDir.wipe) is bounded for the whole directory, not per file: a token that another
+        process keeps open costs one wait, not one per object."""
+        deadline = time.monotonic() + READER_WAIT
+
+        def wipe(d: SafeDir, name: str) -> None:
+            d.wipe(name, wait_readers=max(0.0, deadline - time.monotonic()))
+
+        if self._each_object(token, wipe):
             with contextlib.suppress(FileNotFoundError):
                 self._dir.rmdir(self._data_name(token))
 

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import os
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -551,13 +552,20 @@ class TokenStore:
         check = check_digests or not v1  # v2's checksums cost nothing: always checked
         total = 0
 
+        opening = threading.Lock()  # workers share readers: one per object, all closed below
+
         def reader(obj: int) -> ObjectReader:
             r = readers.get(obj)
             if r is None:
-                try:
-                    r = readers[obj] = self.backend.open_object(token, obj)
-                except FileNotFoundError:
-                    raise IntegrityError(f"token {token}: object {obj:08x} is missing") from None
+                with opening:
+                    r = readers.get(obj)
+                    if r is None:
+                        try:
+                            r = readers[obj] = self.backend.open_object(token, obj)
+                        except FileNotFoundError:
+                            raise IntegrityError(
+                                f"token {token}: object {obj:08x} is missing"
+                            ) from None
             return r
 
         plain_at = h.chunk_size

@@ -425,21 +425,29 @@ class TokenWriter:
         header_bytes = header.pack()
         nonce, ct = self.keys.seal_metadata(doc, header_bytes)
         head = build_head(header, nonce, ct, table)
-        self._clear_stale_generation(header.generation)
-        self.backend.commit_metadata(self.token, header.generation, _chain(head, manifest))
-        if not self.committed:
-            self._generations = {}  # a new token: this is its only generation
-        self.generation = header.generation
-        self.committed = True
-        self.sealed = objects  # what later generations may still refer to
-        self._end_writing()  # the metadata now refers to every object written
-        self._swept = False
-        if self._generations is None:
-            self.prune(now)  # reads the generation files once
-        else:
-            self._generations[header.generation] = Generation(header.generation, now, set(objects))
-            if len(self._generations) > 1:
-                self.prune(now)
+        # Held through the commit and the pruning, also when no object was written (a rename,
+        # a chmod): gc must never judge the token between its generation file and its current
+        # metadata, nor prune beside this writer.
+        self._begin_writing()
+        try:
+            self._clear_stale_generation(header.generation)
+            self.backend.commit_metadata(self.token, header.generation, _chain(head, manifest))
+            if not self.committed:
+                self._generations = {}  # a new token: this is its only generation
+            self.generation = header.generation
+            self.committed = True
+            self.sealed = objects  # what later generations may still refer to
+            self._swept = False
+            if self._generations is None:
+                self.prune(now)  # reads the generation files once
+            else:
+                self._generations[header.generation] = Generation(
+                    header.generation, now, set(objects)
+                )
+                if len(self._generations) > 1:
+                    self.prune(now)
+        finally:
+            self._end_writing()  # the metadata now refers to every object written
         return header.generation
 
     def _clear_stale_generation(self, generation: int) -> None:

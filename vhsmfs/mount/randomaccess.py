@@ -936,13 +936,15 @@ class TokenFile:
             meta = dataclasses.replace(self.meta, extra=dict(self.meta.extra))
             self.meta_dirty = False
         used = set(self._live_bytes())
+        # closed first: the commit's pruning may wipe them, and a wipe waits for every other
+        # descriptor of a file to close (a backup tool's); ours would only delay it
+        for obj in [o for o in self._readers if o not in used]:
+            self._readers.pop(obj).close()
         try:
             self.writer.commit(ManifestBuffer(self.manifest), meta, used)
         except BaseException:
             self.meta_dirty = True
             raise
-        for obj in [o for o in self._readers if o not in used]:
-            self._readers.pop(obj).close()
         return True
 
     # -- lifetime -------------------------------------------------------------------------------
