@@ -74,7 +74,7 @@ def test_file_written_through_mount_retrieves_identical(
     )
     assert (out / "docs" / "blob.bin").read_bytes() == data
     token_store.verify_full(tok)
-    assert token_store.open_token(tok).meta.sha256 == hashlib.sha256(data).hexdigest()
+    assert token_store.digest(tok) == hashlib.sha256(data).hexdigest()
 
 
 def test_deletes_are_seen_both_ways(run_cli, tmp_path, key_file, store_dir, vault, token_store):
@@ -90,17 +90,24 @@ def test_deletes_are_seen_both_ways(run_cli, tmp_path, key_file, store_dir, vaul
     assert not (vault.mnt / str(toks["gone-by-mount.txt"])).exists()
 
 
-def test_unlink_is_deferred_while_open(vault, token_store):
+def test_unlink_is_deferred_while_open(vault, token_store, store_dir):
+    """The token disappears from the store at unlink (its metadata becomes a tombstone, so a
+    backup taken after rm cannot bring it back); its data is wiped only once the file is
+    closed."""
     p = vault.mnt / "open.bin"
     p.write_bytes(b"x" * 50_000)
     tok = tokens_named(token_store)["open.bin"]
+    data, tomb = store_dir / f"{tok}.data", store_dir / f".{tok}.deleting"
     with open(p, "rb") as f:
         os.unlink(p)
         assert not p.exists()
-        assert tok in token_store.list_tokens()  # data kept while open
+        assert tok not in token_store.list_tokens()  # hidden at once
+        assert tomb.is_file() and not (store_dir / f"{tok}.metadata").exists()
+        assert any(data.glob("0*"))  # data kept while open
         assert f.read() == b"x" * 50_000
     # release(2) reaches the mount asynchronously after close(2) returns
-    assert wait_until(lambda: tok not in token_store.list_tokens())
+    assert wait_until(lambda: not data.exists() and not tomb.exists())
+    assert tok not in token_store.list_tokens()
 
 
 def test_random_offsets_sparse_and_truncate(vault, token_store):
