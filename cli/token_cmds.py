@@ -179,6 +179,8 @@ def retrieve(
             raise VhsmError("retrieve needs the key: --key FILE or --key-service")
         try:
             opened = ts.open_token(tok)
+            if opened.note:  # the newest generation is incomplete (a copy taken mid-commit)
+                say(f"warning: token {tok}: {opened.note}", err=True)
             with progress_bar(opened.meta.size, str(tok), progress) as advance:
                 # audited after every check passed, before the file gets its name: if the
                 # line cannot be written, nothing is released (fail closed)

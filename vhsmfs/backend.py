@@ -50,7 +50,7 @@ _DATA_RE = re.compile(rf"({UUID_PATTERN})\.data")
 _TOMB_RE = re.compile(rf"\.({UUID_PATTERN})\.deleting")
 # format v1's metadata temp files sat in the store directory itself
 _TEMP_RE = re.compile(rf"\.({UUID_PATTERN})\.metadata\.([0-9]+)\.[0-9a-f]+")
-_STAGED_RE = re.compile(rf"({UUID_PATTERN})\.[0-9a-z]+\.([0-9]+)\.[0-9a-f]{{8}}")  # in .tmp/
+_STAGED_RE = re.compile(rf"({UUID_PATTERN})\.[0-9a-z-]+\.([0-9]+)\.[0-9a-f]{{8}}")  # in .tmp/
 _OBJECT_RE = re.compile(r"[0-9a-f]{8}")
 _GEN_RE = re.compile(r"gen-([0-9a-f]{16})")
 LOCK_NAME = ".vhsm-mount.lock"  # the mount's lock (vhsmfs.mount.runner); gc leaves it alone
@@ -112,91 +112,151 @@ class GarbageReport:
 
 
 class Backend(Protocol):
-    """Where tokens live: per token, immutable objects and immutable generation files named by
-    number, and a current-metadata pointer replaced atomically; plus per-token writer locks.
-    Nothing above a backend sees a path. Besides what each method names, any method may raise
-    UnsafeEntryError (an entry that breaks the store's rules; left alone), StoreError and
-    OSError (I/O, e.g. ENOSPC)."""
+    """Where tokens live, as an S3 bucket or a directory can hold them.
+
+    Per token: immutable *objects* and immutable *generation files*, each named by a number,
+    and a *current metadata* that is replaced atomically; plus per-token writer locks. Nothing
+    above a backend sees a path: the token store, the token writer and the mount name things by
+    token id and number only. Objects and generation files are only ever created whole (an
+    object is built by an ObjectWriter and appears when finished) and removed whole (wiped).
+
+    Every method may also raise UnsafeEntryError (an entry that breaks the store's rules; it is
+    left alone), StoreError, and OSError for I/O failures such as ENOSPC.
+    """
 
     def describe(self) -> str:
-        """The store's location, for messages."""
+        """Returns: the store's location, for messages."""
         ...
 
     def token_ids(self) -> list[uuid.UUID]:
-        """Tokens that have current metadata, sorted by their string form."""
+        """Returns: the tokens that have current metadata, sorted by their string form.
+
+        Raises:
+            StoreError: the store cannot be listed.
+        """
         ...
 
     def open_metadata(self, token: uuid.UUID) -> ObjectReader:
-        """The token's current metadata. Raises TokenNotFoundError."""
+        """Open the token's current metadata.
+
+        Args:
+            token: the token id.
+        Returns:
+            A reader; the caller bounds what it reads (vhsmfs.format.parse) and closes it.
+        Raises:
+            TokenNotFoundError: the token has no current metadata.
+        """
         ...
 
     def generations(self, token: uuid.UUID) -> list[int]:
-        """The numbers of the token's generation files, ascending ([] for a v1 token)."""
+        """Returns: the numbers of the token's generation files, ascending ([] for a format v1
+        token, or for no token)."""
         ...
 
     def open_generation(self, token: uuid.UUID, generation: int) -> ObjectReader:
-        """One generation file. Raises FileNotFoundError."""
+        """Open one generation file.
+
+        Raises:
+            FileNotFoundError: there is no such generation file.
+        """
         ...
 
     def commit_metadata(self, token: uuid.UUID, generation: int, parts: Iterable[Buffer]) -> None:
-        """Commit: store `parts` (iterated once, in order) durably as generation file
-        `generation`, then make the same bytes the token's current metadata atomically (a
-        reader sees the old or the new, never a mix). Every object the metadata names must be
-        finished before. Raises FileExistsError if that generation file exists."""
+        """Commit a generation: durable, then visible.
+
+        Args:
+            token: the token id.
+            generation: its number; the generation file is created under it.
+            parts: the metadata file's bytes in order, iterated once (a large manifest is
+                streamed from a spool).
+        Stores `parts` durably as the generation file, then makes the same bytes the token's
+        current metadata, atomically: a reader sees the old or the new, never a mix. Every
+        object the metadata names must have been finished before.
+        Raises:
+            FileExistsError: that generation file exists already (nothing was changed).
+        """
         ...
 
     def set_current(self, token: uuid.UUID, generation: int) -> None:
         """Make an existing generation file the current metadata again (gc's repair).
-        Raises FileNotFoundError."""
+
+        Raises:
+            FileNotFoundError: there is no such generation file.
+        """
         ...
 
     def delete_generation(self, token: uuid.UUID, generation: int) -> None:
-        """Wipe and remove a generation file (already gone: nothing to do)."""
+        """Wipe and remove a generation file; one already gone is not an error."""
         ...
 
     def new_object(self, token: uuid.UUID, object_id: int) -> ObjectWriter:
-        """Start object `object_id`. A finished object of that id (the leftover of a writer
-        killed before its commit: ids from the committed next_object_id on are never
-        referenced) is wiped first."""
+        """Start building object `object_id` of `token`.
+
+        Returns:
+            A writer; the object appears, immutable, when the writer's finish() returns.
+        A finished object of that id (the leftover of a writer killed before its commit: ids
+        from the committed next_object_id on are never referenced) is wiped first.
+        """
         ...
 
     def open_object(self, token: uuid.UUID, object_id: int) -> ObjectReader:
-        """A finished object. Raises FileNotFoundError."""
+        """Open a finished object for ranged reads.
+
+        Raises:
+            FileNotFoundError: the object does not exist (a missing object makes a generation
+                incomplete; see TokenStore.parse).
+        """
         ...
 
     def object_sizes(self, token: uuid.UUID) -> dict[int, int]:
-        """Every finished object of the token: id -> length."""
+        """Returns: every finished object of the token, id -> length in bytes (no reads)."""
         ...
 
     def delete_object(self, token: uuid.UUID, object_id: int) -> None:
-        """Wipe and remove an object (already gone: nothing to do)."""
+        """Wipe and remove an object; one already gone is not an error."""
         ...
 
     def hide_token(self, token: uuid.UUID) -> None:
-        """Make the token disappear at once (atomically), before its data is wiped: by
-        delete_token, or by collect_garbage if nobody finishes. Raises TokenNotFoundError."""
+        """Make the token disappear at once (atomically), before its data is wiped by
+        delete_token, or by collect_garbage if nobody finishes.
+
+        Raises:
+            TokenNotFoundError: no such token.
+        """
         ...
 
     def delete_token(self, token: uuid.UUID) -> None:
-        """Hide the token atomically (unless hidden already), then wipe all of it. Raises
-        TokenNotFoundError."""
+        """Hide the token atomically (unless hidden already), then wipe all of it: objects,
+        generation files, metadata. Every entry is checked before anything changes.
+
+        Raises:
+            TokenNotFoundError: no such token (neither visible nor hidden).
+        """
         ...
 
     def discard_uncommitted(self, token: uuid.UUID) -> None:
-        """Remove what a first commit that never happened left (a failed store)."""
+        """Remove what a first commit that never happened left (a failed store); nothing if
+        the token has current metadata."""
         ...
 
     def writing(self, token: uuid.UUID) -> contextlib.AbstractContextManager[None]:
-        """Held (shared) by a writer of the token while it has uncommitted work."""
+        """Returns: a context held (shared) by a writer of the token while it has uncommitted
+        work, so collect_garbage never reaps work in progress. Released if the writer dies."""
         ...
 
     def idle(self, token: uuid.UUID) -> contextlib.AbstractContextManager[bool]:
-        """Excludes writers while held; yields False (nothing held) if one is at work."""
+        """Returns: a context that excludes writers while held; it yields True if it got the
+        token to itself, False (nothing held) if a writer is at work. Never waits."""
         ...
 
     def collect_garbage(self, report: GarbageReport | None = None) -> list[str]:
-        """The backend's own clean-up (interrupted deletes and first stores, stale temp
-        files). Returns a line per thing removed."""
+        """The backend's own clean-up: interrupted deletes and first stores, stale temp files.
+
+        Args:
+            report: collects what was removed, ignored and refused (logged when None).
+        Returns:
+            A line per thing removed.
+        """
         ...
 
 

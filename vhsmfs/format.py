@@ -102,7 +102,7 @@ class Header:
     chunk_size: int
     chunk_count: int
     next_object_id: int
-    tables_digest: bytes  # v2: SHA-256(object table || manifest); v1: SHA-256(manifest)
+    tables_digest: bytes  # v2: SHA-256(manifest || object table); v1: SHA-256(manifest)
     key_ref: bytes = b""
     version: int = FORMAT_VERSION
     commit_time_ns: int = 0  # v2 only
@@ -188,6 +188,8 @@ class Metadata:
             raise ValueError("metadata version")
         extra = {k: v for k, v in doc.items() if k not in _META_KEYS and k != "v"}
         name, sha = doc.get("name"), doc.get("sha256")
+        if version != FORMAT_V1:
+            sha = None  # v2 keeps no whole-file digest: one found here would go unchecked
         if not isinstance(name, str) or not (sha is None or isinstance(sha, str)):
             raise ValueError("metadata name or sha256")
         return cls(
@@ -242,7 +244,8 @@ class ParsedFile:
     file_size: int
     opener: Callable[[], ClosableReader] | None  # opens the file again, for the manifest
     manifest: bytes | None = None  # v1: read whole at parse time (digest checked)
-    note: str | None = None  # why an older generation was chosen (set by the store)
+    note: str | None = None  # why not the current metadata was chosen (set by the store)
+    damage: str | None = None  # damage found in a candidate passed over (set by the store)
 
     @property
     def version(self) -> int:

@@ -79,6 +79,19 @@ class PendingFile:
                 raise OutputError(f"no space left on device while writing {self.dest}") from None
             raise OutputError(f"cannot write {self.dest}: {e.strerror}") from None
 
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """write() at an offset, from any thread (pieces may arrive in any order)."""
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise OutputError(f"no space left on device while writing {self.dest}") from None
+            raise OutputError(f"cannot write {self.dest}: {e.strerror}") from None
+
     def finish(self, mode: int, times_ns: tuple[int, int] | None) -> None:
         """Make the content durable and set mode and times, still without a name."""
         try:

@@ -234,51 +234,97 @@ class TokenStore:
     def parse(self, token: uuid.UUID) -> ParsedFile:
         """The token's newest complete generation, parsed (nothing authenticated yet).
 
-        A v1 token has one: its metadata file. For v2, candidates are the current metadata and
-        the generation files, newest first; the first whose objects are all present with the
-        lengths it records wins. Falling back (a backup copy taken mid-commit; an interrupted
-        commit) is noted in ParsedFile.note. Raises TokenNotFoundError, or IntegrityError naming
-        what is wrong with the newest candidate when none is complete."""
+        Candidates, newest generation first: the current metadata, then the generation file of
+        the same number. A candidate whose objects are all present with the lengths it records
+        wins. One that names a missing object is *incomplete* (a backup copy taken mid-commit,
+        an interrupted commit) once its tables are shown authentic (their digest, which also
+        covers the object table, is checked first, so a damaged table cannot pass for an
+        incomplete generation): then the next older generation is tried. A damaged candidate
+        (bad checksum, wrong object length) is no reason to go back to an older generation:
+        only the other copy of the same generation may stand in for it, else the damage is
+        raised. Choosing anything but the current metadata is noted in ParsedFile.note; damage
+        passed over is in ParsedFile.damage.
+
+        Raises:
+            TokenNotFoundError: no such token.
+            NoCompleteGeneration: every candidate is incomplete, and none is damaged.
+            IntegrityError, StoreError: damage, naming the first damaged part.
+        """
         current: ParsedFile | None = None
-        first_error: VhsmError | None = None
+        damage: VhsmError | None = None
         try:
             current = self._parse_current(token)
-        except (IntegrityError, StoreError) as e:  # damaged: a generation file may do
-            first_error = e
-        if current is not None and current.version == FORMAT_V1:
-            return current
+        except (IntegrityError, StoreError) as e:  # damaged: the generation file may stand in
+            damage = e
         gens = self.backend.generations(token)
+        if current is not None and current.version == FORMAT_V1 and not gens:
+            return current
         if current is None and not gens:
-            assert first_error is not None
-            raise first_error
+            assert damage is not None
+            raise damage
         sizes = self.backend.object_sizes(token)
-        numbers = sorted(set(gens) | ({current.header.generation} if current else set()))
-        for g in reversed(numbers):
+        numbers = set(gens) | ({current.header.generation} if current else set())
+        missing: IntegrityError | None = None
+        for g in sorted(numbers, reverse=True):
+            damaged_here: VhsmError | None = None
+            for cand in self._candidates(token, g, current, g in gens):
+                if isinstance(cand, VhsmError):
+                    damaged_here = damaged_here or cand
+                    continue
+                try:
+                    self._check_objects(cand, sizes)
+                except _MissingObject as e:
+                    try:
+                        _check_tables(cand)
+                    except IntegrityError as d:
+                        damaged_here = damaged_here or d
+                        continue
+                    missing = missing or e
+                    continue
+                except (IntegrityError, StoreError) as e:
+                    damaged_here = damaged_here or e
+                    continue
+                if cand is not current:
+                    why = missing or damaged_here or damage
+                    cand.note = f"using generation {g}" + (
+                        f" ({_reason(token, why)})" if why else ""
+                    )
+                passed_over = damaged_here or (damage if cand is not current else None)
+                if passed_over is not None:
+                    cand.damage = str(passed_over)
+                return cand
+            if damaged_here is not None:
+                raise damaged_here  # never an older version in place of a damaged one
+        if missing is not None:
+            raise NoCompleteGeneration(str(missing))
+        assert damage is not None
+        raise damage
+
+    def _candidates(
+        self, token: uuid.UUID, g: int, current: ParsedFile | None, has_file: bool
+    ) -> Iterator[ParsedFile | VhsmError]:
+        """Generation g's copies: the current metadata if it is g, then its generation file
+        (a damaged one is yielded as its error)."""
+        if current is not None and current.header.generation == g:
+            yield current
+        if has_file:
             try:
-                if current is not None and g == current.header.generation:
-                    cand = current
-                else:
-                    cand = self._parse_generation(token, g)
-                self._check_objects(cand, sizes)
+                yield self._parse_generation(token, g)
             except FileNotFoundError:
-                continue
+                return
             except (IntegrityError, StoreError) as e:
-                first_error = first_error or e
-                if not isinstance(e, _MissingObject):
-                    raise
-                continue
-            if current is None or g != current.header.generation:
-                why = str(first_error).removeprefix(f"token {token}: ") if first_error else ""
-                cand.note = f"using generation {g}" + (f" ({why})" if why else "")
-            return cand
-        assert first_error is not None
-        raise first_error
+                yield e
 
     @staticmethod
     def _check_objects(parsed: ParsedFile, sizes: dict[int, int]) -> None:
         """Every object of the table present with its recorded length. A missing one makes the
         generation incomplete (_MissingObject); a length that differs is damage."""
         tok = parsed.header.token_id
+        if parsed.version == FORMAT_V1:  # no object table: ids from the manifest, no lengths
+            for obj in sorted(parsed.object_ids()):
+                if obj not in sizes:
+                    raise _MissingObject(f"token {tok}: object {obj:08x} is missing")
+            return
         for obj, (length, _) in sorted(parsed.objects.items()):
             have = sizes.get(obj)
             if have is None:
@@ -364,7 +410,9 @@ class TokenStore:
         manifest = ManifestSpool()
         total = 0
 
-        def runs() -> Iterator[tuple[bytes, int, int]]:
+        def runs() -> Iterator[tuple[bytes, int, int, int, int]]:
+            """Runs of plaintext, each with the place its records will take (reserved here,
+            in order: the records' lengths are known before they are encrypted)."""
             try:
                 cur = _read_full(f, run_bytes)
                 index = 0
@@ -372,28 +420,33 @@ class TokenStore:
                     nxt = _read_full(f, run_bytes) if len(cur) == run_bytes else b""
                     n = chunk_count_for(len(cur), cs)
                     check_chunk_count(index * cs + len(cur), cs, name)  # grew while stored
-                    yield cur, index, (index + n - 1) if not nxt else -1
+                    obj, off = writer.reserve(len(cur) + n * RECORD_OVERHEAD)
+                    yield cur, index, (index + n - 1) if not nxt else -1, obj, off
                     index += n
                     cur = nxt
             except OSError as e:
                 raise InputError(f"cannot read {name}: {e.strerror}") from None
 
-        def work(item: tuple[bytes, int, int]) -> tuple[bytearray, list[tuple[int, bytes]], int]:
-            data, first, final = item
+        def work(item: tuple[bytes, int, int, int, int]) -> tuple[list, int, int, int]:
+            """On a worker thread: encrypt, then write the records where their place is."""
+            data, first, final, obj, off = item
             records, entries = keys.encrypt_run(data, first, cs, final)
-            return records, entries, len(data)
+            writer.write_at(obj, off, records)
+            return entries, obj, off, len(data)
 
         pack = MANIFEST_ENTRY.pack
+        last_obj = -1
 
-        def consume(result: tuple[bytearray, list[tuple[int, bytes]], int]) -> None:
-            nonlocal total
-            records, entries, plain_len = result
-            obj, offset = writer.append(records)
-            packed = []
-            for rlen, digest in entries:
-                packed.append(pack(obj, offset, rlen, digest))
-                offset += rlen
-            manifest.append(b"".join(packed))
+        def consume(result: tuple[list, int, int, int]) -> None:
+            nonlocal total, last_obj
+            entries, obj, offset, plain_len = result
+            if obj != last_obj:
+                # results come in order: every run into the objects before this one landed
+                writer.seal(upto=obj)
+                last_obj = obj
+            manifest.append(
+                b"".join([pack(obj, o, n, d) for o, (n, d) in _offsets(offset, entries)])
+            )
             total += plain_len
             if progress:
                 progress(plain_len)
@@ -479,15 +532,21 @@ class TokenStore:
         *,
         check_digests: bool,
         progress: Progress | None = None,
+        sink_at: Callable[[int, bytearray], None] | None = None,
     ) -> None:
-        """Authenticate and decrypt every chunk in order, feeding plaintext to `sink`; the
-        manifest's digest is checked before the last plaintext is handed over. v1 tokens also
-        have their whole-file SHA-256 checked. Raises IntegrityError naming the first bad part."""
+        """Authenticate and decrypt every chunk in order, feeding plaintext to `sink`, or to
+        `sink_at(offset, plaintext)` from the worker threads, in any order (so that writing
+        the output overlaps decryption). Nothing handed over is released before the caller
+        returns: the manifest's digest is checked as its last block is read, v1 tokens also
+        have their whole-file SHA-256 checked, and on any failure this raises IntegrityError
+        naming the first bad part."""
         h, token = t.header, t.token
         readers: dict[int, ObjectReader] = {}
         final = h.chunk_count - 1
         v1 = t.parsed.version == FORMAT_V1
         hasher = OrderedHasher(hashlib.sha256()) if v1 and t.meta.sha256 else None
+        if hasher is not None and sink_at is not None:
+            sink, sink_at = _sequential(sink_at), None  # the v1 digest needs the bytes in order
         checksum = record_checksum(t.parsed.version)
         check = check_digests or not v1  # v2's checksums cost nothing: always checked
         total = 0
@@ -501,7 +560,9 @@ class TokenStore:
                     raise IntegrityError(f"token {token}: object {obj:08x} is missing") from None
             return r
 
-        def work(run: _Run) -> bytearray:
+        plain_at = h.chunk_size
+
+        def work(run: _Run) -> bytearray | int:
             want = run.end - run.off
             records = reader(run.obj).pread(run.off, want)
             if len(records) != want:
@@ -510,22 +571,30 @@ class TokenStore:
             if check:
                 _check_digests(token, records, run, checksum)
             try:
-                return t.keys.decrypt_run(records, run.lengths, run.first, final)
+                plain = t.keys.decrypt_run(records, run.lengths, run.first, final)
             except ChunkAuthError as e:
                 raise IntegrityError(
                     f"token {token}: chunk {e.index} failed authentication (modified, swapped "
                     "or reordered)"
                 ) from None
+            if sink_at is None:
+                return plain
+            sink_at(run.first * plain_at, plain)
+            return len(plain)
 
-        def consume(plain: bytearray) -> None:
+        def consume(plain: bytearray | int) -> None:
             nonlocal total
-            if hasher is not None:
-                hasher.update(plain)
-            if sink is not None:
-                sink(plain)
-            total += len(plain)
+            if isinstance(plain, int):
+                n = plain
+            else:
+                n = len(plain)
+                if hasher is not None:
+                    hasher.update(plain)
+                if sink is not None:
+                    sink(plain)
+            total += n
             if progress:
-                progress(len(plain))
+                progress(n)
 
         try:
             run_ordered(self._runs(t.parsed, t.meta.size), work, consume, workers=self.parallel)
@@ -582,7 +651,9 @@ class TokenStore:
             check_destination(d, rel.name, force=force)
             pending = PendingFile(d, rel.name)
             try:
-                self._decrypt_stream(t, pending.write, check_digests=False, progress=progress)
+                self._decrypt_stream(
+                    t, None, check_digests=False, progress=progress, sink_at=pending.write_at
+                )
                 times = (t.meta.atime_ns or t.meta.mtime_ns, t.meta.mtime_ns)
                 pending.finish(t.meta.mode & 0o777, times if t.meta.mtime_ns else None)  # no suid
                 if before_publish is not None:
@@ -603,6 +674,7 @@ class TokenStore:
         bytes appended to an object are found), the manifest's digest and each record's
         checksum. Returns the note if an older generation had to be used."""
         parsed = self.parse(token)
+        self._scrub_metadata(parsed)
         self._scrub_objects(parsed)
         checksum = record_checksum(parsed.version)
         readers: dict[int, ObjectReader] = {}
@@ -625,6 +697,22 @@ class TokenStore:
             for r in readers.values():
                 r.close()
         return parsed.note
+
+    def _scrub_metadata(self, parsed: ParsedFile) -> None:
+        """Damage anywhere in the token's metadata: a copy passed over for being damaged, or
+        any generation file (each read whole, so its tables digest is checked)."""
+        token = parsed.header.token_id
+        if parsed.damage is not None:
+            raise IntegrityError(parsed.damage)
+        for g in self.backend.generations(token):
+            try:
+                _check_tables(self._parse_generation(token, g))
+            except FileNotFoundError:
+                continue  # pruned meanwhile
+            except (IntegrityError, StoreError) as e:
+                raise IntegrityError(
+                    f"token {token}: generation file {g}: {_reason(token, e)}"
+                ) from None
 
     def _scrub_objects(self, parsed: ParsedFile) -> None:
         """v2: each object of the table read whole and compared with its length and digest."""
@@ -654,6 +742,7 @@ class TokenStore:
         """With the key: everything above plus decryption of every chunk. Returns the note if
         an older generation had to be used."""
         t = self.open_token(token)
+        self._scrub_metadata(t.parsed)
         self._scrub_objects(t.parsed)
         self._decrypt_stream(t, None, check_digests=True)
         return t.note
@@ -715,24 +804,25 @@ class TokenStore:
                 return
             try:
                 parsed = self.parse(token)  # under the lock
-            except _MissingObject as e:
-                if self.backend.generations(token):  # a v2 token with nothing complete
-                    self.backend.delete_token(token)
-                    reason = str(e).removeprefix(f"token {token}: ")
-                    report.removed.append(
-                        f"removed token {token}: no complete generation ({reason}; stored or "
-                        "deleted while this copy was taken)"
-                    )
-                    return
-                raise
+            except NoCompleteGeneration as e:
+                # every generation names a missing object and none is damaged: a copy taken
+                # while the token was first stored, or deleted
+                self.backend.delete_token(token)
+                report.removed.append(
+                    f"removed token {token}: no complete generation ({_reason(token, e)}; "
+                    "stored or deleted while this copy was taken)"
+                )
+                return
             h = parsed.header
             if parsed.note is not None:
                 self.backend.set_current(token, h.generation)
-                report.removed.append(
-                    f"token {token}: set back to generation {h.generation} "
-                    f"({parsed.note.split('(', 1)[-1].rstrip(')')})"
+                report.removed.append(f"token {token}: {parsed.note}; current metadata rewritten")
+            if parsed.damage is not None:
+                report.ignored.append(
+                    f"token {token} (damaged copy passed over: {_reason(token, parsed.damage)}; "
+                    "left alone)"
                 )
-            if parsed.version != FORMAT_V1:
+            if self.backend.generations(token):
                 gens = read_generations(self.backend, token)
                 for g in [g for g in gens if g > h.generation]:
                     self.backend.delete_generation(token, g)
@@ -740,7 +830,14 @@ class TokenStore:
                     report.removed.append(f"removed incomplete generation {g} of token {token}")
                 report.removed.extend(
                     prune(
-                        self.backend, token, gens, h.generation, h.next_object_id, now, self.grace
+                        self.backend,
+                        token,
+                        gens,
+                        h.generation,
+                        h.next_object_id,
+                        now,
+                        self.grace,
+                        on_disk=self.backend.object_sizes(token),
                     )
                 )
             for obj in sorted(self.backend.object_sizes(token)):
@@ -751,8 +848,44 @@ class TokenStore:
                     )
 
 
+def _sequential(sink_at: Callable[[int, bytearray], None]) -> Callable[[bytearray], None]:
+    """An in-order sink writing through a positional one."""
+    pos = 0
+
+    def sink(plain: bytearray) -> None:
+        nonlocal pos
+        sink_at(pos, plain)
+        pos += len(plain)
+
+    return sink
+
+
+def _offsets(
+    start: int, entries: list[tuple[int, bytes]]
+) -> Iterator[tuple[int, tuple[int, bytes]]]:
+    """(offset, (record length, checksum)) of records laid back to back from `start`."""
+    for entry in entries:
+        yield start, entry
+        start += entry[0]
+
+
 class _MissingObject(IntegrityError):
     """An object a generation names is not there: that generation is incomplete."""
+
+
+class NoCompleteGeneration(IntegrityError):
+    """Every generation of a token names a missing object, and none is damaged: what a copy
+    taken while the token was first stored (or deleted) holds."""
+
+
+def _check_tables(parsed: ParsedFile) -> None:
+    """Read the whole manifest, so that its digest (which covers the object table) is checked."""
+    for _ in parsed.manifest_blocks():
+        pass
+
+
+def _reason(token: uuid.UUID, e: BaseException) -> str:
+    return str(e).removeprefix(f"token {token}: ")
 
 
 @dataclass

@@ -236,7 +236,8 @@ class TokenWriter:
         self.committed = committed
         self.grace = grace_from_env() if grace is None else grace
         self.sealed: dict[int, tuple[int, bytes]] = dict(objects or {})
-        self._building: _Building | None = None
+        self._open: dict[int, _Building] = {}  # objects being written, by id
+        self._current: _Building | None = None  # where reserve() places records
         self._roll = False
         self._writing = contextlib.ExitStack()  # backend.writing() while work is uncommitted
         self._held = False
@@ -297,41 +298,39 @@ class TokenWriter:
 
     @property
     def building(self) -> bool:
-        """An object is being written (not sealed yet)."""
-        return self._building is not None
+        """Objects are being written (not sealed yet)."""
+        return bool(self._open)
 
     def reading(self, object_id: int) -> _BuildingReader | None:
-        """A reader of the object being written if that is `object_id` (it has no name yet),
-        else None. Valid until the object is sealed: the caller lets no read overlap seal()."""
-        b = self._building
-        return _BuildingReader(b) if b is not None and b.id == object_id else None
+        """A reader of `object_id` if it is being written (it has no name yet), else None.
+        Valid until the object is sealed: the caller lets no read overlap seal()."""
+        b = self._open.get(object_id)
+        return _BuildingReader(b) if b is not None else None
 
     def would_roll(self, nbytes: int) -> bool:
-        """Whether reserve(nbytes) would seal the current object and start a new one (the
-        caller lets every write into the current one land first)."""
-        b = self._building
+        """Whether reserve(nbytes) would start a new object."""
+        b = self._current
         return b is None or self._roll or b.end + nbytes > OBJECT_TARGET and b.end > 0
 
     def reserve(self, nbytes: int) -> tuple[int, int]:
         """A place for `nbytes` of records: (object id, offset), at the end of the current
-        object, or of a new one past OBJECT_TARGET (or after a failed write)."""
-        b = self._building
+        object, or of a new one past OBJECT_TARGET (or after a failed write). The object
+        given up stays open until it is sealed (seal(), once every write into it landed)."""
         if self.would_roll(nbytes):
-            self.seal()
             self._roll = False
             self._begin_writing()
             if not self._swept:
                 self._sweep_leftovers()
-            b = self._building = _Building(
-                self.next_object, self.backend.new_object(self.token, self.next_object)
-            )
+            b = _Building(self.next_object, self.backend.new_object(self.token, self.next_object))
+            self._open[b.id] = self._current = b
             self.next_object += 1
-        return b.id, b.reserve(nbytes)
+        assert self._current is not None
+        return self._current.id, self._current.reserve(nbytes)
 
     def write_at(self, object_id: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write records at a reserved place (any thread). `data` must not change afterwards."""
-        b = self._building
-        if b is None or b.id != object_id:
+        b = self._open.get(object_id)
+        if b is None:
             raise StoreError(f"token {self.token}: object {object_id:08x} is not being written")
         b.write_at(offset, data)
 
@@ -344,24 +343,29 @@ class TokenWriter:
         """A write at a reserved place failed: later records go to a new object."""
         self._roll = True
 
-    def seal(self) -> None:
-        """Finish the current object: durable, published, its length and digest recorded."""
-        b, self._building = self._building, None
-        if b is None:
-            return
-        try:
-            length, digest = b.sealed_as()
-            b.writer.finish()
-        except BaseException:
-            b.writer.abort()
-            raise
-        self.sealed[b.id] = (length, digest)
+    def seal(self, upto: int | None = None) -> None:
+        """Finish objects being written (all, or those with ids below `upto`): durable,
+        published, length and digest recorded. Every write into them must have landed."""
+        for obj in sorted(self._open):
+            if upto is not None and obj >= upto:
+                break
+            b = self._open.pop(obj)
+            if b is self._current:
+                self._current = None
+            try:
+                length, digest = b.sealed_as()
+                b.writer.finish()
+            except BaseException:
+                b.writer.abort()
+                raise
+            self.sealed[b.id] = (length, digest)
 
     def abort(self) -> None:
-        """Drop the object being written (unpublished) and let go of the writer lock."""
-        b, self._building = self._building, None
-        if b is not None:
+        """Drop the objects being written (unpublished) and let go of the writer lock."""
+        for b in self._open.values():
             b.writer.abort()
+        self._open.clear()
+        self._current = None
         self._end_writing()
 
     def _sweep_leftovers(self) -> None:
@@ -373,6 +377,9 @@ class TokenWriter:
         for obj in sorted(self.backend.object_sizes(self.token)):
             if obj >= self.next_object:
                 self.backend.delete_object(self.token, obj)
+                # never reuse the id: a backup copy may hold the leftover, and must not pair
+                # it with a later generation that names a new object of that id
+                self.next_object = obj + 1
 
     # -- commit ------------------------------------------------------------------------------------
     def commit(
@@ -420,14 +427,19 @@ class TokenWriter:
         head = build_head(header, nonce, ct, table)
         self._clear_stale_generation(header.generation)
         self.backend.commit_metadata(self.token, header.generation, _chain(head, manifest))
+        if not self.committed:
+            self._generations = {}  # a new token: this is its only generation
         self.generation = header.generation
         self.committed = True
         self.sealed = objects  # what later generations may still refer to
         self._end_writing()  # the metadata now refers to every object written
         self._swept = False
-        if self._generations is not None:
+        if self._generations is None:
+            self.prune(now)  # reads the generation files once
+        else:
             self._generations[header.generation] = Generation(header.generation, now, set(objects))
-        self.prune(now)
+            if len(self._generations) > 1:
+                self.prune(now)
         return header.generation
 
     def _clear_stale_generation(self, generation: int) -> None:
@@ -471,6 +483,7 @@ class TokenWriter:
             self.next_object,
             now_ns if now_ns is not None else time.time_ns(),
             self.grace,
+            on_disk=None,
         )
 
 
@@ -507,21 +520,26 @@ def prune(
     next_object: int,
     now_ns: int,
     grace: int,
+    *,
+    on_disk: Iterable[int] | None,
 ) -> list[str]:
     """Retention. Generation g is superseded when the next newer one was committed; it is kept
     while that was less than `grace` seconds ago. The newest is always kept; so is every
     object a kept generation refers to, and every object at or past `next_object` (a writer's
-    work in progress). Everything else is wiped. `generations` is updated."""
+    work in progress). Everything else is wiped: of `on_disk` (every object there is, as gc
+    lists them), or, when that is None (a writer after its commit, which lists nothing), of
+    the objects the generations dropped now referred to. `generations` is updated."""
     order = sorted(g for g in generations if g <= newest)
     keep = {newest}
     for older, newer in zip(order, order[1:], strict=False):
         if now_ns - generations[newer].commit_time_ns < grace * 1_000_000_000:
             keep.add(older)
     removed: list[str] = []
+    dropped: set[int] = set()
     for g in order:
         if g not in keep:
             backend.delete_generation(token, g)
-            del generations[g]
+            dropped |= generations.pop(g).objects
             removed.append(f"removed generation {g} of token {token} (superseded)")
     live: set[int] = set()
     for g in keep:
@@ -529,7 +547,7 @@ def prune(
             live |= generations[g].objects
     if newest not in generations:
         return removed  # the newest is unreadable: nothing is known to be unused
-    for obj in sorted(backend.object_sizes(token)):
+    for obj in sorted(dropped if on_disk is None else on_disk):
         if obj < next_object and obj not in live:
             backend.delete_object(token, obj)
             removed.append(f"removed object {obj:08x} of token {token} (superseded)")

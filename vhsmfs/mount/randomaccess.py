@@ -657,6 +657,7 @@ class TokenFile:
         old one has landed: the writer seals it then)."""
         if self.writer.would_roll(nbytes):
             self._settle(0)  # runs still writing into the current object land first
+            self.writer.seal()
         return self.writer.reserve(nbytes)
 
     def _append(self, records: bytes | bytearray) -> tuple[int, int]:

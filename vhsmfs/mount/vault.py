@@ -220,7 +220,10 @@ class Vault:
 
     def _read_meta(self, token: uuid.UUID) -> Metadata | None:
         try:
-            return self.store.open_token(token).meta
+            t = self.store.open_token(token)
+            if t.note:  # the newest generation is incomplete: shown as the newest complete one
+                log.warning("token %s: %s", token, t.note)
+            return t.meta
         except TokenNotFoundError:
             return None
         except VhsmError as e:  # damaged or foreign-key token: skip it, say so once
@@ -986,8 +989,8 @@ class Vault:
         backup taken after the unlink returned cannot bring it back; its data is wiped later,
         in the background, once nothing has it open. Before any change: I/O, so not on the
         event loop."""
-        if not node.tf_committed():
-            return
+        if not node.tf_committed() or node.opens:
+            return  # still open: the token goes (tombstone, wipe) at its last close
         if self._nonblocking():
             raise WouldBlock
         try:
