@@ -158,18 +158,21 @@ def test_oversized_metadata_is_refused_before_it_is_read(tmp_path: Path, claimed
 
 @pytest.mark.parametrize("claimed", list(_CLAIMS))
 def test_oversized_current_metadata_alone_falls_back(tmp_path: Path, claimed: str) -> None:
-    """The current metadata alone a sparse 100 GB file: refused without being read, and the
-    token served from its intact generation file, with a note naming the refusal."""
+    """The current metadata alone a sparse 100 GB file: refused without being read; verify
+    reports it, and the token is still served from its intact generation file, with a note
+    naming the refusal."""
     s, good, bad = _good_and_bad(tmp_path)
     _oversize(s.meta(bad), claimed)
     fragment = _CLAIMS[claimed]
     out = s.ok("token", "info", bad)
     assert "using generation 1" in out and fragment in out, out
     for mode in (("--no-key",), ("--key", str(s.key))):
-        out = s.ok("token", "verify", *mode)
-        assert f"OK {good}\n" in out and f"OK {bad} (using generation 1" in out, out
-        assert fragment in out, out
-    s.keyed("token", "retrieve", bad, "bad-out")
+        p = s.run("token", "verify", *mode)
+        out = p.stdout.decode()
+        assert p.returncode == 1 and "Traceback" not in p.stderr.decode(), p.stderr
+        assert f"OK {good}" in out and f"FAILED {bad}" in out and fragment in out, out
+    p = s.keyed("token", "retrieve", bad, "bad-out")
+    assert p.returncode == 0 and b"using generation 1" in p.stderr, p.stderr
     assert (s.work / "bad-out/bad.txt").read_bytes() == b"bad content\n" * 500
 
 

@@ -322,23 +322,26 @@ def test_tampered_bytes_cli_sample(stored) -> None:  # type: ignore[no-untyped-d
 
 
 def test_damaged_current_metadata_served_from_generation_file_cli(stored) -> None:  # type: ignore[no-untyped-def]
-    """The current metadata alone damaged (its header): the generation file is intact, so
-    verify passes on it and says so, retrieve gives the content, and gc puts the current
-    metadata back."""
+    """The current metadata alone damaged (its header): verify reports the damage; retrieve
+    is served from the intact generation file of the same generation, with a warning; gc puts
+    the current metadata back, after which verify passes."""
     cli, key, tok, data = stored
     meta, gen = metadata_copies(cli.store_dir, tok)
-    _flip(meta, 9)
+    _flip(meta, 30)  # in the salt: the header checksum no longer matches
     for mode in (["--key", str(key)], ["--no-key"]):
-        res = cli.ok("token", "verify", tok, *mode)
-        assert f"OK {tok} (using generation 1 (" in res.out, str(res)
-        assert "vhsm token gc" in res.out, str(res)
-    cli.ok("token", "retrieve", tok, "out", "--key", key)
+        res = cli("token", "verify", tok, *mode)
+        assert res.rc == 1 and f"FAILED {tok}" in res.out, str(res)
+        assert "checksum mismatch" in res.out, str(res)
+    res = cli.ok("token", "retrieve", tok, "out", "--key", key)
+    assert "using generation 1 (" in res.err, str(res)
     assert (cli.cwd / "out/doc.bin").read_bytes() == data
     res = cli.ok("token", "gc", "--store", cli.store_dir)
-    assert f"token {tok}: set back to generation 1" in res.out, str(res)
+    assert f"token {tok}: using generation 1 (" in res.out, str(res)
+    assert "current metadata rewritten" in res.out, str(res)
     assert meta.read_bytes() == gen.read_bytes()
     res = cli.ok("token", "verify", tok, "--no-key")
     assert res.out == f"OK {tok}\n", str(res)
+    cli.ok("token", "verify", tok, "--key", key)
 
 
 def test_object_deleted_or_truncated_cli(stored) -> None:  # type: ignore[no-untyped-def]

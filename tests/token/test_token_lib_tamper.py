@@ -9,13 +9,12 @@ match; see test_nokey_verify_cannot_detect_consistent_manifest_forgery for what 
 Format v2 keeps each committed metadata twice: the current `<uuid>.metadata` and the generation
 file `<uuid>.data/gen-<n>` it is a copy of. A reader falls back to an intact generation file
 when the current metadata is unreadable, so "changed metadata" here means both copies changed
-alike; damage to the current file alone must be detected or served, with a note, from the
-generation file (detected_or_recovered).
+alike; damage to the current file alone must fail both verifies, while retrieve may be served
+from the intact generation file (detected_or_served).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -95,27 +94,36 @@ def assert_intact(ts: TokenStore, tok: uuid.UUID, data: bytes, out: Path) -> Non
     shutil.rmtree(out)
 
 
-def detected_or_recovered(ts: TokenStore, tok: uuid.UUID, data: bytes, out: Path) -> list[str]:
+def detected_or_served(
+    ts: TokenStore, tok: uuid.UUID, data: bytes, out: Path, served: list[str] | None = None
+) -> list[str]:
     """For damage to the current metadata file alone: format v2 keeps the same bytes in the
-    generation file, so a reader may fall back to that intact copy (docs/FORMAT.md section
-    5). Either every check fails as for any damage, or every check passes on the fallback,
-    says so (the note verify prints) and gives the original content. Returns what is wrong."""
-    missed = failures(ts, tok, out)
-    if not missed:
-        return []
+    generation file, which may stand in for it (docs/FORMAT.md section 5). Both verifies must
+    report the damage all the same; retrieve fails, or gives the original content from the
+    intact copy (then its note is appended to `served`). Returns what is wrong."""
     problems = []
+    for check in (ts.verify_full, ts.verify_ciphertext):
+        try:
+            check(tok)
+            problems.append(f"{check.__name__} passed")
+        except VhsmError:
+            pass
+    assert not out.exists()
     try:
-        notes = [ts.verify_full(tok), ts.verify_ciphertext(tok)]
         got = ts.retrieve(tok, out).read_bytes()
-    except VhsmError as e:
-        return [f"some checks failed, others did not ({missed}; {e})"]
-    finally:
+    except VhsmError:
         if out.exists():
-            shutil.rmtree(out)
-    if not all(n is not None and n.startswith("using generation ") for n in notes):
-        problems.append(f"damage neither detected nor noted ({notes})")
-    if got != data:
-        problems.append("retrieve gave other content")
+            problems.append(f"retrieve left {sorted(os.listdir(out))} in a new output directory")
+    else:
+        if got != data:
+            problems.append("retrieve gave other content")
+        note = ts.parse(tok).note
+        if note is None or not note.startswith("using generation "):
+            problems.append(f"served without a note ({note})")
+        if served is not None:
+            served.append(str(note))
+    if out.exists():
+        shutil.rmtree(out)
     return problems
 
 
@@ -170,22 +178,42 @@ def test_every_byte_of_metadata_file(three, tmp_path: Path) -> None:
 
 
 def test_every_byte_of_current_metadata_alone(three, tmp_path: Path) -> None:
-    """Only the current metadata changed, its generation file intact: detected, or served
-    from the generation file with a note, never silently and never with other content."""
+    """Only the current metadata changed, its generation file intact: both verifies report
+    it; retrieve fails or is served from the generation file, never with other content."""
     ts, tok, data, root = three
     out = tmp_path / "out"
-    recovered = []
+    served: list[str] = []
 
     def check() -> list[str]:
-        problems = detected_or_recovered(ts, tok, data, out)
-        if not problems:
-            with contextlib.suppress(VhsmError):
-                if ts.verify_ciphertext(tok) is not None:
-                    recovered.append(1)
-        return problems
+        return detected_or_served(ts, tok, data, out, served)
 
     assert _sweep(ts, tok, [[meta_path(root, tok)]], out, check) == []
-    assert recovered  # the fallback was exercised (a damaged header)
+    assert served  # the copy stood in (a damaged header)
+    assert_intact(ts, tok, data, out)
+
+
+def test_every_byte_of_the_generation_file_alone(three, tmp_path: Path) -> None:
+    """Only the generation file changed, the current metadata intact: retrieve reads the
+    current metadata and gives the content; both verifies report the damaged copy (every
+    stored byte is checked, not only those a read uses)."""
+    ts, tok, data, root = three
+    out = tmp_path / "out"
+
+    def check() -> list[str]:
+        problems = []
+        for verify in (ts.verify_full, ts.verify_ciphertext):
+            try:
+                verify(tok)
+            except VhsmError:
+                continue
+            problems.append(f"{verify.__name__} passed")
+        if ts.retrieve(tok, out).read_bytes() != data:
+            problems.append("retrieve gave other content")
+        shutil.rmtree(out)
+        return problems
+
+    (gen,) = gen_paths(root, tok)
+    assert _sweep(ts, tok, [[gen]], out, check) == []
     assert_intact(ts, tok, data, out)
 
 
@@ -279,7 +307,8 @@ def test_object_truncated_at_every_length(three, tmp_path: Path) -> None:
 
 def test_metadata_truncated_or_extended(three, tmp_path: Path) -> None:
     """Both copies (current metadata and generation file) truncated or extended alike: every
-    check fails. The current metadata alone: detected, or served from the generation file."""
+    check fails. The current metadata alone: verify fails, retrieve may be served from the
+    generation file."""
     ts, tok, data, root = three
     copies = metadata_copies(root, tok)
     original = copies[0].read_bytes()
@@ -295,7 +324,7 @@ def test_metadata_truncated_or_extended(three, tmp_path: Path) -> None:
         if missed:
             undetected.append((len(variant), "both copies", missed))
         copies[1].write_bytes(original)
-        problems = detected_or_recovered(ts, tok, data, out)
+        problems = detected_or_served(ts, tok, data, out)
         if problems:
             undetected.append((len(variant), "current metadata alone", problems))
     assert undetected == []
@@ -431,12 +460,12 @@ def test_metadata_swapped_between_tokens(pair, tmp_path: Path) -> None:
 
 
 def test_current_metadata_alone_swapped_between_tokens(pair, tmp_path: Path) -> None:
-    """Only the current metadata files swapped: each token is served from its own generation
-    file, with a note, or fails; never with the other's content."""
+    """Only the current metadata files swapped: verify fails for both; retrieve fails or is
+    served from the token's own generation file, never with the other's content."""
     ts, root, (a, da), (b, db) = pair
     _swap_files(meta_path(root, a), meta_path(root, b))
-    assert detected_or_recovered(ts, a, da, tmp_path / "oa") == []
-    assert detected_or_recovered(ts, b, db, tmp_path / "ob") == []
+    assert detected_or_served(ts, a, da, tmp_path / "oa") == []
+    assert detected_or_served(ts, b, db, tmp_path / "ob") == []
 
 
 def test_metadata_copied_with_token_id_patched(pair, tmp_path: Path) -> None:
