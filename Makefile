@@ -11,11 +11,13 @@ BIN := $(VENV)/bin
 # fuse3/libfuse3-dev/pkg-config: the mount (pyfuse3 builds from source against libfuse3).
 # age, gocryptfs: peers for bench/. softhsm2: PKCS#11 peer and tests. rsync, attr: mount tests.
 # xxd: the addendum key-caching script (tests/keysvc).
+# restic, borgbackup, rsync, tar: copies of a live store in tests/backup (docs/BACKUP.md).
 APT_PACKAGES := build-essential python3-dev python3-venv fuse3 libfuse3-dev pkg-config \
-	age gocryptfs rsync attr softhsm2 openssl util-linux procps xxd patch
+	age gocryptfs rsync attr softhsm2 openssl util-linux procps xxd patch \
+	restic borgbackup tar
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null && echo sudo))
 
-.PHONY: all deps apt venv demo test lint bench clean
+.PHONY: all deps apt venv demo test test-all lint bench clean
 
 all: venv
 
@@ -48,6 +50,13 @@ test: venv
 	$(BIN)/ruff check vhsmfs keysvc cli tests bench $(wildcard bench/*)
 	$(BIN)/ruff format --check vhsmfs keysvc cli tests bench $(wildcard bench/*)
 	$(BIN)/pytest -q tests
+
+# The whole suite plus the full-size variants (`@pytest.mark.full`, e.g. the backup-consistency
+# test at full size), which pyproject.toml's `-m 'not full'` leaves out of every other run.
+test-all: venv
+	$(BIN)/ruff check vhsmfs keysvc cli tests bench $(wildcard bench/*)
+	$(BIN)/ruff format --check vhsmfs keysvc cli tests bench $(wildcard bench/*)
+	$(BIN)/pytest -q -m "" tests
 
 lint: venv
 	$(BIN)/ruff check vhsmfs keysvc cli tests bench $(wildcard bench/*)

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import stat
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -249,11 +250,15 @@ class Backend(Protocol):
         token to itself, False (nothing held) if a writer is at work. Never waits."""
         ...
 
-    def collect_garbage(self, report: GarbageReport | None = None) -> list[str]:
+    def collect_garbage(
+        self, report: GarbageReport | None = None, *, keep_hidden: float = 0
+    ) -> list[str]:
         """The backend's own clean-up: interrupted deletes and first stores, stale temp files.
 
         Args:
             report: collects what was removed, ignored and refused (logged when None).
+            keep_hidden: seconds a hidden token (hide_token) is kept before it is wiped: the
+                grace period, for a backup copy that is still reading it.
         Returns:
             A line per thing removed.
         """
@@ -376,6 +381,7 @@ class LocalBackend:
         except OSError as e:
             raise StoreError(f"cannot open store {self.root}: {e.strerror}") from None
         self._tmpdir: SafeDir | None = None
+        self._keep_hidden = 0.0
         if create:
             self._ensure_marker()
 
@@ -665,21 +671,27 @@ class LocalBackend:
     @contextlib.contextmanager
     def idle(self, token: uuid.UUID) -> Iterator[bool]:
         """True while this process holds the token's data directory exclusively: no writer is
-        at work and none can start (a writer waits in writing()). False if a writer holds it or
-        there is no data directory. Not waited for."""
+        at work and none can start (a writer waits in writing()). False if a writer holds it.
+        True, holding nothing, if there is no data directory (a writer makes it before it locks
+        it, and then finds it replaced if gc removed it: see writing()). Not waited for."""
         try:
             d = self._data_dir(token)
         except FileNotFoundError:
-            yield False
+            yield True  # no data directory: no writer (a writer makes it first, then locks it)
             return
         with d, d.locked(exclusive=True) as got:
             yield got and self._still_there(d, token)
 
-    def collect_garbage(self, report: GarbageReport | None = None) -> list[str]:
-        """Finish interrupted deletes, drop data of stores that never committed (a killed
-        `store`), and stale temp files. Returns a line per thing removed; stray names and unsafe
-        entries are left alone and noted in `report` (logged when there is none)."""
+    def collect_garbage(
+        self, report: GarbageReport | None = None, *, keep_hidden: float = 0
+    ) -> list[str]:
+        """Finish interrupted and deferred deletes (a tombstone is wiped once it is older than
+        `keep_hidden` seconds, by its ctime: the rename that hid it), drop data of stores that
+        never committed (a killed `store`), and stale temp files. Returns a line per thing
+        removed; stray names and unsafe entries are left alone and noted in `report` (logged
+        when there is none)."""
         rep = report if report is not None else GarbageReport()
+        self._keep_hidden = keep_hidden
         try:
             names = sorted(self._dir.names())
         except OSError as e:
@@ -731,8 +743,10 @@ class LocalBackend:
             return
         if m := _TOMB_RE.fullmatch(name):
             token = uuid.UUID(m.group(1))
+            st = self._dir.check_entry(name, stat.S_IFREG, sole=True)
+            if time.time() - st.st_ctime < self._keep_hidden:
+                return  # deleted through the mount: kept for the grace period
             self._check_data_dir(token)
-            self._dir.check_entry(name, stat.S_IFREG, sole=True)
             self._wipe_data_dir(token)
             self._dir.wipe(name)
             rep.removed.append(f"finished deleting token {token}")
@@ -740,10 +754,16 @@ class LocalBackend:
             token = uuid.UUID(m.group(1))
             if self._dir.lstat(self._meta_name(token)) is not None:
                 return  # a committed token's: TokenStore.collect_garbage looks past its end
+            if self._dir.lstat(f".{token}.deleting") is not None:
+                return  # a hidden token's: its tombstone says when it goes
             # Checked again under the lock: the writer may have committed and let go of its
             # lock since the directory was listed.
             with self.idle(token) as free:
-                if free and self._dir.lstat(self._meta_name(token)) is None:
+                if (
+                    free
+                    and self._dir.lstat(self._meta_name(token)) is None
+                    and self._dir.lstat(name) is not None  # not wiped meanwhile
+                ):
                     self._check_data_dir(token)
                     self._wipe_data_dir(token)
                     rep.removed.append(f"removed data of unfinished store {token}")

@@ -29,6 +29,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from vhsmfs.errors import VhsmError
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
 _WIPE_BLOCK = 1 << 20
+READER_WAIT = 5.0  # seconds wipe() waits for other readers of a file (a backup tool) to close it
 RENAME_NOREPLACE = 1  # linux/fs.h
 # What openat() reports when O_NOFOLLOW/O_DIRECTORY meet the wrong kind of entry, or a FIFO
 # without a reader is opened for writing: the entry is then described from its lstat().
@@ -244,11 +246,17 @@ class SafeDir:
             os.fchown(fd, *self.rules.give_to)
 
     # -- changing entries -----------------------------------------------------------------------
-    def wipe(self, name: str) -> None:
+    def wipe(self, name: str, *, wait_readers: float = READER_WAIT) -> None:
         """Overwrite a regular file of ours with zeros, fsync, then unlink it. FileNotFoundError
-        if missing. On copy-on-write filesystems and SSDs old blocks may survive (FORMAT.md 7)."""
+        if missing. On copy-on-write filesystems and SSDs old blocks may survive (FORMAT.md 7).
+
+        Not while someone else has the file open (a backup tool copying it would copy zeros):
+        up to `wait_readers` seconds are spent waiting for the last other descriptor to close,
+        seen by whether a write lease can be taken (fcntl F_SETLEASE); after that the file is
+        wiped regardless."""
         fd, st = self.open_file(name, os.O_WRONLY, sole=True)
         try:
+            _wait_for_readers(fd, wait_readers)
             zeros = bytes(min(st.st_size, _WIPE_BLOCK))
             for start, end in _data_extents(fd, st.st_size):
                 done = start
@@ -344,6 +352,27 @@ def rename_noreplace(dir_fd: int, src: str, dst: str, dst_dir_fd: int | None = N
             if (now.st_dev, now.st_ino) == (reserved.st_dev, reserved.st_ino):
                 os.unlink(dst, dir_fd=dir_fd)
         raise
+
+
+def _wait_for_readers(fd: int, limit: float) -> None:
+    """Until no other descriptor anywhere has the file open (a write lease is granted only
+    then; it is given back at once), at most `limit` seconds. Where leases are not supported
+    (some network filesystems), nothing is waited for."""
+    deadline = time.monotonic() + limit
+    pause = 0.002
+    while True:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError as e:
+            if e.errno != errno.EAGAIN:
+                return  # no leases here (EINVAL, ENOLCK): nothing to wait on
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+            continue
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return
 
 
 def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:

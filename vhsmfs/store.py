@@ -767,6 +767,19 @@ class TokenStore:
             s.kind = "dir" if m.extra.get("kind") == "dir" else "file"
         return s
 
+    def retire(self, token: uuid.UUID) -> None:
+        """Delete a token the way the mount does: hidden at once, wiped once the grace period
+        has passed (by gc; at once when the grace period is 0). A backup copy taken while the
+        token is deleted then holds it whole, at its last version, or not at all; `delete`
+        (the CLI's) wipes at once."""
+        if self.grace == 0:
+            self.backend.delete_token(token)
+            return
+        try:
+            self.backend.hide_token(token)
+        except TokenNotFoundError:
+            pass  # hidden already (the mount hides at unlink), or deleted by the CLI
+
     def list_tokens(self) -> list[uuid.UUID]:
         return self.backend.token_ids()
 
@@ -784,7 +797,7 @@ class TokenStore:
         superseded longer than the grace period ago wiped; objects a killed writer left past
         next_object_id wiped. Unsafe entries are refused and noted, never touched."""
         report = GarbageReport()
-        self.backend.collect_garbage(report)
+        self.backend.collect_garbage(report, keep_hidden=self.grace)
         now = time.time_ns() if now_ns is None else now_ns
         for token in self.list_tokens():
             try:

@@ -111,16 +111,23 @@ def test_rename_over_and_unlink(vault: Vault, store: TokenStore) -> None:
     assert len(store.list_tokens()) == 1
 
 
-def test_unlink_hides_the_token_before_the_wipe(vault: Vault, store: TokenStore) -> None:
-    """A backup taken once unlink returned must not bring the file back, whenever the
-    background wipe runs."""
+def test_unlink_hides_the_token_and_the_wipe_waits_for_the_grace_period(
+    vault: Vault, store: TokenStore
+) -> None:
+    """A backup taken once unlink returned must not bring the file back; one taken while it
+    ran must find it whole or not at all, so its data stays (hidden) for the grace period,
+    and gc wipes it after that."""
     node = _write_file(vault, ROOT_INO, "secret", b"s" * 5000)
     vault.unlink(ROOT_INO, "secret")
-    assert node.token not in store.list_tokens()  # at once, not after the wipe
+    assert node.token not in store.list_tokens()  # at once
     vault.wait_deletions()
     root = Path(store.backend.describe())
-    assert not (root / f"{node.token}.data").exists()
-    assert not (root / f".{node.token}.deleting").exists()
+    tomb = root / f".{node.token}.deleting"
+    assert tomb.exists() and (root / f"{node.token}.data").exists()
+    assert store.collect_garbage().removed == []  # within the grace period
+    store.grace = 0
+    assert store.collect_garbage().removed == [f"finished deleting token {node.token}"]
+    assert not tomb.exists() and not (root / f"{node.token}.data").exists()
 
 
 def test_chmod_is_a_new_generation(vault: Vault, store: TokenStore) -> None:

@@ -951,7 +951,7 @@ class TokenFile:
         self.close()
         if self.committed:
             with contextlib.suppress(FileNotFoundError, TokenNotFoundError):
-                self.backend.delete_token(self.token)
+                self.store.retire(self.token)
         else:
             self.backend.discard_uncommitted(self.token)
         self.writer.committed = False

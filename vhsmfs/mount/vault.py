@@ -727,13 +727,12 @@ class Vault:
         tf = node.tf
         node.tf = None
         token = node.token
-        backend = self.store.backend
 
         def wipe() -> None:
             if tf is not None:
                 tf.delete()
             else:
-                backend.delete_token(token)
+                self.store.retire(token)
 
         self._in_background(token, wipe)
         with self._count_lock:
@@ -962,8 +961,7 @@ class Vault:
         if marker is not None:
             self._in_background(marker.token, marker.delete)
         elif marker_id is not None:
-            backend = self.store.backend
-            self._in_background(marker_id, lambda: backend.delete_token(marker_id))
+            self._in_background(marker_id, lambda: self.store.retire(marker_id))
 
     # -- unlink / rename (worker thread, ns_lock) ------------------------------------------------
     def unlink(self, parent_ino: int, name: str) -> list[Invalidation]:
