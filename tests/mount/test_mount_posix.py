@@ -92,7 +92,7 @@ def test_deletes_are_seen_both_ways(run_cli, tmp_path, key_file, store_dir, vaul
 
 def test_unlink_is_deferred_while_open(vault, token_store, store_dir):
     """While the unlinked file is open its token stays (data kept); at the last close it is
-    hidden and wiped."""
+    hidden (a tombstone), its data left for gc after the grace period."""
     p = vault.mnt / "open.bin"
     p.write_bytes(b"x" * 50_000)
     tok = tokens_named(token_store)["open.bin"]
@@ -103,7 +103,8 @@ def test_unlink_is_deferred_while_open(vault, token_store, store_dir):
         assert f.read() == b"x" * 50_000
     # release(2) reaches the mount asynchronously after close(2) returns
     assert wait_until(lambda: tok not in token_store.list_tokens())
-    assert wait_until(lambda: not (store_dir / f"{tok}.data").exists())
+    assert (store_dir / f".{tok}.deleting").is_file()  # the default grace period: an hour
+    assert not (store_dir / f"{tok}.metadata").exists()
 
 
 def test_random_offsets_sparse_and_truncate(vault, token_store):
