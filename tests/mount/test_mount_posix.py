@@ -74,7 +74,7 @@ def test_file_written_through_mount_retrieves_identical(
     )
     assert (out / "docs" / "blob.bin").read_bytes() == data
     token_store.verify_full(tok)
-    assert token_store.open_token(tok).meta.sha256 == hashlib.sha256(data).hexdigest()
+    assert token_store.digest(tok) == hashlib.sha256(data).hexdigest()
 
 
 def test_deletes_are_seen_both_ways(run_cli, tmp_path, key_file, store_dir, vault, token_store):
@@ -90,7 +90,9 @@ def test_deletes_are_seen_both_ways(run_cli, tmp_path, key_file, store_dir, vaul
     assert not (vault.mnt / str(toks["gone-by-mount.txt"])).exists()
 
 
-def test_unlink_is_deferred_while_open(vault, token_store):
+def test_unlink_is_deferred_while_open(vault, token_store, store_dir):
+    """While the unlinked file is open its token stays (data kept); at the last close it is
+    hidden (a tombstone), its data left for gc after the grace period."""
     p = vault.mnt / "open.bin"
     p.write_bytes(b"x" * 50_000)
     tok = tokens_named(token_store)["open.bin"]
@@ -101,6 +103,8 @@ def test_unlink_is_deferred_while_open(vault, token_store):
         assert f.read() == b"x" * 50_000
     # release(2) reaches the mount asynchronously after close(2) returns
     assert wait_until(lambda: tok not in token_store.list_tokens())
+    assert (store_dir / f".{tok}.deleting").is_file()  # the default grace period: an hour
+    assert not (store_dir / f"{tok}.metadata").exists()
 
 
 def test_random_offsets_sparse_and_truncate(vault, token_store):

@@ -1,6 +1,7 @@
 """The mount's random-access layer in-process (no FUSE): a seeded model check of writes at any
 offset, truncates, commits and reloads, with background write-back forced early; compaction
-bounds; orphans of an uncommitted session swept."""
+bounds; orphans of an uncommitted session swept; superseded generations kept for the grace
+period (format v2) and the whole-file digest computed on demand."""
 
 from __future__ import annotations
 
@@ -84,7 +85,10 @@ def test_model_check(store, small_buffers, seed, tmp_path):
     assert all(live[o] * 2 >= sizes[o] for o in sizes if o != newest)
 
 
-def test_whole_file_hash_kept_or_recomputed(store, small_buffers):
+def test_whole_file_digest_on_demand(store, small_buffers, tmp_path):
+    """Format v2 records no whole-file SHA-256 (meta.sha256 is None); the store computes one on
+    demand (`info --digest`) that a standard tool can check: it is the content's, after
+    sequential writes and after a patch in the middle."""
     import hashlib
 
     tf = ra.TokenFile.create(store, "seq.bin", 0o600)
@@ -92,21 +96,24 @@ def test_whole_file_hash_kept_or_recomputed(store, small_buffers):
     for off in range(0, len(data), 7_000):
         tf.write(off, data[off : off + 7_000])
     tf.commit()
-    assert store.open_token(tf.token).meta.sha256 == hashlib.sha256(data).hexdigest()
-    tf.write(10, b"patched")  # not sequential any more: recomputed at the final commit
+    assert store.open_token(tf.token).meta.sha256 is None
+    assert store.digest(tf.token) == hashlib.sha256(data).hexdigest()
+    tf.write(10, b"patched")  # not sequential any more
     tf.commit(final=True)
     patched = data[:10] + b"patched" + data[17:]
-    assert store.open_token(tf.token).meta.sha256 == hashlib.sha256(patched).hexdigest()
+    assert store.open_token(tf.token).meta.sha256 is None
+    assert store.digest(tf.token) == hashlib.sha256(patched).hexdigest()
     store.verify_full(tf.token)
+    out = store.retrieve(tf.token, tmp_path / "out")
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == store.digest(tf.token)
 
 
-@pytest.mark.parametrize("hold", [0, 10_000, 1 << 20])
-def test_whole_file_hash_across_commits_and_appends(store, small_buffers, monkeypatch, hold):
-    """The first bytes of a file are hashed at commit, the rest on the hash thread; either way
-    the recorded hash is the whole file's, across commits and appends after them."""
+@pytest.mark.parametrize("reload", [False, True])
+def test_whole_file_digest_across_commits_and_appends(store, small_buffers, reload):
+    """The digest is the whole file's after every commit, across appends after commits, by the
+    same session or (`reload`) by a new one that loads the committed token."""
     import hashlib
 
-    monkeypatch.setattr(ra, "HASH_HOLD_BYTES", hold)
     tf = ra.TokenFile.create(store, "grow.bin", 0o600)
     data = b""
     for step, size in enumerate([3_000, 5_000, 1, 40_000, 0, 70_000, 9_000]):
@@ -115,9 +122,12 @@ def test_whole_file_hash_across_commits_and_appends(store, small_buffers, monkey
         data += piece
         if step % 2:
             tf.commit()
-            assert store.open_token(tf.token).meta.sha256 == hashlib.sha256(data).hexdigest()
+            assert store.digest(tf.token) == hashlib.sha256(data).hexdigest()
+            if reload:
+                tf.close()
+                tf = ra.TokenFile.load(store, tf.token)
     tf.commit()
-    assert store.open_token(tf.token).meta.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.digest(tf.token) == hashlib.sha256(data).hexdigest()
     store.verify_full(tf.token)
 
 
@@ -130,17 +140,107 @@ def test_orphans_of_a_killed_session_are_swept(store, small_buffers):
     tf2 = ra.TokenFile.load(store, tf.token)
     tf2.write(0, os.urandom(100_000))
     tf2._drain()
-    tf2._finish_object()
-    assert set(store.backend.object_sizes(tf.token)) > committed
-    tf2._writing.close()
+    assert tf2.writer.building
+    # an object being written has no name yet: a writer killed now leaves nothing behind
+    assert set(store.backend.object_sizes(tf.token)) == committed
+    tf2.writer.seal()  # killed after it sealed two objects, before its commit
+    tf2.write(0, os.urandom(100_000))
+    tf2._drain()
+    tf2.writer.seal()
+    orphans = set(store.backend.object_sizes(tf.token)) - committed
+    assert len(orphans) == 2
+    tf2.writer._end_writing()  # the kernel drops a killed writer's lock
     store.verify_full(tf.token)  # the committed generation is untouched
     tf3 = ra.TokenFile.load(store, tf.token)
     tf3.write(5, b"new")
     tf3.commit()
     leftover = set(store.backend.object_sizes(tf.token))
     refs = {e[0] for e in ra.MANIFEST_ENTRY.iter_unpack(tf3.manifest)}
-    assert leftover == refs
+    assert leftover == refs  # both orphans went, though the new session needed one id only
+    assert len(refs - committed) == 1
     store.verify_full(tf.token)
+
+
+def _rewrite(store: TokenStore, size: int) -> tuple[ra.TokenFile, bytes, bytes]:
+    """A file committed, then overwritten whole and committed again: (file, old, new)."""
+    tf = ra.TokenFile.create(store, "r.bin", 0o600)
+    old, new = os.urandom(size), os.urandom(size)
+    tf.write(0, old)
+    tf.commit()
+    tf.write(0, new)
+    tf.commit()
+    return tf, old, new
+
+
+def _gens(store: TokenStore, tok) -> list[int]:  # type: ignore[no-untyped-def]
+    return store.backend.generations(tok)
+
+
+def test_superseded_objects_are_kept_for_the_grace_period(tmp_path):
+    """With the default grace period (an hour), a rewrite keeps the superseded generation and
+    the objects only it uses, so a backup copy taken meanwhile still holds a complete token:
+    if the newest objects are missing, readers fall back to the old version (with a note) and
+    gc sets the token back to it. gc past the grace period removes what was superseded."""
+    import shutil
+    import time
+
+    ts = TokenStore(
+        LocalBackend(tmp_path / "store"), StaticKeyProvider(os.urandom(32)), chunk_size=4096
+    )
+    assert ts.grace == 3600
+    tf, old, new = _rewrite(ts, 100_000)
+    tok = tf.token
+    tf.close()
+    assert _gens(ts, tok) == [1, 2]
+    sizes = ts.backend.object_sizes(tok)
+    live = ts.parse(tok).objects
+    gone = set(sizes) - set(live)
+    assert gone, "the old version's objects were removed at once"
+    assert ts.retrieve(tok, tmp_path / "o1").read_bytes() == new
+    assert ts.verify_full(tok) is None
+
+    # a copy of the store taken before the new objects were linked in
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "store", copy)
+    for obj in live:
+        os.unlink(copy / f"{tok}.data" / f"{obj:08x}")
+    cs = TokenStore(LocalBackend(copy), ts.keys, chunk_size=4096)
+    assert cs.verify_full(tok).startswith("using generation 1 (")
+    assert cs.retrieve(tok, tmp_path / "o2").read_bytes() == old
+    report = cs.collect_garbage()
+    repaired = f"token {tok}: using generation 1 (object "
+    assert any(line.startswith(repaired) for line in report.removed), report
+    assert f"removed incomplete generation 2 of token {tok}" in report.removed
+    assert cs.verify_full(tok) is None and cs.parse(tok).header.generation == 1
+
+    # the original, past the grace period: the old generation and its objects go
+    later = time.time_ns() + 3601 * 1_000_000_000
+    report = ts.collect_garbage(now_ns=later)
+    assert f"removed generation 1 of token {tok} (superseded)" in report.removed
+    assert set(ts.backend.object_sizes(tok)) == set(live)
+    assert _gens(ts, tok) == [2]
+    assert ts.retrieve(tok, tmp_path / "o3").read_bytes() == new
+
+
+def test_superseded_objects_go_at_once_with_no_grace(store):
+    """grace=0 (the fixture's store): nothing superseded is kept after a commit."""
+    tf, _, new = _rewrite(store, 100_000)
+    assert _gens(store, tf.token) == [2]
+    assert set(store.backend.object_sizes(tf.token)) == set(store.parse(tf.token).objects)
+    assert tf.read(0, len(new)) == new
+
+
+def test_delete_wipes_kept_generations_at_once(tmp_path):
+    """`delete` does not wait for the grace period: every generation and object goes."""
+    ts = TokenStore(
+        LocalBackend(tmp_path / "store"), StaticKeyProvider(os.urandom(32)), chunk_size=4096
+    )
+    tf, _, _ = _rewrite(ts, 50_000)
+    tf.close()
+    assert _gens(ts, tf.token) == [1, 2]
+    ts.delete(tf.token)
+    assert not (tmp_path / "store" / f"{tf.token}.data").exists()
+    assert ts.list_tokens() == []
 
 
 def test_full_disk_during_write_back_loses_nothing(small_buffers, tmp_path):
@@ -244,9 +344,9 @@ def test_sequential_reader_finds_windows_decrypted_ahead(store, monkeypatch):
 
 
 def test_patch_over_a_tampered_chunk_fails_and_keeps_the_patch(store, small_buffers):
-    """Merging a patch authenticates the stored chunk first: a flipped byte in its record makes
-    the commit fail with IntegrityError (EIO through the mount), releases no plaintext, and the
-    patch stays pending rather than being dropped."""
+    """Merging a patch checks and authenticates the stored chunk first: a flipped byte in its
+    record makes the commit fail with IntegrityError (EIO through the mount), releases no
+    plaintext, and the patch stays pending rather than being dropped."""
     tf = ra.TokenFile.create(store, "t.bin", 0o600)
     tf.write(0, os.urandom(200_000))
     tf.commit()
@@ -260,10 +360,25 @@ def test_patch_over_a_tampered_chunk_fails_and_keeps_the_patch(store, small_buff
         f.write(bytes([b[0] ^ 1]))
     tf.write(3 * 4096 + 10, b"patched")
     assert 3 in tf._patches
-    with pytest.raises(IntegrityError, match="chunk 3 failed authentication"):
+    # the record is checked against the manifest's XXH3-128 first...
+    with pytest.raises(IntegrityError, match="chunk 3 checksum mismatch"):
         tf.commit()
     assert [d for _, d in tf._patches[3]] == [b"patched"]
     with pytest.raises(IntegrityError):
+        tf.read(3 * 4096, 100)
+    # ...and authenticated: with the manifest's checksum made to match (as if forged along),
+    # the AEAD refuses it all the same
+    with open(path, "rb") as f:
+        f.seek(off)
+        record = f.read(rlen)
+    e = tf._entry(3)
+    ra.MANIFEST_ENTRY.pack_into(
+        tf.manifest, 3 * ra.MANIFEST_ENTRY.size, *e[:3], ra._CHECKSUM(record)
+    )
+    with pytest.raises(IntegrityError, match="chunk 3 failed authentication"):
+        tf.commit()
+    assert [d for _, d in tf._patches[3]] == [b"patched"]
+    with pytest.raises(IntegrityError, match="chunk 3 failed authentication"):
         tf.read(3 * 4096, 100)
     tf.close()
 

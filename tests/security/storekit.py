@@ -19,7 +19,10 @@ from attack import REPO, env_for
 
 MEMORY_CAP = 2 << 30  # address space of the CLI under attack (prlimit --as)
 QUICK = 30.0  # seconds: every refusal is immediate; a hang fails the test by timeout
-NEXT_OBJECT_AT = 110  # offset of next_object_id in a metadata file (docs/FORMAT.md section 3)
+# offset of next_object_id in a metadata file, by format version (docs/FORMAT.md section 3)
+NEXT_OBJECT_AT = {1: 110, 2: 118}
+CHUNK_COUNT_AT = {1: 102, 2: 110}  # offset of chunk_count (u64)
+OBJECT_COUNT_AT = 122  # offset of object_count (u32), format v2 only
 
 
 def run_cli(
@@ -92,10 +95,16 @@ class Scene:
     def data(self, tok: str) -> Path:
         return self.store / f"{tok}.data"
 
+    def gens(self, tok: str) -> list[Path]:
+        """The token's generation files (format v2), oldest first."""
+        return sorted(self.data(tok).glob("gen-" + "[0-9a-f]" * 16))
+
     def next_object(self, tok: str) -> int:
         with open(self.meta(tok), "rb") as f:
-            f.seek(NEXT_OBJECT_AT)
-            return int.from_bytes(f.read(4), "big")
+            head = f.read(NEXT_OBJECT_AT[2] + 4)
+        version = int.from_bytes(head[8:10], "big")
+        at = NEXT_OBJECT_AT[version]
+        return int.from_bytes(head[at : at + 4], "big")
 
     def victim_dir(self) -> Path:
         """A directory outside the store with files an attack would destroy."""

@@ -167,7 +167,7 @@ def test_old_style_truncation_line_is_a_break_token_tampering_is_not(data: Path)
     ok("token", "generate-key", "a.key", cwd=data)
     (data / "f").write_bytes(b"data" * 1000)
     tok = ok("token", "store", "f", "--key", "a.key", "-q", cwd=data).stdout.decode().strip()
-    chunk = next((data / "secure_storage" / f"{tok}.data").iterdir())
+    chunk = data / "secure_storage" / f"{tok}.data" / "00000000"  # its only object
     raw = bytearray(chunk.read_bytes())
     raw[-1] ^= 1
     chunk.write_bytes(bytes(raw))

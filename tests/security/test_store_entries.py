@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from attack import assert_one_line_error, snapshot, tree_snapshot
-from storekit import Scene, new_token_id, replace_with
+from storekit import CHUNK_COUNT_AT, OBJECT_COUNT_AT, Scene, new_token_id, replace_with
 
 
 def _good_and_bad(tmp_path: Path) -> tuple[Scene, str, str]:
@@ -123,19 +123,57 @@ def test_object_links_do_not_report_sizes(tmp_path: Path) -> None:
     assert "Stored bytes" in s.ok("token", "info", good)
 
 
-@pytest.mark.parametrize("claimed", ["a valid header", "2**40 chunks"])
-def test_oversized_metadata_is_refused_before_it_is_read(tmp_path: Path, claimed: str) -> None:
-    """A sparse 100 GB metadata file: refused after its fixed header, never read into memory
-    (the CLI runs under a 2 GiB address-space cap)."""
-    s, good, bad = _good_and_bad(tmp_path)
-    with open(s.meta(bad), "r+b") as f:
-        if claimed != "a valid header":
-            f.seek(102)  # chunk_count (docs/FORMAT.md section 3)
+_CLAIMS = {  # what the planted header says -> what the refusal names
+    "a valid header": "its header says",
+    "2**40 chunks": "chunks",
+    "2**31 objects": "objects",
+}
+
+
+def _oversize(path: Path, claimed: str) -> None:
+    """Make `path` a sparse 100 GB file behind the header it had (patched as `claimed`)."""
+    with open(path, "r+b") as f:
+        if claimed == "2**40 chunks":
+            f.seek(CHUNK_COUNT_AT[2])  # chunk_count (docs/FORMAT.md section 3)
             f.write((2**40).to_bytes(8, "big"))
+        elif claimed == "2**31 objects":
+            f.seek(OBJECT_COUNT_AT)  # object_count
+            f.write((2**31).to_bytes(4, "big"))
         f.truncate(100 << 30)
-    fragment = "more than its header allows" if claimed == "a valid header" else "chunks"
+
+
+@pytest.mark.parametrize("claimed", list(_CLAIMS))
+def test_oversized_metadata_is_refused_before_it_is_read(tmp_path: Path, claimed: str) -> None:
+    """A sparse 100 GB metadata file (the current one and its generation file, as an attacker
+    plants them): refused after its fixed header, never read into memory (the CLI runs under a
+    2 GiB address-space cap)."""
+    s, good, bad = _good_and_bad(tmp_path)
+    (gen,) = s.gens(bad)
+    for path in (s.meta(bad), gen):
+        _oversize(path, claimed)
+    fragment = _CLAIMS[claimed]
     assert_one_line_error(s.run("token", "info", bad), str(bad), fragment)
     _good_still_served(s, good, bad, fragment)
+
+
+@pytest.mark.parametrize("claimed", list(_CLAIMS))
+def test_oversized_current_metadata_alone_falls_back(tmp_path: Path, claimed: str) -> None:
+    """The current metadata alone a sparse 100 GB file: refused without being read; verify
+    reports it, and the token is still served from its intact generation file, with a note
+    naming the refusal."""
+    s, good, bad = _good_and_bad(tmp_path)
+    _oversize(s.meta(bad), claimed)
+    fragment = _CLAIMS[claimed]
+    out = s.ok("token", "info", bad)
+    assert "using generation 1" in out and fragment in out, out
+    for mode in (("--no-key",), ("--key", str(s.key))):
+        p = s.run("token", "verify", *mode)
+        out = p.stdout.decode()
+        assert p.returncode == 1 and "Traceback" not in p.stderr.decode(), p.stderr
+        assert f"OK {good}" in out and f"FAILED {bad}" in out and fragment in out, out
+    p = s.keyed("token", "retrieve", bad, "bad-out")
+    assert p.returncode == 0 and b"using generation 1" in p.stderr, p.stderr
+    assert (s.work / "bad-out/bad.txt").read_bytes() == b"bad content\n" * 500
 
 
 def test_entries_of_another_user_are_refused(
@@ -167,7 +205,33 @@ def test_entries_of_another_user_are_refused(
     assert tree_snapshot(s.store) == before
     p = s.keyed("token", "list")
     assert p.returncode != 0 and f"owned by uid {uid}" in p.stdout.decode()
-    assert s.keyed("token", "verify", good).returncode == 0
+    # the good token itself: test_a_strangers_file_beside_a_tokens_objects_is_ignored
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="suspected bug in format-v2: TokenStore.parse() lists every object of the data "
+    "directory (LocalBackend.object_sizes), which refuses the whole token for one unsafe entry "
+    "that no generation refers to; format v1 opened only the objects its manifest named",
+)
+def test_a_strangers_file_beside_a_tokens_objects_is_ignored(
+    shared_dir: Path, other_user: pwd.struct_passwd
+) -> None:
+    """Another user's file planted past the end of a good token's objects (which gc refuses
+    to touch, test above) does not stop the token being verified and retrieved."""
+    s = Scene(shared_dir)
+    good = s.put("good.txt", b"good\n" * 100)
+    os.chmod(s.store, 0o777)
+    os.chmod(s.data(good), 0o777)
+    uid = other_user.pw_uid
+    script = f"open({str(s.data(good) / '00000007')!r}, 'wb').write(b'past the end')"
+    subprocess.run([sys.executable, "-c", script], user=uid, group=other_user.pw_gid, check=True)
+    for mode in (("--no-key",), ("--key", str(s.key))):
+        p = s.run("token", "verify", good, *mode)
+        assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
+    p = s.keyed("token", "retrieve", good, "out")
+    assert p.returncode == 0, p.stderr.decode()
+    assert (s.work / "out/good.txt").read_bytes() == b"good\n" * 100
 
 
 def test_root_gives_what_it_creates_to_the_stores_owner(

@@ -11,8 +11,12 @@ import pytest
 from attack import assert_one_line_error, env_for
 from storekit import Scene, run_cli
 
-# the format's cap: a manifest of at most 1 GiB, 48 bytes per chunk (docs/FORMAT.md section 3)
-MAX_CHUNK_COUNT = (1 << 30) // 48
+from vhsmfs.errors import InputError
+from vhsmfs.tokenwriter import check_chunk_count
+
+# the format's cap: a manifest of at most 1 GiB, 32 bytes per chunk in format v2 (docs/FORMAT.md
+# section 3)
+MAX_CHUNK_COUNT = (1 << 30) // 32
 
 
 @pytest.mark.parametrize(
@@ -42,6 +46,9 @@ def test_settings_are_plain_digits(tmp_path: Path, name: str, value: str) -> Non
 def test_store_refuses_a_file_with_too_many_chunks_up_front(tmp_path: Path) -> None:
     """A sparse file one chunk past the cap at 512-byte chunks: refused at once with the chunk
     size that would fit, nothing written (it used to start encrypting 11 GB)."""
+    from vhsmfs.format import MAX_CHUNK_COUNT as cap
+
+    assert cap == MAX_CHUNK_COUNT == 33_554_432
     s = Scene(tmp_path)
     big = s.work / "huge.img"
     with open(big, "wb") as f:
@@ -50,3 +57,7 @@ def test_store_refuses_a_file_with_too_many_chunks_up_front(tmp_path: Path) -> N
     p = run_cli("token", "store", "huge.img", "--key", str(s.key), cwd=s.work, env=env)
     assert_one_line_error(p, "huge.img", "TOKEN_CHUNK_SIZE=513")
     assert [n for n in os.listdir(s.store) if n != "VHSM-STORE"] == []
+    # the cap itself still fits: one chunk fewer is not refused up front
+    check_chunk_count(MAX_CHUNK_COUNT * 512, 512, "at the cap")
+    with pytest.raises(InputError, match="TOKEN_CHUNK_SIZE=513"):
+        check_chunk_count((MAX_CHUNK_COUNT + 1) * 512, 512, "past the cap")

@@ -76,14 +76,12 @@ def test_write_never_wipes_a_hard_link_at_the_next_object(scene) -> None:  # typ
     _alive(m, m.mnt)
 
 
-def test_long_write_never_follows_a_symlink_at_the_next_object(scene) -> None:  # type: ignore[no-untyped-def]
-    """While a big file is written, a link is planted at the id of its next object (objects roll
-    every 64 MiB): the mount used to create that object through the link."""
-    s, m = scene
-    m.start()
-    victim = s.work / "victim.bin"
-    victim.write_bytes(b"victim\n")
-    before = snapshot(victim)
+def _write_big_and_plant(s: Scene, m, victim: Path, when: str) -> None:  # type: ignore[no-untyped-def]
+    """Write a 160 MiB file through the mount (stopping at the first error) and plant a link
+    to `victim` at the id of its second object (objects roll every 64 MiB, and are written
+    without a name, linked in at seal): "before it is begun" as soon as the new token's data
+    directory appears, "while it is written" once the first object was sealed (so the second
+    one is being written, unnamed)."""
     known = {p.name for p in s.store.glob("*.data")}
     chunk = os.urandom(1 << 20)
     planted = False
@@ -93,15 +91,67 @@ def test_long_write_never_follows_a_symlink_at_the_next_object(scene) -> None:  
             if planted:
                 continue
             for d in s.store.glob("*.data"):
-                if d.name not in known and (d / "00000000").exists():
-                    assert not (d / "00000001").exists(), "rolled before the link was planted"
-                    (d / "00000001").symlink_to(victim)
-                    planted = True
+                if d.name in known:
+                    continue
+                if when == "while it is written" and not (d / "00000000").exists():
+                    continue
+                assert not (d / "00000001").exists(), "object 1 sealed before the link was planted"
+                (d / "00000001").symlink_to(victim)
+                planted = True
     assert planted, "the mount wrote no object while the file was written"
     time.sleep(0.2)
+
+
+@pytest.mark.parametrize("when", ["before it is begun", "while it is written"])
+def test_long_write_never_follows_a_symlink_at_the_next_object(scene, when: str) -> None:  # type: ignore[no-untyped-def]
+    """While a big file is written, a link is planted at the id of its next object: the mount
+    used to create that object through the link. Now the object is begun without a name (an
+    entry already at its id is wiped first, which refuses a link) and linked in at seal (link()
+    never follows, nor replaces, what is at the name): the victim is never touched, the link
+    is left where it is, and the refusal is logged with the object's id."""
+    s, m = scene
+    m.start()
+    victim = s.work / "victim.bin"
+    victim.write_bytes(b"victim\n")
+    before = snapshot(victim)
+    _write_big_and_plant(s, m, victim, when)
     assert snapshot(victim) == before
-    assert "symbolic link" in m.read_log()
+    (link,) = s.store.glob("*.data/00000001")
+    assert link.is_symlink() and os.readlink(link) == str(victim)
+    log = m.read_log()
+    assert "00000001" in log, log
+    if when == "before it is begun":
+        assert "symbolic link" in log
     _alive(m, m.mnt)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="suspected bug in format-v2: an object whose id is taken by a planted entry can "
+    "never be used: 'before it is begun', TokenWriter.reserve() retries the same id for every "
+    "write-back (new_object refuses the link; next_object is not advanced); 'while it is "
+    "written', ObjectWriter.finish() fails at link() (EEXIST) after the runs were settled "
+    "into the manifest, so every later commit fails with 'object 00000001 was never "
+    "finished' (the log never names the planted entry) and the file's data is lost. Format "
+    "v1 went on with the next object id and committed the file",
+)
+@pytest.mark.parametrize("when", ["before it is begun", "while it is written"])
+def test_a_link_at_the_next_object_does_not_wedge_the_file(scene, when: str) -> None:  # type: ignore[no-untyped-def]
+    """After the refusal above, the file is still committed when it is closed (the write-back
+    goes on in another object, as in format v1): its token is published and verifies."""
+    s, m = scene
+    m.start()
+    victim = s.work / "victim.bin"
+    victim.write_bytes(b"victim\n")
+    known = {p.name for p in s.store.glob("*.data")}
+    _write_big_and_plant(s, m, victim, when)
+    m.stop()  # the last commit
+    (data,) = [p for p in s.store.glob("*.data") if p.name not in known]
+    tok = data.name.removesuffix(".data")
+    for mode in (("--no-key",), ("--key", str(s.key))):
+        p = s.run("token", "verify", tok, *mode)
+        assert p.returncode == 0, p.stdout.decode() + p.stderr.decode()
+    assert victim.read_bytes() == b"victim\n"
 
 
 @pytest.mark.parametrize("kind", ["symlink", "hardlink"])

@@ -16,10 +16,12 @@ import pytest
 from token_helpers import (
     Cli,
     assert_one_line_error,
+    gen_paths,
     meta_path,
     object_paths,
     read_manifest,
     snapshot,
+    store_leftovers,
     write_random,
 )
 
@@ -257,10 +259,10 @@ def test_disk_full_during_store(cli: Cli, tmpfs) -> None:  # type: ignore[no-unt
     small = tmpfs("small", "2m")
     line = expect_clean_failure(cli, "token", "store", "big.bin", "--key", key, "--store", small)
     assert "space" in line.lower()
-    assert sorted(os.listdir(small)) == ["VHSM-STORE"]
+    assert store_leftovers(small) == []
     assert_one_line_error(cli("token", "store", "big.bin", "--store", small))  # auto key
     assert list(cli.cwd.glob("auto_generated_key_*")) == []
-    assert sorted(os.listdir(small)) == ["VHSM-STORE"]
+    assert store_leftovers(small) == []
     # the store still works for what fits
     write_random(cli.cwd / "s.bin", 100_000, seed=6)
     tok = cli.store("s.bin", key, "--store", small)
@@ -298,17 +300,48 @@ def _assert_detected(cli: Cli, key: Path, tok: str) -> None:
         assert res.rc == 1 and f"FAILED {tok}" in res.out and f"OK {tok}" not in res.out, str(res)
 
 
+def metadata_copies(store: Path, tok: str) -> list[Path]:
+    """The current metadata and its generation file (format v2: the same bytes)."""
+    (gen,) = gen_paths(store, tok)
+    return [meta_path(store, tok), gen]
+
+
 def test_tampered_bytes_cli_sample(stored) -> None:  # type: ignore[no-untyped-def]
+    """The same change to both copies of the metadata (an attacker's), or to an object."""
     cli, key, tok, data = stored
-    files = [meta_path(cli.store_dir, tok), *object_paths(cli.store_dir, tok)]
-    for path in files:
-        size = path.stat().st_size
+    groups = [metadata_copies(cli.store_dir, tok)] + [[p] for p in object_paths(cli.store_dir, tok)]
+    for paths in groups:
+        size = paths[0].stat().st_size
         for pos in (0, 9, size // 3, size // 2, size - 33, size - 1):
-            original = _flip(path, pos)
+            originals = [_flip(path, pos) for path in paths]
             _assert_detected(cli, key, tok)
-            path.write_bytes(original)
+            for path, original in zip(paths, originals, strict=True):
+                path.write_bytes(original)
     cli.ok("token", "retrieve", tok, "out", "--key", key)
     assert (cli.cwd / "out/doc.bin").read_bytes() == data
+
+
+def test_damaged_current_metadata_served_from_generation_file_cli(stored) -> None:  # type: ignore[no-untyped-def]
+    """The current metadata alone damaged (its header): verify reports the damage; retrieve
+    is served from the intact generation file of the same generation, with a warning; gc puts
+    the current metadata back, after which verify passes."""
+    cli, key, tok, data = stored
+    meta, gen = metadata_copies(cli.store_dir, tok)
+    _flip(meta, 30)  # in the salt: the header checksum no longer matches
+    for mode in (["--key", str(key)], ["--no-key"]):
+        res = cli("token", "verify", tok, *mode)
+        assert res.rc == 1 and f"FAILED {tok}" in res.out, str(res)
+        assert "checksum mismatch" in res.out, str(res)
+    res = cli.ok("token", "retrieve", tok, "out", "--key", key)
+    assert "using generation 1 (" in res.err, str(res)
+    assert (cli.cwd / "out/doc.bin").read_bytes() == data
+    res = cli.ok("token", "gc", "--store", cli.store_dir)
+    assert f"token {tok}: using generation 1 (" in res.out, str(res)
+    assert "current metadata rewritten" in res.out, str(res)
+    assert meta.read_bytes() == gen.read_bytes()
+    res = cli.ok("token", "verify", tok, "--no-key")
+    assert res.out == f"OK {tok}\n", str(res)
+    cli.ok("token", "verify", tok, "--key", key)
 
 
 def test_object_deleted_or_truncated_cli(stored) -> None:  # type: ignore[no-untyped-def]
@@ -335,10 +368,12 @@ def test_swaps_between_tokens_cli(stored) -> None:  # type: ignore[no-untyped-de
     _assert_detected(cli, key, tb)
     oa.write_bytes(a)
     ob.write_bytes(b)
-    ma, mb = meta_path(cli.store_dir, ta), meta_path(cli.store_dir, tb)
-    a, b = ma.read_bytes(), mb.read_bytes()
-    ma.write_bytes(b)
-    mb.write_bytes(a)
+    # the metadata, both copies (current and generation file)
+    pairs = zip(metadata_copies(cli.store_dir, ta), metadata_copies(cli.store_dir, tb), strict=True)
+    for ma, mb in pairs:
+        a, b = ma.read_bytes(), mb.read_bytes()
+        ma.write_bytes(b)
+        mb.write_bytes(a)
     _assert_detected(cli, key, ta)
     _assert_detected(cli, key, tb)
 

@@ -19,9 +19,11 @@ from token_helpers import (
     Cli,
     assert_one_line_error,
     clean_env,
+    gen_paths,
     object_paths,
     random_bytes,
     snapshot,
+    store_names,
     write_random,
 )
 
@@ -202,7 +204,7 @@ def test_list_and_info(cli: Cli) -> None:
     rows = {r["token"]: r for r in json.loads(cli.ok("token", "list", "--key", key, "--json").out)}
     assert rows[ta]["readable"] is True and rows[ta]["name"] == "alpha.txt"
     assert rows[ta]["size"] == 20_000
-    assert rows[ta]["sha256"] == hashlib.sha256(a).hexdigest()
+    assert rows[ta]["sha256"] is None  # format v2 stores none: `info --digest` computes it
     assert rows[tb]["readable"] is False and rows[tb]["name"] is None
 
     table = cli.ok("token", "list", "--key", key).out
@@ -211,10 +213,18 @@ def test_list_and_info(cli: Cli) -> None:
     info = json.loads(cli.ok("token", "info", ta, "--key", key, "--json").out)
     assert info["token"] == ta and info["name"] == "alpha.txt" and info["size"] == 20_000
     assert info["chunk_size"] == 8192 and info["chunk_count"] == 3
-    assert info["sha256"] == hashlib.sha256(a).hexdigest()
+    assert info["sha256"] is None
     assert info["stored_bytes"] == 20_000 + 3 * 28
+    digest = json.loads(cli.ok("token", "info", ta, "--key", key, "--json", "--digest").out)
+    assert digest["sha256"] == hashlib.sha256(a).hexdigest()
+    assert {k: v for k, v in digest.items() if k != "sha256"} == {
+        k: v for k, v in info.items() if k != "sha256"
+    }
     human = cli.ok("token", "info", ta, "--key", key).out
-    assert "alpha.txt" in human and ta in human
+    assert "alpha.txt" in human and ta in human and "--digest" in human
+    human = cli.ok("token", "info", ta, "--key", key, "--digest").out
+    assert f"SHA-256:      {hashlib.sha256(a).hexdigest()}\n" in human
+    assert "digest" in assert_one_line_error(cli("token", "info", ta, "--digest"))  # needs a key
     keyless = json.loads(cli.ok("token", "info", ta, "--json").out)
     assert keyless["name"] is None and keyless["chunk_count"] == 3
     assert "alpha" not in cli.ok("token", "info", ta).out
@@ -285,9 +295,7 @@ def test_delete(cli: Cli) -> None:
     ta, tb = cli.store("a", key), cli.store("b", key)
     res = cli.ok("token", "delete", tb)
     assert tb in res.out
-    assert sorted(p.name for p in cli.store_dir.iterdir()) == sorted(
-        ["VHSM-STORE", f"{ta}.metadata", f"{ta}.data"]
-    )
+    assert store_names(cli.store_dir) == sorted(["VHSM-STORE", f"{ta}.metadata", f"{ta}.data"])
     rows = json.loads(cli.ok("token", "list", "--json").out)
     assert [r["token"] for r in rows] == [ta]
     assert_one_line_error(cli("token", "retrieve", tb, "o", "--key", key))
@@ -296,19 +304,22 @@ def test_delete(cli: Cli) -> None:
     cli.ok("token", "retrieve", ta, "o", "--key", key)
     assert (cli.cwd / "o/a").read_bytes() == a
     cli.ok("token", "delete", ta)
-    assert [p.name for p in cli.store_dir.iterdir()] == ["VHSM-STORE"]
+    assert store_names(cli.store_dir) == ["VHSM-STORE"]
     assert cli.ok("token", "gc").out == ""
 
 
 def test_delete_damaged_token(cli: Cli) -> None:
-    """A token whose metadata is garbage can still be deleted (no key, no parsing)."""
+    """A token whose metadata is garbage (the current file and its generation file) can still
+    be deleted (no key, no parsing)."""
     key = cli.keygen()
     write_random(cli.cwd / "a", 20_000, 1)
     tok = cli.store("a", key)
     (cli.store_dir / f"{tok}.metadata").write_bytes(b"garbage")
+    (gen,) = gen_paths(cli.store_dir, tok)
+    gen.write_bytes(b"garbage")
     assert cli("token", "verify", "--no-key").rc == 1
     cli.ok("token", "delete", tok)
-    assert [p.name for p in cli.store_dir.iterdir()] == ["VHSM-STORE"]
+    assert store_names(cli.store_dir) == ["VHSM-STORE"]
 
 
 # -- the addendum's script, unchanged except ./token/token -> vhsm token ------------------------

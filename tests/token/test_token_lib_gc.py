@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from token_helpers import random_bytes
+from token_helpers import random_bytes, store_leftovers, store_names
 
 from vhsmfs.errors import VhsmError
 from vhsmfs.store import TokenStore
@@ -43,7 +43,7 @@ def test_gc_finishes_interrupted_delete(make_store, tmp_path: Path) -> None:
     assert ts.list_tokens() == [keep]
     removed = ts.backend.collect_garbage()
     assert any(str(tok) in line for line in removed)
-    assert sorted(os.listdir(root)) == sorted(["VHSM-STORE", f"{keep}.metadata", f"{keep}.data"])
+    assert store_names(root) == sorted(["VHSM-STORE", f"{keep}.metadata", f"{keep}.data"])
     ts.verify_full(keep)
 
 
@@ -56,7 +56,7 @@ def test_gc_interrupted_delete_with_data_already_wiped(make_store, tmp_path: Pat
         f.unlink()
     (root / f"{tok}.data").rmdir()
     assert ts.backend.collect_garbage()
-    assert os.listdir(root) == ["VHSM-STORE"]
+    assert store_names(root) == ["VHSM-STORE"]
 
 
 def test_gc_removes_unfinished_store_but_not_one_in_progress(make_store, tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_gc_removes_unfinished_store_but_not_one_in_progress(make_store, tmp_pat
         assert not (root / f"{dead}.data").exists()
         assert (root / f"{live}.data/00000000").stat().st_size == 1000
     ts.backend.collect_garbage()
-    assert os.listdir(root) == ["VHSM-STORE"]
+    assert store_names(root) == ["VHSM-STORE"]
 
 
 def test_gc_removes_stale_temp_metadata_only(make_store, tmp_path: Path) -> None:
@@ -115,14 +115,15 @@ def test_store_all_or_nothing_at_every_fill_level(make_store, tmp_path: Path, tm
     outcomes = []
     for free in range(0, 10):
         filler = _fill_to(mnt, free)
-        before = sorted(os.listdir(mnt / "store"))
+        before = store_leftovers(mnt / "store")
         try:
             tok = ts.store_file(src)
         except VhsmError as e:
             outcomes.append(False)
             assert "space" in str(e).lower(), e
-            assert sorted(os.listdir(mnt / "store")) == before
-            assert not any(n.startswith(".") for n in os.listdir(mnt / "store"))
+            # as it was; nothing hidden (temp files in .tmp/ included) left behind
+            assert store_leftovers(mnt / "store") == before
+            assert not any(n.startswith(".") for n in store_leftovers(mnt / "store"))
         else:
             outcomes.append(True)
             filler.unlink()
@@ -131,7 +132,7 @@ def test_store_all_or_nothing_at_every_fill_level(make_store, tmp_path: Path, tm
             ts.delete(tok)
         filler.unlink(missing_ok=True)
     assert outcomes[0] is False and outcomes[-1] is True
-    assert os.listdir(mnt / "store") == ["VHSM-STORE"]
+    assert store_names(mnt / "store") == ["VHSM-STORE"]
 
 
 def test_retrieve_all_or_nothing_at_every_fill_level(make_store, tmp_path: Path, tmpfs) -> None:  # type: ignore[no-untyped-def]

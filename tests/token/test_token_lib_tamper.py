@@ -5,6 +5,12 @@ delete, swap and reorder anything. For every such change: retrieve must fail wit
 any output, and `verify` with the key must fail. `verify --no-key` (verify_ciphertext) must fail
 whenever ciphertext or metadata bytes changed and the plaintext manifest was not rewritten to
 match; see test_nokey_verify_cannot_detect_consistent_manifest_forgery for what it cannot see.
+
+Format v2 keeps each committed metadata twice: the current `<uuid>.metadata` and the generation
+file `<uuid>.data/gen-<n>` it is a copy of. A reader falls back to an intact generation file
+when the current metadata is unreadable, so "changed metadata" here means both copies changed
+alike; damage to the current file alone must fail both verifies, while retrieve may be served
+from the intact generation file (detected_or_served).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
@@ -20,18 +27,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from token_helpers import (
+    gen_paths,
     meta_path,
     object_paths,
     random_bytes,
     read_manifest,
     record_digest,
     rewrite_manifest,
+    write_metadata,
 )
 
 import vhsmfs.store as store_mod
+import vhsmfs.tokenwriter as writer_mod
 from vhsmfs.backend import LocalBackend
 from vhsmfs.errors import IntegrityError, TokenNotFoundError, VhsmError, WrongKeyError
-from vhsmfs.format import CHUNK_AAD_MAGIC
+from vhsmfs.format import CHUNK_AAD_MAGIC, build_head, parse_bytes
 from vhsmfs.keyfile import StaticKeyProvider
 from vhsmfs.store import TokenStore
 from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
@@ -78,10 +88,43 @@ def failures(ts: TokenStore, tok: uuid.UUID, out: Path, *, nokey: bool = True) -
 
 
 def assert_intact(ts: TokenStore, tok: uuid.UUID, data: bytes, out: Path) -> None:
-    ts.verify_full(tok)
-    ts.verify_ciphertext(tok)
+    assert ts.verify_full(tok) is None
+    assert ts.verify_ciphertext(tok) is None
     assert ts.retrieve(tok, out).read_bytes() == data
     shutil.rmtree(out)
+
+
+def detected_or_served(
+    ts: TokenStore, tok: uuid.UUID, data: bytes, out: Path, served: list[str] | None = None
+) -> list[str]:
+    """For damage to the current metadata file alone: format v2 keeps the same bytes in the
+    generation file, which may stand in for it (docs/FORMAT.md section 5). Both verifies must
+    report the damage all the same; retrieve fails, or gives the original content from the
+    intact copy (then its note is appended to `served`). Returns what is wrong."""
+    problems = []
+    for check in (ts.verify_full, ts.verify_ciphertext):
+        try:
+            check(tok)
+            problems.append(f"{check.__name__} passed")
+        except VhsmError:
+            pass
+    assert not out.exists()
+    try:
+        got = ts.retrieve(tok, out).read_bytes()
+    except VhsmError:
+        if out.exists():
+            problems.append(f"retrieve left {sorted(os.listdir(out))} in a new output directory")
+    else:
+        if got != data:
+            problems.append("retrieve gave other content")
+        note = ts.parse(tok).note
+        if note is None or not note.startswith("using generation "):
+            problems.append(f"served without a note ({note})")
+        if served is not None:
+            served.append(str(note))
+    if out.exists():
+        shutil.rmtree(out)
+    return problems
 
 
 @pytest.fixture
@@ -91,36 +134,94 @@ def three(make_store, tmp_path: Path):  # type: ignore[no-untyped-def]
     return ts, tok, data, Path(ts.backend.root)
 
 
+def metadata_copies(root: Path, tok: uuid.UUID) -> list[Path]:
+    """The current metadata and the generation file it is a copy of (format v2): an attacker
+    changes both, else a reader falls back to the untouched one."""
+    (gen,) = gen_paths(root, tok)
+    assert gen.read_bytes() == meta_path(root, tok).read_bytes()
+    return [meta_path(root, tok), gen]
+
+
 # -- every single-byte change -------------------------------------------------------------------
 
 
-def _sweep(ts: TokenStore, tok: uuid.UUID, files: list[Path], out: Path) -> list[str]:
+def _sweep(
+    ts: TokenStore,
+    tok: uuid.UUID,
+    groups: list[list[Path]],
+    out: Path,
+    check: Callable[[], list[str]] | None = None,
+) -> list[str]:
+    """Flip every bit 0 of every byte of each group of files (the files of a group hold the
+    same bytes and get the same change); `check` (default: every check fails) after each."""
     undetected = []
-    for path in files:
-        original = path.read_bytes()
+    for paths in groups:
+        original = paths[0].read_bytes()
         buf = bytearray(original)
         for i in range(len(buf)):
             buf[i] ^= 0x01  # the smallest change: one bit
-            path.write_bytes(buf)
-            missed = failures(ts, tok, out)
+            for path in paths:
+                path.write_bytes(buf)
+            missed = check() if check is not None else failures(ts, tok, out)
             if missed:
-                undetected.append(f"{path.name}[{i}]: {missed}")
+                undetected.append(f"{paths[0].name}[{i}]: {missed}")
             buf[i] ^= 0x01
-        path.write_bytes(original)
+        for path in paths:
+            path.write_bytes(original)
     return undetected
 
 
 def test_every_byte_of_metadata_file(three, tmp_path: Path) -> None:
     ts, tok, data, root = three
-    assert _sweep(ts, tok, [meta_path(root, tok)], tmp_path / "out") == []
+    assert _sweep(ts, tok, [metadata_copies(root, tok)], tmp_path / "out") == []
     assert_intact(ts, tok, data, tmp_path / "out")
+
+
+def test_every_byte_of_current_metadata_alone(three, tmp_path: Path) -> None:
+    """Only the current metadata changed, its generation file intact: both verifies report
+    it; retrieve fails or is served from the generation file, never with other content."""
+    ts, tok, data, root = three
+    out = tmp_path / "out"
+    served: list[str] = []
+
+    def check() -> list[str]:
+        return detected_or_served(ts, tok, data, out, served)
+
+    assert _sweep(ts, tok, [[meta_path(root, tok)]], out, check) == []
+    assert served  # the copy stood in (a damaged header)
+    assert_intact(ts, tok, data, out)
+
+
+def test_every_byte_of_the_generation_file_alone(three, tmp_path: Path) -> None:
+    """Only the generation file changed, the current metadata intact: retrieve reads the
+    current metadata and gives the content; both verifies report the damaged copy (every
+    stored byte is checked, not only those a read uses)."""
+    ts, tok, data, root = three
+    out = tmp_path / "out"
+
+    def check() -> list[str]:
+        problems = []
+        for verify in (ts.verify_full, ts.verify_ciphertext):
+            try:
+                verify(tok)
+            except VhsmError:
+                continue
+            problems.append(f"{verify.__name__} passed")
+        if ts.retrieve(tok, out).read_bytes() != data:
+            problems.append("retrieve gave other content")
+        shutil.rmtree(out)
+        return problems
+
+    (gen,) = gen_paths(root, tok)
+    assert _sweep(ts, tok, [[gen]], out, check) == []
+    assert_intact(ts, tok, data, out)
 
 
 def test_every_byte_of_every_object(three, tmp_path: Path) -> None:
     ts, tok, data, root = three
     objs = object_paths(root, tok)
     assert sum(p.stat().st_size for p in objs) == SIZE + 3 * 28
-    assert _sweep(ts, tok, objs, tmp_path / "out") == []
+    assert _sweep(ts, tok, [[p] for p in objs], tmp_path / "out") == []
     assert_intact(ts, tok, data, tmp_path / "out")
 
 
@@ -129,13 +230,14 @@ def test_every_byte_one_record_per_object(make_store, tmp_path: Path) -> None:
     ts = make_store(chunk_size=CS)
     with (
         mock.patch.object(store_mod, "RUN_TARGET", CS),
-        mock.patch.object(store_mod, "OBJECT_TARGET", 1),
+        mock.patch.object(writer_mod, "OBJECT_TARGET", 1),
     ):
         tok, data = store_one(ts, tmp_path)
     root = Path(ts.backend.root)
     objs = object_paths(root, tok)
     assert len(objs) == 3
-    assert _sweep(ts, tok, [meta_path(root, tok), *objs], tmp_path / "out") == []
+    groups = [metadata_copies(root, tok), *([p] for p in objs)]
+    assert _sweep(ts, tok, groups, tmp_path / "out") == []
     assert_intact(ts, tok, data, tmp_path / "out")
 
 
@@ -156,10 +258,12 @@ def test_any_byte_value_change(which: int, pos: int, xor: int, size: int) -> Non
             parallel=1,
         )
         tok, _ = store_one(ts, tmp, size=size)
-        path = [meta_path(tmp / "store", tok), *object_paths(tmp / "store", tok)][which]
-        buf = bytearray(path.read_bytes())
+        root = tmp / "store"
+        paths = [metadata_copies(root, tok), *([p] for p in object_paths(root, tok))][which]
+        buf = bytearray(paths[0].read_bytes())
         buf[pos % len(buf)] ^= xor
-        path.write_bytes(buf)
+        for path in paths:
+            path.write_bytes(buf)
         assert failures(ts, tok, tmp / "out") == []
 
 
@@ -202,24 +306,36 @@ def test_object_truncated_at_every_length(three, tmp_path: Path) -> None:
 
 
 def test_metadata_truncated_or_extended(three, tmp_path: Path) -> None:
-    ts, tok, _, root = three
-    meta = meta_path(root, tok)
-    original = meta.read_bytes()
+    """Both copies (current metadata and generation file) truncated or extended alike: every
+    check fails. The current metadata alone: verify fails, retrieve may be served from the
+    generation file."""
+    ts, tok, data, root = three
+    copies = metadata_copies(root, tok)
+    original = copies[0].read_bytes()
+    out = tmp_path / "out"
     undetected = []
     for variant in [original[:n] for n in range(len(original))] + [
         original + b"\x00",
         original + original[-32:],
     ]:
-        meta.write_bytes(variant)
-        missed = failures(ts, tok, tmp_path / "out")
+        for path in copies:
+            path.write_bytes(variant)
+        missed = failures(ts, tok, out)
         if missed:
-            undetected.append((len(variant), missed))
+            undetected.append((len(variant), "both copies", missed))
+        copies[1].write_bytes(original)
+        problems = detected_or_served(ts, tok, data, out)
+        if problems:
+            undetected.append((len(variant), "current metadata alone", problems))
     assert undetected == []
+    copies[0].write_bytes(original)
+    assert_intact(ts, tok, data, out)
 
 
 def test_truncation_by_dropping_final_chunk_and_rewriting_manifest(three, tmp_path: Path) -> None:
-    """Drop the last record and its manifest entry, recompute digest and trailer: the manifest
-    digest is authenticated with the metadata, so retrieve fails."""
+    """Drop the last record and its manifest entry, recompute the object table, the tables
+    digest and the header checksum: the tables digest is authenticated with the metadata, so
+    retrieve fails."""
     ts, tok, _, root = three
     entries = read_manifest(root, tok)
     obj = object_paths(root, tok)[0]
@@ -266,7 +382,8 @@ def test_data_directories_swapped_between_tokens(pair, tmp_path: Path) -> None:
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_one_record_spliced_from_other_token(pair, tmp_path: Path, index: int) -> None:
     """Record `index` of B copied over record `index` of A (same length, same key, same position):
-    only the AEAD (per-token key, token id in the AAD) can tell; retrieve checks no digests."""
+    the record checksum in A's manifest tells, and so does the AEAD by itself (per-token key,
+    token id in the AAD)."""
     ts, root, (a, _), (b, _) = pair
     ea, eb = read_manifest(root, a), read_manifest(root, b)
     _, off_a, len_a, _ = ea[index]
@@ -276,14 +393,27 @@ def test_one_record_spliced_from_other_token(pair, tmp_path: Path, index: int) -
     buf = bytearray(oa.read_bytes())
     buf[off_a : off_a + len_a] = ob.read_bytes()[off_b : off_b + len_b]
     oa.write_bytes(buf)
-    with pytest.raises(IntegrityError, match=f"chunk {index} failed authentication"):
+    # format v2 checks each record against the manifest's XXH3-128 first...
+    with pytest.raises(IntegrityError, match=f"chunk {index} checksum mismatch"):
+        ts.retrieve(a, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # ...and with that check out of the way, the AEAD alone stops it
+    with (
+        mock.patch.object(store_mod, "_check_digests", _no_check),
+        pytest.raises(IntegrityError, match=f"chunk {index} failed authentication"),
+    ):
         ts.retrieve(a, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert failures(ts, a, tmp_path / "out") == []
 
 
+def _no_check(*args: object) -> None:
+    """Stands in for the record checksum check, to show what the AEAD catches by itself."""
+
+
 def test_record_spliced_and_manifest_forged(pair, tmp_path: Path) -> None:
-    """As above, and the attacker also rewrites A's manifest digest, header digest and trailer."""
+    """As above, and the attacker also rewrites A's record checksum, object table, tables digest
+    and header checksum."""
     ts, root, (a, _), (b, _) = pair
     ea, eb = read_manifest(root, a), read_manifest(root, b)
     oa, ob = object_paths(root, a)[0], object_paths(root, b)[0]
@@ -303,15 +433,15 @@ def test_record_spliced_and_manifest_forged(pair, tmp_path: Path) -> None:
 
 
 def _graft_metadata(root: Path, src, dst) -> None:  # type: ignore[no-untyped-def]
-    """Put token src's metadata file under dst's name, its token id field rewritten to dst's
-    and its trailer recomputed (what an attacker with write access can do)."""
-    from vhsmfs.format import build_file, parse_file
-
-    parsed = parse_file(meta_path(root, src).read_bytes(), src)
+    """Put token src's metadata under dst's name (current metadata and generation file), its
+    token id field rewritten to dst's and its header checksum recomputed (what an attacker
+    with write access can do)."""
+    parsed = parse_bytes(meta_path(root, src).read_bytes(), src)
     parsed.header.token_id = dst
-    meta_path(root, dst).write_bytes(
-        build_file(parsed.header, parsed.manifest, parsed.meta_nonce, parsed.meta_ciphertext)
-    )
+    head = build_head(parsed.header, parsed.meta_nonce, parsed.meta_ciphertext, parsed.object_table)
+    for g in gen_paths(root, dst):
+        g.unlink()
+    write_metadata(root, dst, head + parsed.load_manifest(), parsed.header.generation)
 
 
 def _swap_first_two_digests(e):  # type: ignore[no-untyped-def]
@@ -321,15 +451,27 @@ def _swap_first_two_digests(e):  # type: ignore[no-untyped-def]
 
 
 def test_metadata_swapped_between_tokens(pair, tmp_path: Path) -> None:
+    """Current metadata and generation files swapped between A and B: every check fails."""
     ts, root, (a, _), (b, _) = pair
-    _swap_files(meta_path(root, a), meta_path(root, b))
+    for p, q in zip(metadata_copies(root, a), metadata_copies(root, b), strict=True):
+        _swap_files(p, q)
     assert failures(ts, a, tmp_path / "oa") == []
     assert failures(ts, b, tmp_path / "ob") == []
 
 
+def test_current_metadata_alone_swapped_between_tokens(pair, tmp_path: Path) -> None:
+    """Only the current metadata files swapped: verify fails for both; retrieve fails or is
+    served from the token's own generation file, never with the other's content."""
+    ts, root, (a, da), (b, db) = pair
+    _swap_files(meta_path(root, a), meta_path(root, b))
+    assert detected_or_served(ts, a, da, tmp_path / "oa") == []
+    assert detected_or_served(ts, b, db, tmp_path / "ob") == []
+
+
 def test_metadata_copied_with_token_id_patched(pair, tmp_path: Path) -> None:
     """B's metadata placed under A's name with the token id field rewritten to A's and the
-    trailer recomputed: the token id is bound into the key derivation and the metadata AAD."""
+    header checksum recomputed: the token id is bound into the key derivation and the
+    metadata AAD."""
     ts, root, (a, _), (b, _) = pair
     _graft_metadata(root, b, a)
     with pytest.raises((IntegrityError, WrongKeyError)):
@@ -369,19 +511,26 @@ def _swap_records(root: Path, tok: uuid.UUID, i: int, j: int) -> None:
 
 
 def test_records_reordered_manifest_untouched(three, tmp_path: Path) -> None:
-    """Records 0 and 1 swapped in the object, manifest left alone: retrieve (which does not
-    check the plaintext digests) is stopped by the AEAD (chunk index in the AAD); verify
-    --no-key by the digests."""
+    """Records 0 and 1 swapped in the object, manifest left alone: retrieve and verify
+    --no-key are stopped by the record checksums; with those out of the way, the AEAD (chunk
+    index in the AAD) stops retrieve by itself."""
     ts, tok, _, root = three
     _swap_records(root, tok, 0, 1)
-    with pytest.raises(IntegrityError, match="chunk 0 failed authentication"):
+    with pytest.raises(IntegrityError, match="chunk 0 checksum mismatch"):
         ts.retrieve(tok, tmp_path / "out")
+    with (
+        mock.patch.object(store_mod, "_check_digests", _no_check),
+        pytest.raises(IntegrityError, match="chunk 0 failed authentication"),
+    ):
+        ts.retrieve(tok, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     assert failures(ts, tok, tmp_path / "out") == []
 
 
 def test_records_reordered_and_manifest_digests_fixed(three, tmp_path: Path) -> None:
-    """Records swapped and the manifest's digests swapped to match, header digest and trailer
-    recomputed: the manifest digest is authenticated with the metadata, so that fails."""
+    """Records swapped and the manifest's checksums swapped to match, object table, tables
+    digest and header checksum recomputed: the tables digest is authenticated with the
+    metadata, so that fails."""
     ts, tok, _, root = three
     _swap_records(root, tok, 0, 1)
 
@@ -416,13 +565,14 @@ def test_manifest_entries_reordered(three, tmp_path: Path, fix_header: bool) -> 
 def test_nokey_verify_cannot_detect_consistent_manifest_forgery(three, tmp_path: Path) -> None:
     """What `verify --no-key` cannot detect, by design.
 
-    Without the key only the plaintext manifest (per-record SHA-256), the manifest digest in the
-    header and the SHA-256 trailer can be checked, and an attacker can recompute all three. So a
-    *consistent* forgery -- records reordered, spliced or dropped, with the manifest entries,
-    the header's manifest digest and the trailer rewritten to match -- passes `--no-key`. It
-    cannot pass the keyed checks: the header (with the manifest digest) is the AAD of the
-    encrypted metadata, which only the key holder can produce. `--no-key` is a scrub for
-    accidental damage (bit rot, truncation, lost files), not an authenticity check.
+    Without the key only the plaintext tables (per-record and per-object XXH3-128), the tables
+    digest in the header and the header checksum can be checked, and an attacker can recompute
+    them all. So a *consistent* forgery -- records reordered, spliced or dropped, with the
+    manifest entries, the object table, the header's tables digest and the header checksum
+    rewritten to match -- passes `--no-key`. It cannot pass the keyed checks: the header (with
+    the tables digest) is the AAD of the encrypted metadata, which only the key holder can
+    produce. `--no-key` is a scrub for accidental damage (bit rot, truncation, lost files),
+    not an authenticity check.
     """
     ts, tok, _, root = three
     _swap_records(root, tok, 0, 1)

@@ -9,6 +9,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from token_helpers import object_paths
 
 import vhsmfs.outfile as outfile
 from vhsmfs.errors import IntegrityError
@@ -35,7 +36,7 @@ def test_fallback_round_trip_and_failure_leave_no_temp_file(make_store, tmp_path
         assert sorted(p.name for p in out.iterdir()) == ["doc.bin"]
 
         # damage the last chunk: the check fails after plaintext was written to the temp file
-        obj = next((tmp_path / "store" / f"{tok}.data").iterdir())
+        (obj,) = object_paths(tmp_path / "store", tok)
         data = bytearray(obj.read_bytes())
         data[-1] ^= 1
         obj.write_bytes(data)

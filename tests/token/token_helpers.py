@@ -21,7 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vhsmfs.format import MANIFEST_ENTRY, build_file, manifest_digest, parse_file
+from vhsmfs.format import (
+    FORMAT_V2,
+    MANIFEST_ENTRY,
+    build_head,
+    object_hasher,
+    pack_object_table,
+    parse_bytes,
+    record_checksum,
+)
 
 VENV_BIN = Path(sys.executable).parent
 TOKEN_RE = re.compile(r"^Token: ([0-9a-f-]{36})\b", re.M)
@@ -211,6 +219,22 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+def store_leftovers(store: Path) -> list[str]:
+    """Everything in a store (recursively) except its marker and the temp directory .tmp/
+    itself (made on a store's first write and kept; anything in it is listed): what a failed
+    command left behind."""
+    return sorted(k for k in snapshot(store) if k not in ("VHSM-STORE", ".tmp/"))
+
+
+def store_names(store: Path) -> list[str]:
+    """The store directory's entries, sorted, without its temp directory .tmp/ when that is
+    empty (made on a store's first write and kept; anything in it is listed as .tmp)."""
+    names = sorted(p.name for p in Path(store).iterdir())
+    if ".tmp" in names and not any((Path(store) / ".tmp").iterdir()):
+        names.remove(".tmp")
+    return names
+
+
 def random_bytes(n: int, seed: int) -> bytes:
     """Deterministic incompressible bytes (fast for large n)."""
     return random.Random(seed).randbytes(n)
@@ -231,16 +255,33 @@ def meta_path(store: Path, token: str | uuid.UUID) -> Path:
 
 
 def object_paths(store: Path, token: str | uuid.UUID) -> list[Path]:
-    return sorted((Path(store) / f"{token}.data").iterdir())
+    """The token's objects (8 hex digits), without its generation files."""
+    d = Path(store) / f"{token}.data"
+    return sorted(p for p in d.iterdir() if re.fullmatch(r"[0-9a-f]{8}", p.name))
+
+
+def gen_paths(store: Path, token: str | uuid.UUID) -> list[Path]:
+    """The token's generation files (format v2), oldest first."""
+    d = Path(store) / f"{token}.data"
+    return sorted(d.glob("gen-" + "[0-9a-f]" * 16))
+
+
+def gen_path(store: Path, token: str | uuid.UUID, generation: int) -> Path:
+    return Path(store) / f"{token}.data" / f"gen-{generation:016x}"
 
 
 def read_manifest(store: Path, token: str | uuid.UUID) -> list[tuple[int, int, int, bytes]]:
-    parsed = parse_file(meta_path(store, token).read_bytes(), uuid.UUID(str(token)))
-    m = parsed.manifest
-    return [
-        MANIFEST_ENTRY.unpack_from(m, i * MANIFEST_ENTRY.size)
-        for i in range(len(m) // MANIFEST_ENTRY.size)
-    ]
+    """The current metadata's manifest entries: (object, offset, record length, checksum)."""
+    parsed = parse_bytes(meta_path(store, token).read_bytes(), uuid.UUID(str(token)))
+    return list(parsed.entry.iter_unpack(parsed.load_manifest()))
+
+
+def write_metadata(store: Path, token: str | uuid.UUID, data: bytes, generation: int) -> None:
+    """Put `data` in place of the token's current metadata AND of its generation file of that
+    number (format v2 keeps the same bytes in both; an attacker rewrites both, or a reader
+    would fall back to the untouched copy)."""
+    meta_path(store, token).write_bytes(data)
+    gen_path(store, token, generation).write_bytes(data)
 
 
 def rewrite_manifest(
@@ -251,23 +292,32 @@ def rewrite_manifest(
     fix_header_digest: bool = True,
 ) -> None:
     """Rewrite the plaintext manifest as an attacker without the key would: change entries,
-    optionally recompute the manifest digest in the header, and always recompute the SHA-256
-    trailer. The encrypted metadata is left as it was (it cannot be forged without the key)."""
+    always recompute the object table (each object's length and XXH3-128 as it is now on
+    disk) and the header checksum, and optionally the tables digest in the header. Written
+    to the current metadata and its generation file. The encrypted metadata is left as it was
+    (it cannot be forged without the key), so the header, which is its AAD, cannot really
+    change: a fixed tables digest fails authentication with the key."""
     tok = uuid.UUID(str(token))
-    path = meta_path(store, tok)
-    parsed = parse_file(path.read_bytes(), tok)
-    entries = [
-        MANIFEST_ENTRY.unpack_from(parsed.manifest, i * MANIFEST_ENTRY.size)
-        for i in range(len(parsed.manifest) // MANIFEST_ENTRY.size)
-    ]
-    new = mutate(entries)
+    parsed = parse_bytes(meta_path(store, tok).read_bytes(), tok)
+    assert parsed.version == FORMAT_V2
+    new = mutate(list(MANIFEST_ENTRY.iter_unpack(parsed.load_manifest())))
     manifest = b"".join(MANIFEST_ENTRY.pack(*e) for e in new)
+    objects = {}
+    for obj in parsed.objects:
+        data = (Path(store) / f"{tok}.data" / f"{obj:08x}").read_bytes()
+        h = object_hasher()
+        h.update(data)
+        objects[obj] = (len(data), h.digest())
+    table = pack_object_table(objects)
     header = parsed.header
     header.chunk_count = len(new)
+    header.object_count = len(objects)
     if fix_header_digest:
-        header.manifest_digest = manifest_digest(manifest)
-    path.write_bytes(build_file(header, manifest, parsed.meta_nonce, parsed.meta_ciphertext))
+        header.tables_digest = hashlib.sha256(manifest + table).digest()
+    head = build_head(header, parsed.meta_nonce, parsed.meta_ciphertext, table)
+    write_metadata(store, tok, head + manifest, header.generation)
 
 
 def record_digest(record: bytes) -> bytes:
-    return hashlib.sha256(record).digest()
+    """A record's checksum as a v2 manifest holds it (XXH3-128)."""
+    return record_checksum(FORMAT_V2)(record)
