@@ -36,7 +36,7 @@ from vhsmfs.format import Metadata
 from vhsmfs.keyfile import StaticKeyProvider
 from vhsmfs.mount.lognames import logged_name
 from vhsmfs.mount.randomaccess import TokenFile
-from vhsmfs.mount.workers import CountingPool
+from vhsmfs.mount.workers import MountWorkers
 from vhsmfs.store import TokenStore, safe_relative_path
 
 log = logging.getLogger("vhsm.mount")
@@ -134,7 +134,6 @@ IDLE_MAX_CHUNKS = 4096  # ... if their manifest is small
 QUIET_GAP = 0.05  # seconds without requests before queued wipes run
 WIPE_MAX_DELAY = 5.0  # ... but no later than this after the unlink
 BLANKS = 32  # new tokens whose keys are derived ahead, in the background
-_KEYGEN = CountingPool(max_workers=1, thread_name_prefix="vhsm-keygen")
 
 
 class _Held:
@@ -162,9 +161,18 @@ class WouldBlock(Exception):
 
 class Vault:
     def __init__(
-        self, store: TokenStore, *, uid: int | None = None, gid: int | None = None
+        self,
+        store: TokenStore,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        workers: MountWorkers | None = None,
     ) -> None:
+        """`workers`: the thread pools of the mount, shut down by their maker once the vault
+        is closed; without them the vault makes its own and close() shuts them down."""
         self.store = store
+        self._own_workers = workers is None
+        self.workers = MountWorkers() if workers is None else workers
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.ns_lock = threading.RLock()  # namespace changes (taken in worker threads only)
@@ -541,7 +549,7 @@ class Vault:
             if self._nonblocking():
                 raise WouldBlock
             try:
-                node.tf = TokenFile.load(self.store, node.token)
+                node.tf = TokenFile.load(self.store, node.token, workers=self.workers)
             except TokenNotFoundError:
                 raise _err(errno.ENOENT) from None
             node.meta = node.tf.meta
@@ -586,6 +594,9 @@ class Vault:
             tf.close()
             node.tf = None
 
+    def _create_token_file(self, name: str, mode: int, extra: dict[str, object]) -> TokenFile:
+        return TokenFile.create(self.store, name, mode, workers=self.workers, extra=extra)
+
     def _new_token_file(self, name: str, mode: int, extra: dict[str, object]) -> TokenFile:
         """A fresh token: from the pool of keys derived in the background when one is ready
         (no crypto here, so create can answer on the event loop), else derived now."""
@@ -599,12 +610,12 @@ class Vault:
         if tf is None:
             if self._nonblocking():
                 raise WouldBlock
-            return TokenFile.create(self.store, name, mode, extra=extra)
+            return self._create_token_file(name, mode, extra)
         tf.claim(name, mode, extra)
         return tf
 
     def _keygen_submit(self, fn: Callable[[], None]) -> None:
-        _KEYGEN.submit(fn)
+        self.workers.keygen.submit(fn)
 
     def _refill_blanks(self) -> None:
         try:
@@ -612,7 +623,7 @@ class Vault:
                 with self._idle_lock:
                     if len(self._blanks) >= BLANKS:
                         return
-                tf = TokenFile.create(self.store, "", 0o600)
+                tf = TokenFile.create(self.store, "", 0o600, workers=self.workers)
                 with self._idle_lock:
                     self._blanks.append(tf)
         except (OSError, VhsmError) as e:
@@ -898,11 +909,11 @@ class Vault:
         if d.marker is None:
             if d.marker_id is not None:
                 try:
-                    d.marker = TokenFile.load(self.store, d.marker_id)
+                    d.marker = TokenFile.load(self.store, d.marker_id, workers=self.workers)
                 except TokenNotFoundError:
                     d.marker_id = None
             if d.marker is None:
-                d.marker = TokenFile.create(self.store, name, d.mode, extra=extra)
+                d.marker = self._create_token_file(name, d.mode, extra)
                 d.marker_id = d.marker.token
         m = d.marker.meta
         m.name, m.mode, m.extra = name, d.mode, extra
@@ -1182,6 +1193,12 @@ class Vault:
             except (OSError, VhsmError) as e:
                 log.error("unmount: could not publish inode %d: %s", node.ino, e)
         self.wait_deletions()
+
+    def close(self) -> None:
+        """After flush_all() at unmount: stop the background threads (the thread pools if
+        the vault made them). Changes after this are not published."""
+        if self._own_workers:
+            self.workers.shutdown()
 
     def statfs(self) -> os.statvfs_result | None:
         root = getattr(self.store.backend, "root", None)
