@@ -36,6 +36,7 @@ from vhsmfs.format import Metadata
 from vhsmfs.keyfile import StaticKeyProvider
 from vhsmfs.mount.lognames import logged_name
 from vhsmfs.mount.randomaccess import TokenFile
+from vhsmfs.mount.wipequeue import WipeQueue
 from vhsmfs.mount.workers import MountWorkers
 from vhsmfs.store import TokenStore, safe_relative_path
 
@@ -131,8 +132,6 @@ class AttrChange:
 Invalidation = tuple[int, str, int]  # (parent inode, name, inode that was removed or 0)
 IDLE_KEEP = 256  # recently closed files kept loaded (chmod/utime after close need no I/O)
 IDLE_MAX_CHUNKS = 4096  # ... if their manifest is small
-QUIET_GAP = 0.05  # seconds without requests before queued wipes run
-WIPE_MAX_DELAY = 5.0  # ... but no later than this after the unlink
 BLANKS = 32  # new tokens whose keys are derived ahead, in the background
 
 
@@ -189,17 +188,8 @@ class Vault:
         # deletions run on one background thread. fsync/fsyncdir and unmount wait for both.
         self._pend_lock = threading.Lock()
         self._pending: dict[int, Node] = {}
-        # Wipes: a FIFO served by one thread, started on first use. Queuing one costs an
-        # append under an uncontended lock (a ThreadPoolExecutor.submit per unlink cost more
-        # than the rest of unlink).
-        self._wipe_cv = threading.Condition(threading.Lock())
-        self._wipes: deque[tuple[uuid.UUID, Callable[[], None], float]] = deque()
-        self._wipes_open = 0  # queued or running
-        self._wiper: threading.Thread | None = None
-        self._wiper_idle = False
-        self._urgent = 0  # threads waiting for all wipes: then they run without waiting
         self.last_request = 0.0  # time.monotonic() of the latest FUSE request (set by fs.py)
-        self.deleting: set[uuid.UUID] = set()
+        self.wipes = WipeQueue(lambda: self.last_request)
         self._local = threading.local()
         self._idle: dict[int, FileNode] = {}  # insertion-ordered: oldest first
         self._idle_lock = threading.Lock()  # never held across I/O
@@ -509,7 +499,8 @@ class Vault:
             markers = {
                 d.marker_id for d in self.nodes.values() if isinstance(d, DirNode) and d.marker_id
             }
-            for token in sorted(present - set(self.by_token) - markers - self.deleting, key=str):
+            new = present - set(self.by_token) - markers - self.wipes.deleting
+            for token in sorted(new, key=str):
                 meta = self._read_meta(token)
                 if meta is None or meta.extra.get("kind") == KIND_DIR:
                     continue
@@ -533,7 +524,7 @@ class Vault:
             if not UUID_RE.match(name):  # only the canonical form names a token
                 return None
             token = uuid.UUID(name)
-            if token in self.deleting:
+            if token in self.wipes.deleting:
                 return None
             meta = self._read_meta(token)
             if meta is None or meta.extra.get("kind") == KIND_DIR:
@@ -745,69 +736,14 @@ class Vault:
             else:
                 self.store.retire(token)
 
-        self._in_background(token, wipe)
+        self.wipes.add(token, wipe)
         with self._count_lock:
             if node.nlookup == 0:
                 self.nodes.pop(node.ino, None)
 
-    def _in_background(self, token: uuid.UUID, fn: Callable[[], None]) -> None:
-        self.deleting.add(token)
-        with self._wipe_cv:
-            self._wipes.append((token, fn, time.monotonic()))
-            self._wipes_open += 1
-            if self._wiper is None:
-                self._wiper = threading.Thread(
-                    target=self._wipe_loop, name="vhsm-delete", daemon=True
-                )
-                self._wiper.start()
-            elif self._wiper_idle:
-                self._wipe_cv.notify_all()
-
-    def _wipe_loop(self) -> None:
-        """The deletion thread: one wipe at a time, first in first out."""
-        while True:
-            with self._wipe_cv:
-                while not self._wipes:
-                    self._wiper_idle = True
-                    self._wipe_cv.wait()
-                self._wiper_idle = False
-                token, fn, queued = self._wipes.popleft()
-            try:
-                self._wait_quiet(queued)
-                fn()
-            except TokenNotFoundError:
-                pass  # already deleted by the CLI
-            except (OSError, VhsmError) as e:
-                log.error("could not delete token %s: %s", token, e)
-            except Exception:
-                log.exception("deleting token %s failed", token)
-            finally:
-                self.deleting.discard(token)
-                with self._wipe_cv:
-                    self._wipes_open -= 1
-                    if not self._wipes_open:
-                        self._wipe_cv.notify_all()
-
-    def _wait_quiet(self, queued: float) -> None:
-        """Wipes yield to requests: they start once the mount has been quiet for a moment, or
-        at the latest WIPE_MAX_DELAY after the unlink, or at once when someone waits for them."""
-        while not self._urgent:
-            now = time.monotonic()
-            if now - self.last_request >= QUIET_GAP or now - queued >= WIPE_MAX_DELAY:
-                return
-            time.sleep(QUIET_GAP / 2)
-
     def wait_deletions(self) -> None:
         """Until every queued wipe is done (fsync of a directory, unmount)."""
-        with self._wipe_cv:
-            if not self._wipes_open:
-                return
-            self._urgent += 1
-            try:
-                while self._wipes_open:
-                    self._wipe_cv.wait()
-            finally:
-                self._urgent -= 1
+        self.wipes.wait()
 
     def _defer(self, node: Node) -> None:
         with self._pend_lock:
@@ -970,9 +906,9 @@ class Vault:
         marker, marker_id = d.marker, d.marker_id
         d.marker, d.marker_id, d.dirty = None, None, False
         if marker is not None:
-            self._in_background(marker.token, marker.delete)
+            self.wipes.add(marker.token, marker.delete)
         elif marker_id is not None:
-            self._in_background(marker_id, lambda: self.store.retire(marker_id))
+            self.wipes.add(marker_id, lambda: self.store.retire(marker_id))
 
     # -- unlink / rename (worker thread, ns_lock) ------------------------------------------------
     def unlink(self, parent_ino: int, name: str) -> list[Invalidation]:
@@ -1195,8 +1131,9 @@ class Vault:
         self.wait_deletions()
 
     def close(self) -> None:
-        """After flush_all() at unmount: stop the background threads (the thread pools if
-        the vault made them). Changes after this are not published."""
+        """After flush_all() at unmount: run the queued wipes and stop the background threads
+        (the thread pools too if the vault made them). Changes after this are not published."""
+        self.wipes.close()
         if self._own_workers:
             self.workers.shutdown()
 
