@@ -34,6 +34,7 @@ from vhsmfs.backend import UUID_PATTERN
 from vhsmfs.errors import TokenNotFoundError, VhsmError
 from vhsmfs.format import Metadata
 from vhsmfs.keyfile import StaticKeyProvider
+from vhsmfs.mount.idlefiles import IdleFiles
 from vhsmfs.mount.lognames import logged_name
 from vhsmfs.mount.randomaccess import TokenFile
 from vhsmfs.mount.wipequeue import WipeQueue
@@ -130,8 +131,6 @@ class AttrChange:
 
 
 Invalidation = tuple[int, str, int]  # (parent inode, name, inode that was removed or 0)
-IDLE_KEEP = 256  # recently closed files kept loaded (chmod/utime after close need no I/O)
-IDLE_MAX_CHUNKS = 4096  # ... if their manifest is small
 BLANKS = 32  # new tokens whose keys are derived ahead, in the background
 
 
@@ -191,8 +190,8 @@ class Vault:
         self.last_request = 0.0  # time.monotonic() of the latest FUSE request (set by fs.py)
         self.wipes = WipeQueue(lambda: self.last_request)
         self._local = threading.local()
-        self._idle: dict[int, FileNode] = {}  # insertion-ordered: oldest first
-        self._idle_lock = threading.Lock()  # never held across I/O
+        self.idle = IdleFiles()
+        self._blanks_lock = threading.Lock()  # never held across I/O
         self._blanks: deque[TokenFile] = deque()  # new tokens with keys already derived
         # Only a key file makes keys ahead for free; another provider (the key service) would
         # wrap, and audit, a data key for every blank, used or not.
@@ -547,43 +546,8 @@ class Vault:
         return node.tf
 
     def _drop_if_idle(self, node: FileNode) -> None:
-        """A closed, clean file: keep it loaded for a while if small (tools chmod/utime right
-        after closing), else release its descriptors and caches now."""
-        tf = node.tf
-        if tf is None or node.opens or tf.dirty:
-            return
-        node.meta = tf.meta
-        if tf.count <= IDLE_MAX_CHUNKS:
-            tf.forget_cache()
-            with self._idle_lock:
-                self._idle.pop(node.ino, None)
-                self._idle[node.ino] = node
-            if not self._nonblocking():
-                self._trim_idle(keep=node)
-            return
-        self._unload(node)
-
-    def _trim_idle(self, keep: FileNode | None = None) -> None:
-        """Unload the oldest idle files beyond IDLE_KEEP (in a worker thread: a release on the
-        event loop only adds to the set, and the next flush or commit trims it)."""
-        with self._idle_lock:
-            evict = []
-            while len(self._idle) > IDLE_KEEP:
-                evict.append(self._idle.pop(next(iter(self._idle))))
-        for old in evict:
-            if old is not keep and old.lock.acquire(blocking=False):
-                try:
-                    self._unload(old)
-                finally:
-                    old.lock.release()
-
-    @staticmethod
-    def _unload(node: FileNode) -> None:
-        tf = node.tf
-        if tf is not None and node.opens == 0 and not tf.dirty:
-            node.meta = tf.meta
-            tf.close()
-            node.tf = None
+        """A closed, clean file: kept loaded for a while if small (idlefiles.py)."""
+        self.idle.drop_if_idle(node, trim=not self._nonblocking())
 
     def _create_token_file(self, name: str, mode: int, extra: dict[str, object]) -> TokenFile:
         return TokenFile.create(self.store, name, mode, workers=self.workers, extra=extra)
@@ -591,7 +555,7 @@ class Vault:
     def _new_token_file(self, name: str, mode: int, extra: dict[str, object]) -> TokenFile:
         """A fresh token: from the pool of keys derived in the background when one is ready
         (no crypto here, so create can answer on the event loop), else derived now."""
-        with self._idle_lock:
+        with self._blanks_lock:
             tf = self._blanks.popleft() if self._blanks else None
             refill = self._prefetch_keys and len(self._blanks) < BLANKS // 2 and not self._refilling
             if refill:
@@ -611,16 +575,16 @@ class Vault:
     def _refill_blanks(self) -> None:
         try:
             while True:
-                with self._idle_lock:
+                with self._blanks_lock:
                     if len(self._blanks) >= BLANKS:
                         return
                 tf = TokenFile.create(self.store, "", 0o600, workers=self.workers)
-                with self._idle_lock:
+                with self._blanks_lock:
                     self._blanks.append(tf)
         except (OSError, VhsmError) as e:
             log.warning("could not prepare token keys: %s", e)
         finally:
-            with self._idle_lock:
+            with self._blanks_lock:
                 self._refilling = False
 
     def create(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> FileNode:
@@ -693,8 +657,7 @@ class Vault:
         with node.lock:
             if node.tf is not None and not node.unlinked:
                 node.tf.commit(final=True)
-        if len(self._idle) > IDLE_KEEP:
-            self._trim_idle()
+        self.idle.trim()
 
     def fsync(self, node: FileNode) -> None:
         self.flush(node)
@@ -923,8 +886,7 @@ class Vault:
                 self._hide(node)
                 inval = self._detach(node)
                 inval = [i for i in inval if not (i[0] == parent.ino and i[1] == name)]
-                with self._idle_lock:
-                    self._idle.pop(node.ino, None)
+                self.idle.discard(node)
                 if node.opens == 0:
                     self._delete_data(node)
             return inval
