@@ -25,7 +25,6 @@ import stat
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -33,8 +32,8 @@ from typing import TypeVar
 from vhsmfs.backend import UUID_PATTERN
 from vhsmfs.errors import TokenNotFoundError, VhsmError
 from vhsmfs.format import Metadata
-from vhsmfs.keyfile import StaticKeyProvider
 from vhsmfs.mount.idlefiles import IdleFiles
+from vhsmfs.mount.keyprefetch import KeyPrefetch
 from vhsmfs.mount.lognames import logged_name
 from vhsmfs.mount.randomaccess import TokenFile
 from vhsmfs.mount.wipequeue import WipeQueue
@@ -131,7 +130,6 @@ class AttrChange:
 
 
 Invalidation = tuple[int, str, int]  # (parent inode, name, inode that was removed or 0)
-BLANKS = 32  # new tokens whose keys are derived ahead, in the background
 
 
 class _Held:
@@ -191,12 +189,7 @@ class Vault:
         self.wipes = WipeQueue(lambda: self.last_request)
         self._local = threading.local()
         self.idle = IdleFiles()
-        self._blanks_lock = threading.Lock()  # never held across I/O
-        self._blanks: deque[TokenFile] = deque()  # new tokens with keys already derived
-        # Only a key file makes keys ahead for free; another provider (the key service) would
-        # wrap, and audit, a data key for every blank, used or not.
-        self._prefetch_keys = isinstance(store.keys, StaticKeyProvider)
-        self._refilling = False
+        self.blanks = KeyPrefetch(store, self.workers)
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -553,39 +546,15 @@ class Vault:
         return TokenFile.create(self.store, name, mode, workers=self.workers, extra=extra)
 
     def _new_token_file(self, name: str, mode: int, extra: dict[str, object]) -> TokenFile:
-        """A fresh token: from the pool of keys derived in the background when one is ready
-        (no crypto here, so create can answer on the event loop), else derived now."""
-        with self._blanks_lock:
-            tf = self._blanks.popleft() if self._blanks else None
-            refill = self._prefetch_keys and len(self._blanks) < BLANKS // 2 and not self._refilling
-            if refill:
-                self._refilling = True
-        if refill:
-            self._keygen_submit(self._refill_blanks)
+        """A fresh token: one whose keys were derived in the background when one is ready (no
+        crypto here, so create can answer on the event loop), else derived now."""
+        tf = self.blanks.take()
         if tf is None:
             if self._nonblocking():
                 raise WouldBlock
             return self._create_token_file(name, mode, extra)
         tf.claim(name, mode, extra)
         return tf
-
-    def _keygen_submit(self, fn: Callable[[], None]) -> None:
-        self.workers.keygen.submit(fn)
-
-    def _refill_blanks(self) -> None:
-        try:
-            while True:
-                with self._blanks_lock:
-                    if len(self._blanks) >= BLANKS:
-                        return
-                tf = TokenFile.create(self.store, "", 0o600, workers=self.workers)
-                with self._blanks_lock:
-                    self._blanks.append(tf)
-        except (OSError, VhsmError) as e:
-            log.warning("could not prepare token keys: %s", e)
-        finally:
-            with self._blanks_lock:
-                self._refilling = False
 
     def create(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> FileNode:
         with self._hold(self.ns_lock):
@@ -1098,6 +1067,7 @@ class Vault:
         self.wipes.close()
         if self._own_workers:
             self.workers.shutdown()
+        self.blanks.close()
 
     def statfs(self) -> os.statvfs_result | None:
         root = getattr(self.store.backend, "root", None)
