@@ -12,6 +12,11 @@ Layout:
 A placed file is one inode reachable by both paths. Directories created through the mount are
 persisted as empty "directory marker" tokens (Metadata.extra {"kind": "dir"}), so empty
 directories, their modes and times survive a remount.
+
+Parts the vault composes: wipequeue.WipeQueue (deferred deletions, on their own thread),
+idlefiles.IdleFiles (recently closed files kept loaded) and keyprefetch.KeyPrefetch (new tokens
+whose keys are derived ahead). Key derivation and the TokenFiles' encryption and read-ahead run
+on the pools of a workers.MountWorkers, passed in (or made by the vault, closed by close()).
 """
 
 from __future__ import annotations
