@@ -16,6 +16,7 @@ from vhsmfs.backend import LocalBackend
 from vhsmfs.errors import IntegrityError
 from vhsmfs.keyfile import StaticKeyProvider
 from vhsmfs.mount import randomaccess as ra
+from vhsmfs.mount.workers import MountWorkers
 from vhsmfs.store import TokenStore
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,6 +34,12 @@ def store(tmp_path) -> TokenStore:
 
 
 @pytest.fixture
+def workers():
+    with MountWorkers() as w:
+        yield w
+
+
+@pytest.fixture
 def small_buffers(monkeypatch):
     monkeypatch.setattr(ra, "WRITEBACK_BYTES", 16 * 1024)  # background write-back all the time
     monkeypatch.setattr(ra, "RUN_BYTES", 32 * 1024)
@@ -40,8 +47,8 @@ def small_buffers(monkeypatch):
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_model_check(store, small_buffers, seed, tmp_path):
-    tf = ra.TokenFile.create(store, "x/y.bin", 0o644, extra={"placed": True})
+def test_model_check(store, small_buffers, seed, tmp_path, workers):
+    tf = ra.TokenFile.create(store, "x/y.bin", 0o644, extra={"placed": True}, workers=workers)
     model = bytearray()
     rng = random.Random(seed)
     for step in range(1500):
@@ -68,7 +75,7 @@ def test_model_check(store, small_buffers, seed, tmp_path):
             assert got == bytes(model[off : off + n]), step
         else:
             tf.commit(final=rng.random() < 0.5)
-            again = ra.TokenFile.load(store, tf.token)
+            again = ra.TokenFile.load(store, tf.token, workers=workers)
             assert again.read(0, 1 << 30) == bytes(model), step
             again.close()
             store.verify_full(tf.token)
@@ -85,13 +92,13 @@ def test_model_check(store, small_buffers, seed, tmp_path):
     assert all(live[o] * 2 >= sizes[o] for o in sizes if o != newest)
 
 
-def test_whole_file_digest_on_demand(store, small_buffers, tmp_path):
+def test_whole_file_digest_on_demand(store, small_buffers, tmp_path, workers):
     """Format v2 records no whole-file SHA-256 (meta.sha256 is None); the store computes one on
     demand (`info --digest`) that a standard tool can check: it is the content's, after
     sequential writes and after a patch in the middle."""
     import hashlib
 
-    tf = ra.TokenFile.create(store, "seq.bin", 0o600)
+    tf = ra.TokenFile.create(store, "seq.bin", 0o600, workers=workers)
     data = os.urandom(200_000)
     for off in range(0, len(data), 7_000):
         tf.write(off, data[off : off + 7_000])
@@ -109,12 +116,12 @@ def test_whole_file_digest_on_demand(store, small_buffers, tmp_path):
 
 
 @pytest.mark.parametrize("reload", [False, True])
-def test_whole_file_digest_across_commits_and_appends(store, small_buffers, reload):
+def test_whole_file_digest_across_commits_and_appends(store, small_buffers, reload, workers):
     """The digest is the whole file's after every commit, across appends after commits, by the
     same session or (`reload`) by a new one that loads the committed token."""
     import hashlib
 
-    tf = ra.TokenFile.create(store, "grow.bin", 0o600)
+    tf = ra.TokenFile.create(store, "grow.bin", 0o600, workers=workers)
     data = b""
     for step, size in enumerate([3_000, 5_000, 1, 40_000, 0, 70_000, 9_000]):
         piece = os.urandom(size)
@@ -125,19 +132,19 @@ def test_whole_file_digest_across_commits_and_appends(store, small_buffers, relo
             assert store.digest(tf.token) == hashlib.sha256(data).hexdigest()
             if reload:
                 tf.close()
-                tf = ra.TokenFile.load(store, tf.token)
+                tf = ra.TokenFile.load(store, tf.token, workers=workers)
     tf.commit()
     assert store.digest(tf.token) == hashlib.sha256(data).hexdigest()
     store.verify_full(tf.token)
 
 
-def test_orphans_of_a_killed_session_are_swept(store, small_buffers):
-    tf = ra.TokenFile.create(store, "f.bin", 0o600)
+def test_orphans_of_a_killed_session_are_swept(store, small_buffers, workers):
+    tf = ra.TokenFile.create(store, "f.bin", 0o600, workers=workers)
     tf.write(0, os.urandom(100_000))
     tf.commit()
     committed = set(store.backend.object_sizes(tf.token))
     # a session that writes back (new objects) but never commits, as if killed
-    tf2 = ra.TokenFile.load(store, tf.token)
+    tf2 = ra.TokenFile.load(store, tf.token, workers=workers)
     tf2.write(0, os.urandom(100_000))
     tf2._drain()
     assert tf2.writer.building
@@ -151,7 +158,7 @@ def test_orphans_of_a_killed_session_are_swept(store, small_buffers):
     assert len(orphans) == 2
     tf2.writer._end_writing()  # the kernel drops a killed writer's lock
     store.verify_full(tf.token)  # the committed generation is untouched
-    tf3 = ra.TokenFile.load(store, tf.token)
+    tf3 = ra.TokenFile.load(store, tf.token, workers=workers)
     tf3.write(5, b"new")
     tf3.commit()
     leftover = set(store.backend.object_sizes(tf.token))
@@ -163,7 +170,7 @@ def test_orphans_of_a_killed_session_are_swept(store, small_buffers):
 
 def _rewrite(store: TokenStore, size: int) -> tuple[ra.TokenFile, bytes, bytes]:
     """A file committed, then overwritten whole and committed again: (file, old, new)."""
-    tf = ra.TokenFile.create(store, "r.bin", 0o600)
+    tf = ra.TokenFile.create(store, "r.bin", 0o600, workers=workers)
     old, new = os.urandom(size), os.urandom(size)
     tf.write(0, old)
     tf.commit()
@@ -243,7 +250,7 @@ def test_delete_wipes_kept_generations_at_once(tmp_path):
     assert ts.list_tokens() == []
 
 
-def test_full_disk_during_write_back_loses_nothing(small_buffers, tmp_path):
+def test_full_disk_during_write_back_loses_nothing(small_buffers, tmp_path, workers):
     """A real tmpfs too small for the file: background runs fail with ENOSPC while the writer
     goes on. The error reaches the writer; once there is room again, the commit publishes
     every byte the file held, and the store verifies."""
@@ -259,7 +266,7 @@ def test_full_disk_during_write_back_loses_nothing(small_buffers, tmp_path):
         store = TokenStore(
             LocalBackend(disk / "store"), StaticKeyProvider(os.urandom(32)), chunk_size=4096
         )
-        tf = ra.TokenFile.create(store, "big.bin", 0o600)
+        tf = ra.TokenFile.create(store, "big.bin", 0o600, workers=workers)
         data = os.urandom(2 << 20)
         errors = []
         for off in range(0, len(data), 20_000):
@@ -282,7 +289,7 @@ def test_full_disk_during_write_back_loses_nothing(small_buffers, tmp_path):
         )
         assert tf.commit()
         tf.close()
-        again = ra.TokenFile.load(store, tf.token)
+        again = ra.TokenFile.load(store, tf.token, workers=workers)
         assert again.read(0, len(data) + 1) == data
         again.close()
         store.verify_full(tf.token)
@@ -293,15 +300,15 @@ def test_full_disk_during_write_back_loses_nothing(small_buffers, tmp_path):
 
 
 def test_partial_writes_to_stored_chunks_are_patched_not_decrypted(
-    store, small_buffers, monkeypatch
+    store, small_buffers, monkeypatch, workers
 ):
     """Small writes into a committed file are kept as patches (no decryption per write) and are
     merged, in write order, when written back or read."""
     data = bytearray(os.urandom(200_000))
-    tf = ra.TokenFile.create(store, "p.bin", 0o600)
+    tf = ra.TokenFile.create(store, "p.bin", 0o600, workers=workers)
     tf.write(0, bytes(data))
     tf.commit()
-    tf = ra.TokenFile.load(store, tf.token)
+    tf = ra.TokenFile.load(store, tf.token, workers=workers)
     decrypts = []
     real = tf._decrypt
     monkeypatch.setattr(tf, "_decrypt", lambda a, b: decrypts.append((a, b)) or real(a, b))
@@ -315,18 +322,18 @@ def test_partial_writes_to_stored_chunks_are_patched_not_decrypted(
     assert decrypts == []  # merged on the encryption threads, not decrypted per write
     assert tf.read(0, len(data)) == bytes(data)  # reading merges what is still patched
     tf.commit()
-    again = ra.TokenFile.load(store, tf.token)
+    again = ra.TokenFile.load(store, tf.token, workers=workers)
     assert again.read(0, len(data)) == bytes(data)
     store.verify_full(tf.token)
 
 
-def test_sequential_reader_finds_windows_decrypted_ahead(store, monkeypatch):
+def test_sequential_reader_finds_windows_decrypted_ahead(store, monkeypatch, workers):
     monkeypatch.setattr(ra, "READAHEAD_BYTES", 16 * 1024)
     data = os.urandom(300_000)
-    tf = ra.TokenFile.create(store, "r.bin", 0o600)
+    tf = ra.TokenFile.create(store, "r.bin", 0o600, workers=workers)
     tf.write(0, data)
     tf.commit()
-    tf = ra.TokenFile.load(store, tf.token)
+    tf = ra.TokenFile.load(store, tf.token, workers=workers)
     got, cached = bytearray(), 0
     for off in range(0, len(data), 16 * 1024):
         for _, _, fut in list(tf._ahead):
@@ -343,14 +350,14 @@ def test_sequential_reader_finds_windows_decrypted_ahead(store, monkeypatch):
     assert cached == -(-len(data) // (16 * 1024)) - 1
 
 
-def test_patch_over_a_tampered_chunk_fails_and_keeps_the_patch(store, small_buffers):
+def test_patch_over_a_tampered_chunk_fails_and_keeps_the_patch(store, small_buffers, workers):
     """Merging a patch checks and authenticates the stored chunk first: a flipped byte in its
     record makes the commit fail with IntegrityError (EIO through the mount), releases no
     plaintext, and the patch stays pending rather than being dropped."""
-    tf = ra.TokenFile.create(store, "t.bin", 0o600)
+    tf = ra.TokenFile.create(store, "t.bin", 0o600, workers=workers)
     tf.write(0, os.urandom(200_000))
     tf.commit()
-    tf = ra.TokenFile.load(store, tf.token)
+    tf = ra.TokenFile.load(store, tf.token, workers=workers)
     obj, off, rlen, _ = tf._entry(3)
     path = store.backend._object_path(tf.token, obj)
     with open(path, "r+b") as f:
@@ -383,14 +390,16 @@ def test_patch_over_a_tampered_chunk_fails_and_keeps_the_patch(store, small_buff
     tf.close()
 
 
-def test_patch_over_a_missing_object_fails_and_keeps_the_patch(store, small_buffers, monkeypatch):
+def test_patch_over_a_missing_object_fails_and_keeps_the_patch(
+    store, small_buffers, monkeypatch, workers
+):
     """The stored object a patch must be merged with has vanished (a damaged store): starting
     the write-back fails with IntegrityError naming it, and the patch stays pending rather than
     being dropped with the chunks taken for the run."""
-    tf = ra.TokenFile.create(store, "m.bin", 0o600)
+    tf = ra.TokenFile.create(store, "m.bin", 0o600, workers=workers)
     tf.write(0, os.urandom(200_000))
     tf.commit()
-    tf = ra.TokenFile.load(store, tf.token)
+    tf = ra.TokenFile.load(store, tf.token, workers=workers)
     obj = tf._entry(3)[0]
     os.unlink(store.backend._object_path(tf.token, obj))
     monkeypatch.setattr(ra, "PATCH_BYTES", 1)  # this write starts the write-back of its patch

@@ -60,10 +60,12 @@ def vault(store: TokenStore) -> Iterator[Vault]:
     for tok in tokens:
         store.verify_ciphertext(tok)
         store.verify_full(tok)
+    v.close()
     again = Vault(store)
     again.load()
     assert _tree(again) == seen
     again.flush_all()
+    again.close()
 
 
 def _write_file(v: Vault, parent: int, name: str, data: bytes) -> FileNode:

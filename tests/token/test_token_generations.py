@@ -17,6 +17,7 @@ from vhsmfs.errors import IntegrityError, TokenNotFoundError
 from vhsmfs.format import MANIFEST_ENTRY
 from vhsmfs.keyfile import StaticKeyProvider
 from vhsmfs.mount import randomaccess as ra
+from vhsmfs.mount.workers import MountWorkers
 from vhsmfs.store import TokenStore
 
 KEY = bytes(range(32))
@@ -29,10 +30,11 @@ def _store(root: Path, grace: int = 3600) -> TokenStore:
 
 def _rewrite(store: TokenStore, tok: uuid.UUID, offset: int, data: bytes) -> None:
     """One more generation through the mount's writer: a write, then the commit."""
-    tf = ra.TokenFile.load(store, tok)
-    tf.write(offset, data)
-    assert tf.commit()
-    tf.close()
+    with MountWorkers() as workers:
+        tf = ra.TokenFile.load(store, tok, workers=workers)
+        tf.write(offset, data)
+        assert tf.commit()
+        tf.close()
 
 
 def _two_generations(

@@ -47,7 +47,7 @@ from vhsmfs.format import (
     chunk_count_for,
     record_checksum,
 )
-from vhsmfs.mount.workers import CountingPool
+from vhsmfs.mount.workers import MountWorkers
 from vhsmfs.store import OpenedToken, TokenStore
 from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
 from vhsmfs.tokenwriter import ManifestBuffer, TokenWriter
@@ -84,11 +84,10 @@ PATCH_BYTES = int(os.environ.get("VHSM_MOUNT_PATCH_BYTES", 16 << 20))
 READAHEAD_BYTES = 1 << 20
 READAHEAD_WINDOWS = 3
 
-# Background work, shared by all files: encryption of written-back chunks and decryption ahead
-# of sequential readers. Each file has at most MAX_RUNS runs being encrypted and
-# READAHEAD_WINDOWS read-ahead jobs in flight, so memory stays bounded whatever the file sizes.
-_ENCRYPT = CountingPool(max_workers=2, thread_name_prefix="vhsm-encrypt")  # never waits
-_READAHEAD = CountingPool(max_workers=2, thread_name_prefix="vhsm-readahead")
+# Background work runs on the pools of the MountWorkers passed in (shared by all files):
+# encryption of written-back chunks and decryption ahead of sequential readers. Each file has at
+# most MAX_RUNS runs being encrypted and READAHEAD_WINDOWS read-ahead jobs in flight, so memory
+# stays bounded whatever the file sizes.
 
 
 def _fit(buf: Buffer, want: int) -> Buffer:
@@ -149,12 +148,15 @@ class TokenFile:
         manifest: bytes | bytearray,
         meta: Metadata,
         *,
+        workers: MountWorkers,
         legacy: ParsedFile | None = None,
         legacy_keys: TokenKeys | None = None,
     ) -> None:
         """`writer` continues the token's newest generation; `manifest` is its manifest in
-        v2 layout. A v1 token is read with `legacy_keys` until it is upgraded (`legacy`)."""
+        v2 layout. A v1 token is read with `legacy_keys` until it is upgraded (`legacy`).
+        Background work runs on the pools of `workers`."""
         self.store = store
+        self.workers = workers
         self.backend = store.backend
         self.writer = writer
         self.token = writer.token
@@ -189,11 +191,11 @@ class TokenFile:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def load(cls, store: TokenStore, token: uuid.UUID) -> TokenFile:
-        return cls.from_opened(store, store.open_token(token))
+    def load(cls, store: TokenStore, token: uuid.UUID, *, workers: MountWorkers) -> TokenFile:
+        return cls.from_opened(store, store.open_token(token), workers=workers)
 
     @classmethod
-    def from_opened(cls, store: TokenStore, t: OpenedToken) -> TokenFile:
+    def from_opened(cls, store: TokenStore, t: OpenedToken, *, workers: MountWorkers) -> TokenFile:
         parsed = t.parsed
         manifest = parsed.load_manifest()
         if parsed.version == FORMAT_V1:
@@ -204,11 +206,13 @@ class TokenFile:
                 for o, off, n, d in MANIFEST_ENTRY_V1.iter_unpack(manifest)
             )
             writer = TokenWriter(store.backend, t.keys, t.header, grace=store.grace)
-            return cls(store, writer, manifest, t.meta, legacy=parsed, legacy_keys=t.keys)
+            return cls(
+                store, writer, manifest, t.meta, workers=workers, legacy=parsed, legacy_keys=t.keys
+            )
         writer = TokenWriter(
             store.backend, t.keys, t.header, objects=parsed.objects, grace=store.grace
         )
-        return cls(store, writer, manifest, t.meta)
+        return cls(store, writer, manifest, t.meta, workers=workers)
 
     @property
     def committed(self) -> bool:
@@ -226,6 +230,7 @@ class TokenFile:
         name: str,
         mode: int,
         *,
+        workers: MountWorkers,
         extra: dict | None = None,
         token: uuid.UUID | None = None,
     ) -> TokenFile:
@@ -248,7 +253,7 @@ class TokenFile:
             parallel_chunks=1,
             extra=dict(extra or {}),
         )
-        return cls(store, writer, b"", meta)
+        return cls(store, writer, b"", meta, workers=workers)
 
     def claim(self, name: str, mode: int, extra: dict | None = None) -> None:
         """Give a token prepared ahead (keys derived) its name, mode and fresh times."""
@@ -369,7 +374,8 @@ class TokenFile:
                 if obj == NO_OBJECT or (not open_readers and obj not in self._readers):
                     return
                 self._reader(obj)  # opened here: the jobs only look readers up
-            self._ahead.append((first, last, _READAHEAD.submit(self._decrypt, first, last)))
+            job = self.workers.readahead.submit(self._decrypt, first, last)
+            self._ahead.append((first, last, job))
             first = last + 1
 
     def _stop_ahead(self, *, keep_cache: bool = False) -> None:
@@ -756,7 +762,7 @@ class TokenFile:
                 except BaseException as e:
                     run.future.set_exception(e)
             else:
-                run.future = _ENCRYPT.submit(self._encrypt_run, run, parts, final)
+                run.future = self.workers.encrypt.submit(self._encrypt_run, run, parts, final)
 
     def _encrypt_run(
         self, run: _Run, parts: list[Buffer | _Patched], final: int

@@ -31,6 +31,7 @@ from vhsmfs.keyfile import KeyProvider, StaticKeyProvider, load_key_file
 from vhsmfs.mount import requestwait
 from vhsmfs.mount.fs import VaultOps
 from vhsmfs.mount.vault import Vault
+from vhsmfs.mount.workers import MountWorkers
 from vhsmfs.safefs import SafeDir
 from vhsmfs.store import TokenStore, chunk_size_from_env
 
@@ -213,11 +214,11 @@ def run(
         spin = requestwait.spin_from_env()
         mnt = check_mountpoint(mountpoint)
         backend = LocalBackend(store_dir)
-        with store_lock(store_dir):
+        with store_lock(store_dir), MountWorkers() as workers:
             for line in backend.collect_garbage():
                 log.info("store: %s", line)
             store = TokenStore(backend, keys, chunk_size=mount_chunk_size(chunk_size))
-            vault = Vault(store)
+            vault = Vault(store, workers=workers)
             vault.load()
             tune_gc()
             ops = VaultOps(vault)
@@ -237,7 +238,10 @@ def run(
                 # blocks on a dead mount, then publish what is still pending.
                 with contextlib.suppress(Exception):
                     pyfuse3.close(unmount=True)
-                vault.flush_all()
+                try:
+                    vault.flush_all()
+                finally:
+                    vault.close()  # then the thread pools are shut down, leaving the `with`
                 log.info("requests: %s", " ".join(f"{k}={v}" for k, v in sorted(ops.stats.items())))
                 log.info(
                     "time per operation: %s",

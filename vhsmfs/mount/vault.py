@@ -12,6 +12,11 @@ Layout:
 A placed file is one inode reachable by both paths. Directories created through the mount are
 persisted as empty "directory marker" tokens (Metadata.extra {"kind": "dir"}), so empty
 directories, their modes and times survive a remount.
+
+Parts the vault composes: wipequeue.WipeQueue (deferred deletions, on their own thread),
+idlefiles.IdleFiles (recently closed files kept loaded) and keyprefetch.KeyPrefetch (new tokens
+whose keys are derived ahead). Key derivation and the TokenFiles' encryption and read-ahead run
+on the pools of a workers.MountWorkers, passed in (or made by the vault, closed by close()).
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import stat
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -33,10 +37,12 @@ from typing import TypeVar
 from vhsmfs.backend import UUID_PATTERN
 from vhsmfs.errors import TokenNotFoundError, VhsmError
 from vhsmfs.format import Metadata
-from vhsmfs.keyfile import StaticKeyProvider
+from vhsmfs.mount.idlefiles import IdleFiles
+from vhsmfs.mount.keyprefetch import KeyPrefetch
 from vhsmfs.mount.lognames import logged_name
 from vhsmfs.mount.randomaccess import TokenFile
-from vhsmfs.mount.workers import CountingPool
+from vhsmfs.mount.wipequeue import WipeQueue
+from vhsmfs.mount.workers import MountWorkers
 from vhsmfs.store import TokenStore, safe_relative_path
 
 log = logging.getLogger("vhsm.mount")
@@ -129,12 +135,6 @@ class AttrChange:
 
 
 Invalidation = tuple[int, str, int]  # (parent inode, name, inode that was removed or 0)
-IDLE_KEEP = 256  # recently closed files kept loaded (chmod/utime after close need no I/O)
-IDLE_MAX_CHUNKS = 4096  # ... if their manifest is small
-QUIET_GAP = 0.05  # seconds without requests before queued wipes run
-WIPE_MAX_DELAY = 5.0  # ... but no later than this after the unlink
-BLANKS = 32  # new tokens whose keys are derived ahead, in the background
-_KEYGEN = CountingPool(max_workers=1, thread_name_prefix="vhsm-keygen")
 
 
 class _Held:
@@ -162,9 +162,18 @@ class WouldBlock(Exception):
 
 class Vault:
     def __init__(
-        self, store: TokenStore, *, uid: int | None = None, gid: int | None = None
+        self,
+        store: TokenStore,
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        workers: MountWorkers | None = None,
     ) -> None:
+        """`workers`: the thread pools of the mount, shut down by their maker once the vault
+        is closed; without them the vault makes its own and close() shuts them down."""
         self.store = store
+        self._own_workers = workers is None
+        self.workers = MountWorkers() if workers is None else workers
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.ns_lock = threading.RLock()  # namespace changes (taken in worker threads only)
@@ -181,25 +190,11 @@ class Vault:
         # deletions run on one background thread. fsync/fsyncdir and unmount wait for both.
         self._pend_lock = threading.Lock()
         self._pending: dict[int, Node] = {}
-        # Wipes: a FIFO served by one thread, started on first use. Queuing one costs an
-        # append under an uncontended lock (a ThreadPoolExecutor.submit per unlink cost more
-        # than the rest of unlink).
-        self._wipe_cv = threading.Condition(threading.Lock())
-        self._wipes: deque[tuple[uuid.UUID, Callable[[], None], float]] = deque()
-        self._wipes_open = 0  # queued or running
-        self._wiper: threading.Thread | None = None
-        self._wiper_idle = False
-        self._urgent = 0  # threads waiting for all wipes: then they run without waiting
         self.last_request = 0.0  # time.monotonic() of the latest FUSE request (set by fs.py)
-        self.deleting: set[uuid.UUID] = set()
+        self.wipes = WipeQueue(lambda: self.last_request)
         self._local = threading.local()
-        self._idle: dict[int, FileNode] = {}  # insertion-ordered: oldest first
-        self._idle_lock = threading.Lock()  # never held across I/O
-        self._blanks: deque[TokenFile] = deque()  # new tokens with keys already derived
-        # Only a key file makes keys ahead for free; another provider (the key service) would
-        # wrap, and audit, a data key for every blank, used or not.
-        self._prefetch_keys = isinstance(store.keys, StaticKeyProvider)
-        self._refilling = False
+        self.idle = IdleFiles()
+        self.blanks = KeyPrefetch(store, self.workers)
 
     # -- loading ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -501,7 +496,8 @@ class Vault:
             markers = {
                 d.marker_id for d in self.nodes.values() if isinstance(d, DirNode) and d.marker_id
             }
-            for token in sorted(present - set(self.by_token) - markers - self.deleting, key=str):
+            new = present - set(self.by_token) - markers - self.wipes.deleting
+            for token in sorted(new, key=str):
                 meta = self._read_meta(token)
                 if meta is None or meta.extra.get("kind") == KIND_DIR:
                     continue
@@ -525,7 +521,7 @@ class Vault:
             if not UUID_RE.match(name):  # only the canonical form names a token
                 return None
             token = uuid.UUID(name)
-            if token in self.deleting:
+            if token in self.wipes.deleting:
                 return None
             meta = self._read_meta(token)
             if meta is None or meta.extra.get("kind") == KIND_DIR:
@@ -541,85 +537,29 @@ class Vault:
             if self._nonblocking():
                 raise WouldBlock
             try:
-                node.tf = TokenFile.load(self.store, node.token)
+                node.tf = TokenFile.load(self.store, node.token, workers=self.workers)
             except TokenNotFoundError:
                 raise _err(errno.ENOENT) from None
             node.meta = node.tf.meta
         return node.tf
 
     def _drop_if_idle(self, node: FileNode) -> None:
-        """A closed, clean file: keep it loaded for a while if small (tools chmod/utime right
-        after closing), else release its descriptors and caches now."""
-        tf = node.tf
-        if tf is None or node.opens or tf.dirty:
-            return
-        node.meta = tf.meta
-        if tf.count <= IDLE_MAX_CHUNKS:
-            tf.forget_cache()
-            with self._idle_lock:
-                self._idle.pop(node.ino, None)
-                self._idle[node.ino] = node
-            if not self._nonblocking():
-                self._trim_idle(keep=node)
-            return
-        self._unload(node)
+        """A closed, clean file: kept loaded for a while if small (idlefiles.py)."""
+        self.idle.drop_if_idle(node, trim=not self._nonblocking())
 
-    def _trim_idle(self, keep: FileNode | None = None) -> None:
-        """Unload the oldest idle files beyond IDLE_KEEP (in a worker thread: a release on the
-        event loop only adds to the set, and the next flush or commit trims it)."""
-        with self._idle_lock:
-            evict = []
-            while len(self._idle) > IDLE_KEEP:
-                evict.append(self._idle.pop(next(iter(self._idle))))
-        for old in evict:
-            if old is not keep and old.lock.acquire(blocking=False):
-                try:
-                    self._unload(old)
-                finally:
-                    old.lock.release()
-
-    @staticmethod
-    def _unload(node: FileNode) -> None:
-        tf = node.tf
-        if tf is not None and node.opens == 0 and not tf.dirty:
-            node.meta = tf.meta
-            tf.close()
-            node.tf = None
+    def _create_token_file(self, name: str, mode: int, extra: dict[str, object]) -> TokenFile:
+        return TokenFile.create(self.store, name, mode, workers=self.workers, extra=extra)
 
     def _new_token_file(self, name: str, mode: int, extra: dict[str, object]) -> TokenFile:
-        """A fresh token: from the pool of keys derived in the background when one is ready
-        (no crypto here, so create can answer on the event loop), else derived now."""
-        with self._idle_lock:
-            tf = self._blanks.popleft() if self._blanks else None
-            refill = self._prefetch_keys and len(self._blanks) < BLANKS // 2 and not self._refilling
-            if refill:
-                self._refilling = True
-        if refill:
-            self._keygen_submit(self._refill_blanks)
+        """A fresh token: one whose keys were derived in the background when one is ready (no
+        crypto here, so create can answer on the event loop), else derived now."""
+        tf = self.blanks.take()
         if tf is None:
             if self._nonblocking():
                 raise WouldBlock
-            return TokenFile.create(self.store, name, mode, extra=extra)
+            return self._create_token_file(name, mode, extra)
         tf.claim(name, mode, extra)
         return tf
-
-    def _keygen_submit(self, fn: Callable[[], None]) -> None:
-        _KEYGEN.submit(fn)
-
-    def _refill_blanks(self) -> None:
-        try:
-            while True:
-                with self._idle_lock:
-                    if len(self._blanks) >= BLANKS:
-                        return
-                tf = TokenFile.create(self.store, "", 0o600)
-                with self._idle_lock:
-                    self._blanks.append(tf)
-        except (OSError, VhsmError) as e:
-            log.warning("could not prepare token keys: %s", e)
-        finally:
-            with self._idle_lock:
-                self._refilling = False
 
     def create(self, parent_ino: int, name: str, mode: int, uid: int, gid: int) -> FileNode:
         with self._hold(self.ns_lock):
@@ -691,8 +631,7 @@ class Vault:
         with node.lock:
             if node.tf is not None and not node.unlinked:
                 node.tf.commit(final=True)
-        if len(self._idle) > IDLE_KEEP:
-            self._trim_idle()
+        self.idle.trim()
 
     def fsync(self, node: FileNode) -> None:
         self.flush(node)
@@ -734,69 +673,14 @@ class Vault:
             else:
                 self.store.retire(token)
 
-        self._in_background(token, wipe)
+        self.wipes.add(token, wipe)
         with self._count_lock:
             if node.nlookup == 0:
                 self.nodes.pop(node.ino, None)
 
-    def _in_background(self, token: uuid.UUID, fn: Callable[[], None]) -> None:
-        self.deleting.add(token)
-        with self._wipe_cv:
-            self._wipes.append((token, fn, time.monotonic()))
-            self._wipes_open += 1
-            if self._wiper is None:
-                self._wiper = threading.Thread(
-                    target=self._wipe_loop, name="vhsm-delete", daemon=True
-                )
-                self._wiper.start()
-            elif self._wiper_idle:
-                self._wipe_cv.notify_all()
-
-    def _wipe_loop(self) -> None:
-        """The deletion thread: one wipe at a time, first in first out."""
-        while True:
-            with self._wipe_cv:
-                while not self._wipes:
-                    self._wiper_idle = True
-                    self._wipe_cv.wait()
-                self._wiper_idle = False
-                token, fn, queued = self._wipes.popleft()
-            try:
-                self._wait_quiet(queued)
-                fn()
-            except TokenNotFoundError:
-                pass  # already deleted by the CLI
-            except (OSError, VhsmError) as e:
-                log.error("could not delete token %s: %s", token, e)
-            except Exception:
-                log.exception("deleting token %s failed", token)
-            finally:
-                self.deleting.discard(token)
-                with self._wipe_cv:
-                    self._wipes_open -= 1
-                    if not self._wipes_open:
-                        self._wipe_cv.notify_all()
-
-    def _wait_quiet(self, queued: float) -> None:
-        """Wipes yield to requests: they start once the mount has been quiet for a moment, or
-        at the latest WIPE_MAX_DELAY after the unlink, or at once when someone waits for them."""
-        while not self._urgent:
-            now = time.monotonic()
-            if now - self.last_request >= QUIET_GAP or now - queued >= WIPE_MAX_DELAY:
-                return
-            time.sleep(QUIET_GAP / 2)
-
     def wait_deletions(self) -> None:
         """Until every queued wipe is done (fsync of a directory, unmount)."""
-        with self._wipe_cv:
-            if not self._wipes_open:
-                return
-            self._urgent += 1
-            try:
-                while self._wipes_open:
-                    self._wipe_cv.wait()
-            finally:
-                self._urgent -= 1
+        self.wipes.wait()
 
     def _defer(self, node: Node) -> None:
         with self._pend_lock:
@@ -898,11 +782,11 @@ class Vault:
         if d.marker is None:
             if d.marker_id is not None:
                 try:
-                    d.marker = TokenFile.load(self.store, d.marker_id)
+                    d.marker = TokenFile.load(self.store, d.marker_id, workers=self.workers)
                 except TokenNotFoundError:
                     d.marker_id = None
             if d.marker is None:
-                d.marker = TokenFile.create(self.store, name, d.mode, extra=extra)
+                d.marker = self._create_token_file(name, d.mode, extra)
                 d.marker_id = d.marker.token
         m = d.marker.meta
         m.name, m.mode, m.extra = name, d.mode, extra
@@ -959,9 +843,9 @@ class Vault:
         marker, marker_id = d.marker, d.marker_id
         d.marker, d.marker_id, d.dirty = None, None, False
         if marker is not None:
-            self._in_background(marker.token, marker.delete)
+            self.wipes.add(marker.token, marker.delete)
         elif marker_id is not None:
-            self._in_background(marker_id, lambda: self.store.retire(marker_id))
+            self.wipes.add(marker_id, lambda: self.store.retire(marker_id))
 
     # -- unlink / rename (worker thread, ns_lock) ------------------------------------------------
     def unlink(self, parent_ino: int, name: str) -> list[Invalidation]:
@@ -976,8 +860,7 @@ class Vault:
                 self._hide(node)
                 inval = self._detach(node)
                 inval = [i for i in inval if not (i[0] == parent.ino and i[1] == name)]
-                with self._idle_lock:
-                    self._idle.pop(node.ino, None)
+                self.idle.discard(node)
                 if node.opens == 0:
                     self._delete_data(node)
             return inval
@@ -1182,6 +1065,14 @@ class Vault:
             except (OSError, VhsmError) as e:
                 log.error("unmount: could not publish inode %d: %s", node.ino, e)
         self.wait_deletions()
+
+    def close(self) -> None:
+        """After flush_all() at unmount: run the queued wipes and stop the background threads
+        (the thread pools too if the vault made them). Changes after this are not published."""
+        self.wipes.close()
+        if self._own_workers:
+            self.workers.shutdown()
+        self.blanks.close()
 
     def statfs(self) -> os.statvfs_result | None:
         root = getattr(self.store.backend, "root", None)

@@ -46,3 +46,29 @@ class CountingPool(ThreadPoolExecutor):
         except BaseException:  # shut down: the job will never run
             _finish()
             raise
+
+
+class MountWorkers:
+    """The mount's thread pools, made by whoever builds the Vault (the mount runner, or the
+    Vault itself when given none) and shut down when the mount ends; never at import time.
+
+    `encrypt`: write-back runs (merge, encrypt, write), shared by all files; never waits.
+    `readahead`: decryption ahead of sequential readers.
+    `keygen`: keys of new tokens derived ahead (keyprefetch.py).
+    Their threads start on first use."""
+
+    def __init__(self) -> None:
+        self.encrypt = CountingPool(max_workers=2, thread_name_prefix="vhsm-encrypt")
+        self.readahead = CountingPool(max_workers=2, thread_name_prefix="vhsm-readahead")
+        self.keygen = CountingPool(max_workers=1, thread_name_prefix="vhsm-keygen")
+
+    def shutdown(self) -> None:
+        """Wait for the queued jobs, then stop the threads."""
+        for pool in (self.keygen, self.readahead, self.encrypt):
+            pool.shutdown(wait=True)
+
+    def __enter__(self) -> MountWorkers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
