@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from vhsmfs.errors import StoreError, TokenNotFoundError, VhsmError
-from vhsmfs.safefs import READER_WAIT, SafeDir, rename_noreplace
+from vhsmfs.safefs import READER_WAIT, SafeDir, UnsafeEntryError, rename_noreplace
 
 Buffer = bytes | bytearray | memoryview
 
@@ -209,8 +209,9 @@ class Backend(Protocol):
         """
         ...
 
-    def object_sizes(self, token: uuid.UUID) -> dict[int, int]:
-        """Returns: every finished object of the token, id -> length in bytes (no reads)."""
+    def object_sizes(self, token: uuid.UUID, *, skip_unsafe: bool = False) -> dict[int, int]:
+        """Returns: every finished object of the token, id -> length in bytes (no reads).
+        An unsafe entry raises UnsafeEntryError, or with `skip_unsafe` is left out."""
         ...
 
     def delete_object(self, token: uuid.UUID, object_id: int) -> None:
@@ -564,7 +565,7 @@ class LocalBackend:
             fd, st = d.open_file(f"{object_id:08x}")
         return _LocalObjectReader(fd, st.st_size)
 
-    def object_sizes(self, token: uuid.UUID) -> dict[int, int]:
+    def object_sizes(self, token: uuid.UUID, *, skip_unsafe: bool = False) -> dict[int, int]:
         """Sizes from the lstat of each checked object: the entry itself, never what a link
         points to (a link, special file or stranger's file is refused). Nothing is opened."""
         out: dict[int, int] = {}
@@ -579,6 +580,10 @@ class LocalBackend:
                         st = d.check_entry(name, stat.S_IFREG)
                     except FileNotFoundError:  # wiped meanwhile
                         continue
+                    except UnsafeEntryError:
+                        if not skip_unsafe:
+                            raise
+                        continue  # an object a generation names is refused when opened
                     out[int(name, 16)] = st.st_size
         return out
 

@@ -263,7 +263,8 @@ class TokenStore:
         if current is None and not gens:
             assert damage is not None
             raise damage
-        sizes = self.backend.object_sizes(token)
+        # a planted entry no generation names must not make the token unreadable
+        sizes = self.backend.object_sizes(token, skip_unsafe=True)
         numbers = set(gens) | ({current.header.generation} if current else set())
         missing: IntegrityError | None = None
         for g in sorted(numbers, reverse=True):
@@ -273,7 +274,7 @@ class TokenStore:
                     damaged_here = damaged_here or cand
                     continue
                 try:
-                    self._check_objects(cand, sizes)
+                    self._check_objects(cand, sizes, token)
                 except _MissingObject as e:
                     try:
                         _check_tables(cand)
@@ -316,25 +317,37 @@ class TokenStore:
             except (IntegrityError, StoreError) as e:
                 yield e
 
-    @staticmethod
-    def _check_objects(parsed: ParsedFile, sizes: dict[int, int]) -> None:
+    def _check_objects(self, parsed: ParsedFile, sizes: dict[int, int], token: uuid.UUID) -> None:
         """Every object of the table present with its recorded length. A missing one makes the
         generation incomplete (_MissingObject); a length that differs is damage."""
         tok = parsed.header.token_id
         if parsed.version == FORMAT_V1:  # no object table: ids from the manifest, no lengths
             for obj in sorted(parsed.object_ids()):
                 if obj not in sizes:
-                    raise _MissingObject(f"token {tok}: object {obj:08x} is missing")
+                    self._confirm_missing(token, obj)
             return
         for obj, (length, _) in sorted(parsed.objects.items()):
             have = sizes.get(obj)
             if have is None:
-                raise _MissingObject(f"token {tok}: object {obj:08x} is missing")
+                have = self._confirm_missing(token, obj)
             if have != length:
                 raise IntegrityError(
                     f"token {tok}: object {obj:08x} is {have} bytes, its metadata says {length} "
                     "(truncated or extended)"
                 )
+
+    def _confirm_missing(self, token: uuid.UUID, obj: int) -> int:
+        """An object a generation names is not among the checked objects: it is missing
+        (_MissingObject), or an unsafe entry stands there (UnsafeEntryError, naming it), or it
+        appeared meanwhile (its size is returned)."""
+        try:
+            r = self.backend.open_object(token, obj)
+        except FileNotFoundError:
+            raise _MissingObject(f"token {token}: object {obj:08x} is missing") from None
+        try:
+            return r.size
+        finally:
+            r.close()
 
     def open_token(self, token: uuid.UUID) -> OpenedToken:
         """Read and authenticate a token's metadata; WrongKeyError / IntegrityError otherwise."""

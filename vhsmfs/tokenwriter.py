@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import tempfile
 import threading
@@ -45,7 +46,10 @@ from vhsmfs.format import (
     parse,
 )
 from vhsmfs.keyfile import KeyProvider
+from vhsmfs.safefs import UnsafeEntryError
 from vhsmfs.tokencrypto import TokenKeys
+
+log = logging.getLogger("vhsm.store")
 
 OBJECT_TARGET = 64 << 20  # roll to a new object past this many bytes
 DEFAULT_GRACE_SECONDS = 3600
@@ -321,11 +325,24 @@ class TokenWriter:
             self._begin_writing()
             if not self._swept:
                 self._sweep_leftovers()
-            b = _Building(self.next_object, self.backend.new_object(self.token, self.next_object))
+            b = self._new_building()
             self._open[b.id] = self._current = b
-            self.next_object += 1
         assert self._current is not None
         return self._current.id, self._current.reserve(nbytes)
+
+    def _new_building(self) -> _Building:
+        """The next object id's writer. An id where an unsafe entry was planted (a link, a
+        stranger's file: refused by the backend, left alone) is skipped, a few times at most:
+        the token stays writable, and every refusal is logged."""
+        for _ in range(8):
+            obj = self.next_object
+            self.next_object += 1
+            try:
+                return _Building(obj, self.backend.new_object(self.token, obj))
+            except UnsafeEntryError as e:
+                log.warning("%s; object id %08x skipped", e, obj)
+                last = e
+        raise last
 
     def write_at(self, object_id: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write records at a reserved place (any thread). `data` must not change afterwards."""

@@ -208,12 +208,6 @@ def test_entries_of_another_user_are_refused(
     # the good token itself: test_a_strangers_file_beside_a_tokens_objects_is_ignored
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="suspected bug in format-v2: TokenStore.parse() lists every object of the data "
-    "directory (LocalBackend.object_sizes), which refuses the whole token for one unsafe entry "
-    "that no generation refers to; format v1 opened only the objects its manifest named",
-)
 def test_a_strangers_file_beside_a_tokens_objects_is_ignored(
     shared_dir: Path, other_user: pwd.struct_passwd
 ) -> None:
