@@ -13,10 +13,11 @@ XXH3-128: they find damage without the key; with the key, the tables are authent
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -334,10 +335,6 @@ def _check_magic(data: bytes, tid: str) -> int:
     return version
 
 
-def fixed_header_size(version: int) -> int:
-    return FIXED_HEADER_V1.size if version == FORMAT_V1 else FIXED_HEADER.size
-
-
 def parse(
     reader: Reader,
     expected_token: uuid.UUID,
@@ -520,6 +517,23 @@ def parse_bytes(data: bytes, expected_token: uuid.UUID) -> ParsedFile:
     parsed = parse(BytesReader(data), expected_token, lambda: BytesReader(data))
     parsed.load_manifest()
     return parsed
+
+
+def first_bad_record(
+    records: bytes | bytearray | memoryview,
+    lengths: Sequence[int],
+    digests: Sequence[bytes],
+    checksum: Callable[[memoryview], bytes],
+) -> int | None:
+    """The position in the run of the first record (laid back to back in `records`) whose
+    checksum differs from the manifest's (constant-time compares), or None if all match."""
+    view = memoryview(records)
+    pos = 0
+    for k, (n, want) in enumerate(zip(lengths, digests, strict=True)):
+        if not hmac.compare_digest(checksum(view[pos : pos + n]), want):
+            return k
+        pos += n
+    return None
 
 
 def record_len(chunk_size: int, size: int, index: int, count: int) -> int:

@@ -45,6 +45,7 @@ from vhsmfs.format import (
     Metadata,
     ParsedFile,
     chunk_count_for,
+    first_bad_record,
     object_hasher,
     parse,
     record_checksum,
@@ -351,7 +352,10 @@ class TokenStore:
 
     def open_token(self, token: uuid.UUID) -> OpenedToken:
         """Read and authenticate a token's metadata; WrongKeyError / IntegrityError otherwise."""
-        parsed = self.parse(token)
+        return self._authenticate(token, self.parse(token))
+
+    def _authenticate(self, token: uuid.UUID, parsed: ParsedFile) -> OpenedToken:
+        """open_token() of a generation parse() chose."""
         h = parsed.header
         try:
             ikm = self._need_keys().token_key(token, h.key_ref)
@@ -772,14 +776,16 @@ class TokenStore:
     def summary(self, token: uuid.UUID) -> TokenSummary:
         parsed = self.parse(token)
         h = parsed.header
-        sizes = self.backend.object_sizes(token)
-        ids = parsed.object_ids()
-        stored = sum(n for o, n in sizes.items() if o in ids)
+        if parsed.version == FORMAT_V1:
+            ids = parsed.object_ids()
+            stored = sum(n for o, n in self.backend.object_sizes(token).items() if o in ids)
+        else:  # parse() found every object of the table at its recorded length
+            stored = sum(n for n, _ in parsed.objects.values())
         s = TokenSummary(token, h.chunk_size, h.chunk_count, h.generation, stored)
         s.note = parsed.note
         if self.keys is not None:
             try:
-                t = self.open_token(token)
+                t = self._authenticate(token, parsed)
             except WrongKeyError:
                 return s
             m = t.meta
@@ -946,11 +952,6 @@ def _first_short(lengths: list[int], got: int) -> int:
 def _check_digests(
     token: uuid.UUID, records: bytes, run: _Run, checksum: Callable[[memoryview], bytes]
 ) -> None:
-    view = memoryview(records)
-    pos = 0
-    for k, n in enumerate(run.lengths):
-        if not hmac.compare_digest(checksum(view[pos : pos + n]), run.digests[k]):
-            raise IntegrityError(
-                f"token {token}: chunk {run.first + k} checksum mismatch (modified)"
-            )
-        pos += n
+    bad = first_bad_record(records, run.lengths, run.digests, checksum)
+    if bad is not None:
+        raise IntegrityError(f"token {token}: chunk {run.first + bad} checksum mismatch (modified)")

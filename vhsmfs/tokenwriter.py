@@ -132,9 +132,6 @@ class ManifestBuffer:
     def parts(self) -> Iterator[bytes | bytearray]:
         yield self.data
 
-    def object_ids(self) -> set[int]:
-        return {e[0] for e in MANIFEST_ENTRY.iter_unpack(self.data)}
-
 
 class _Building:
     """The object being filled: places reserved in order, bytes arriving from any thread, the

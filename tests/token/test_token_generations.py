@@ -305,3 +305,31 @@ def test_gc_removes_stale_staged_files_of_a_dead_writer(tmp_path: Path) -> None:
     report = store.collect_garbage()
     assert sorted(report.removed) == sorted(f"removed stale temp file .tmp/{n}" for n in names)
     assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("planted", ["a larger file", "another v1 file of the same size"])
+def test_a_v1_token_replaced_before_its_upgrade_is_refused(tmp_path: Path, planted: str) -> None:
+    """The mount keeps a v1 token's metadata as its previous generation when it upgrades it;
+    what it copies must be the file it parsed at load (bounded by that parse), not one
+    planted meanwhile: the upgrade then fails and nothing is written."""
+    vectors = Path(__file__).resolve().parent.parent / "vectors"
+    root = tmp_path / "store"
+    shutil.copytree(vectors / "v1", root)
+    store = _store(root)
+    (tok,) = store.list_tokens()
+    meta = root / f"{tok}.metadata"
+    original = meta.read_bytes()
+    with MountWorkers() as workers:
+        tf = ra.TokenFile.load(store, tok, workers=workers)
+        if planted == "a larger file":
+            meta.write_bytes(original + bytes(1 << 20))
+        else:
+            import hashlib
+
+            changed = bytearray(original[:-32])
+            changed[30] ^= 1  # the salt: a different header, same size, a valid trailer
+            meta.write_bytes(bytes(changed) + hashlib.sha256(changed).digest())
+        with pytest.raises(IntegrityError, match="changed since it was read"):
+            tf.write(0, b"V2")
+        tf.close()
+    assert sorted(p.name for p in _data(store, tok).iterdir()) == ["00000000"]

@@ -45,6 +45,8 @@ from vhsmfs.format import (
     Metadata,
     ParsedFile,
     chunk_count_for,
+    first_bad_record,
+    parse_bytes,
     record_checksum,
 )
 from vhsmfs.mount.workers import MountWorkers
@@ -457,12 +459,10 @@ class TokenFile:
     def _check_records(self, records: bytes, lengths: list[int], first: int) -> None:
         """Each record's XXH3-128 against the manifest: a record swapped for another genuine
         record of the same chunk (an older version kept for the grace period) is refused."""
-        view = memoryview(records)
-        pos = 0
-        for k, n in enumerate(lengths):
-            if not hmac.compare_digest(_CHECKSUM(view[pos : pos + n]), self._entry(first + k)[3]):
-                raise IntegrityError(f"token {self.token}: chunk {first + k} checksum mismatch")
-            pos += n
+        digests = [self._entry(first + k)[3] for k in range(len(lengths))]
+        bad = first_bad_record(records, lengths, digests, _CHECKSUM)
+        if bad is not None:
+            raise IntegrityError(f"token {self.token}: chunk {first + bad} checksum mismatch")
 
     def _read_records(self, obj: int, off: int, want: int, index: int) -> bytes:
         """`want` bytes of records of object `obj` from `off`; IntegrityError if it is short."""
@@ -869,12 +869,12 @@ class TokenFile:
                 end += r2
                 j += 1
             records = self._read_records(obj, off, end - off, i)
-            view = memoryview(records)
-            pos = 0
-            for rl, dg in run:  # copied bytes must still match the manifest
-                if not hmac.compare_digest(_CHECKSUM(view[pos : pos + rl]), dg):
-                    raise IntegrityError(f"token {self.token}: chunk {i} checksum mismatch")
-                pos += rl
+            # copied bytes must still match the manifest
+            if (
+                first_bad_record(records, [r[0] for r in run], [r[1] for r in run], _CHECKSUM)
+                is not None
+            ):
+                raise IntegrityError(f"token {self.token}: chunk {i} checksum mismatch")
             new_obj, new_off = self._append(records)
             for k, (rl, dg) in enumerate(run):
                 MANIFEST_ENTRY.pack_into(self.manifest, (i + k) * ENTRY, new_obj, new_off, rl, dg)
@@ -897,9 +897,15 @@ class TokenFile:
         self._stop_ahead()
         r = self.backend.open_metadata(self.token)
         try:
+            # the file parsed at load, bounded by its header: not one planted since
+            if r.size != legacy.file_size:
+                raise IntegrityError(f"token {self.token}: metadata changed since it was read")
             raw = r.pread(0, r.size)
         finally:
             r.close()
+        again = parse_bytes(raw, self.token)
+        if (again.version, again.header_bytes) != (FORMAT_V1, legacy.header_bytes):
+            raise IntegrityError(f"token {self.token}: metadata changed since it was read")
         writer = TokenWriter.upgrade(self.backend, provider, legacy.header, grace=self.store.grace)
         count, final, cs = self.count, self.count - 1, self.cs
         manifest = bytearray()
