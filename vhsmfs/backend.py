@@ -99,6 +99,11 @@ class ObjectReader(Protocol):
         """At most `length` bytes from `offset` (fewer at the end)."""
         ...
 
+    def pread_into(self, offset: int, buf: memoryview) -> int:
+        """pread() into `buf` (up to len(buf) bytes); returns how many bytes came. Saves the
+        caller a buffer per read when it streams."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -354,6 +359,15 @@ class _LocalObjectReader:
 
     def pread(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
+
+    def pread_into(self, offset: int, buf: memoryview) -> int:
+        got = 0
+        while got < len(buf):
+            n = os.preadv(self._fd, [buf[got:]], offset + got)
+            if not n:
+                break
+            got += n
+        return got
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -16,9 +16,9 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import itertools
 import os
 import stat
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -53,7 +53,7 @@ from vhsmfs.format import (
 )
 from vhsmfs.keyfile import KeyProvider
 from vhsmfs.outfile import OutputDirs, PendingFile, check_destination
-from vhsmfs.pipeline import OrderedHasher, run_ordered
+from vhsmfs.pipeline import OrderedHasher, ReadAhead, Ring, WriteBehind
 from vhsmfs.safefs import UnsafeEntryError
 from vhsmfs.tokencrypto import ChunkAuthError, TokenKeys
 from vhsmfs.tokenwriter import (
@@ -65,7 +65,8 @@ from vhsmfs.tokenwriter import (
     read_generations,
 )
 
-RUN_TARGET = 1 << 20  # plaintext bytes per pipeline item: big enough to amortise overheads
+RUN_TARGET = 4 << 20  # plaintext bytes per pipeline item: big enough to amortise overheads
+MAX_STAGE_DEPTH = 8  # runs read ahead of, and written behind, the encrypting thread, at most
 _SCRUB_BLOCK = 4 << 20
 
 Progress = Callable[[int], None]
@@ -171,15 +172,16 @@ class TokenSummary:
         }
 
 
-def _read_full(f, n: int) -> bytes:  # type: ignore[no-untyped-def]
-    chunks = []
-    while n > 0:
-        b = f.read(n)
-        if not b:
+def _readinto_full(f, buf: memoryview) -> int:  # type: ignore[no-untyped-def]
+    """Fill `buf` from `f` as far as the file goes (a pipe or a growing file may give less
+    per read); returns the bytes read."""
+    got = 0
+    while got < len(buf):
+        n = f.readinto(buf[got:])
+        if not n:
             break
-        chunks.append(b)
-        n -= len(b)
-    return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+        got += n
+    return got
 
 
 def _disk_error(e: OSError, where: str) -> VhsmError:
@@ -204,6 +206,8 @@ class TokenStore:
         self.keys = keys
         self.chunk_size = chunk_size or chunk_size_from_env()
         self.parallel = parallel or parallel_from_env()
+        # TOKEN_PARALLEL_CHUNKS: runs in flight on each side of the one encrypting thread
+        self._depth = min(self.parallel, MAX_STAGE_DEPTH)
         self.grace = grace_from_env() if grace is None else grace
         if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise VhsmError(f"chunk size {self.chunk_size} out of range")
@@ -426,52 +430,58 @@ class TokenStore:
         token, keys = writer.token, writer.keys
         run_bytes = max(cs, (RUN_TARGET // cs) * cs)
         manifest = ManifestSpool()
-        total = 0
+        total = index = 0
+        last_obj = -1
+        pack = MANIFEST_ENTRY.pack
+        ring = Ring(self._depth + 1, run_bytes + (run_bytes // cs) * RECORD_OVERHEAD)
 
-        def runs() -> Iterator[tuple[bytes, int, int, int, int]]:
-            """Runs of plaintext, each with the place its records will take (reserved here,
-            in order: the records' lengths are known before they are encrypted)."""
+        def read_block(_: None, buf: memoryview) -> int:
             try:
-                cur = _read_full(f, run_bytes)
-                index = 0
-                while cur:
-                    nxt = _read_full(f, run_bytes) if len(cur) == run_bytes else b""
-                    n = chunk_count_for(len(cur), cs)
-                    check_chunk_count(index * cs + len(cur), cs, name)  # grew while stored
-                    obj, off = writer.reserve(len(cur) + n * RECORD_OVERHEAD)
-                    yield cur, index, (index + n - 1) if not nxt else -1, obj, off
-                    index += n
-                    cur = nxt
+                return _readinto_full(f, buf)
             except OSError as e:
                 raise InputError(f"cannot read {name}: {e.strerror}") from None
 
-        def work(item: tuple[bytes, int, int, int, int]) -> tuple[list, int, int, int]:
-            """On a worker thread: encrypt, then write the records where their place is."""
-            data, first, final, obj, off = item
-            records, entries = keys.encrypt_run(data, first, cs, final)
-            writer.write_at(obj, off, records)
-            return entries, obj, off, len(data)
-
-        pack = MANIFEST_ENTRY.pack
-        last_obj = -1
-
-        def consume(result: tuple[list, int, int, int]) -> None:
-            nonlocal total, last_obj
-            entries, obj, offset, plain_len = result
+        def emit(plain: memoryview, final: bool, behind: WriteBehind) -> None:
+            """Encrypt one run (here: one encrypting thread is fastest, see vhsmfs.pipeline),
+            hand its records to the writing thread, note their places in the manifest."""
+            nonlocal total, index, last_obj
+            n = chunk_count_for(len(plain), cs)
+            check_chunk_count(index * cs + len(plain), cs, name)  # grew while stored
+            obj, off = writer.reserve(len(plain) + n * RECORD_OVERHEAD)
             if obj != last_obj:
-                # results come in order: every run into the objects before this one landed
+                behind.drain()  # every run into the objects before this one landed
                 writer.seal(upto=obj)
                 last_obj = obj
-            manifest.append(
-                b"".join([pack(obj, o, n, d) for o, (n, d) in _offsets(offset, entries)])
-            )
-            total += plain_len
+            dst = ring.take()
+            entries = keys.encrypt_run_into(plain, index, cs, index + n - 1 if final else -1, dst)
+            behind.submit(writer.write_at, obj, off, dst[: len(plain) + n * RECORD_OVERHEAD])
+            manifest.append(b"".join([pack(obj, o, k, d) for o, (k, d) in _offsets(off, entries)]))
+            index += n
+            total += len(plain)
             if progress:
-                progress(plain_len)
+                progress(len(plain))
+
+        def encrypt_all() -> None:
+            with (
+                ReadAhead(
+                    itertools.repeat(None), read_block, size=run_bytes, depth=self._depth, keep=2
+                ) as ahead,
+                WriteBehind("vhsm-write", self._depth) as behind,
+            ):
+                held: memoryview | None = None  # a full run: the last one if EOF comes next
+                for _, view in ahead:
+                    if held is not None:
+                        emit(held, not view, behind)
+                    if len(view) < run_bytes:
+                        if view:  # a short tail (an empty file has no chunks)
+                            emit(view, True, behind)
+                        break
+                    held = view
+                behind.drain()
 
         try:
             try:
-                run_ordered(runs(), work, consume, workers=self.parallel)
+                encrypt_all()
                 writer.seal()
             except OSError as e:
                 raise _disk_error(e, f"token {token} to {self.backend.describe()}") from None
@@ -546,83 +556,74 @@ class TokenStore:
     def _decrypt_stream(
         self,
         t: OpenedToken,
-        sink: Callable[[bytearray], None] | None,
+        sink: Callable[[memoryview], None] | None,
         *,
         check_digests: bool,
         progress: Progress | None = None,
-        sink_at: Callable[[int, bytearray], None] | None = None,
+        sink_at: Callable[[int, memoryview], None] | None = None,
     ) -> None:
-        """Authenticate and decrypt every chunk in order, feeding plaintext to `sink`, or to
-        `sink_at(offset, plaintext)` from the worker threads, in any order (so that writing
-        the output overlaps decryption). Nothing handed over is released before the caller
-        returns: the manifest's digest is checked as its last block is read, v1 tokens also
-        have their whole-file SHA-256 checked, and on any failure this raises IntegrityError
-        naming the first bad part."""
+        """Authenticate and decrypt every chunk in order, feeding plaintext to `sink` (which
+        must be done with it when it returns), or to `sink_at(offset, plaintext)` on a writing
+        thread of its own (so that writing the output overlaps decryption). Nothing handed over
+        is released before the caller returns: the manifest's digest is checked as its last
+        block is read, v1 tokens also have their whole-file SHA-256 checked, and on any failure
+        this raises IntegrityError naming the first bad part."""
         h, token = t.header, t.token
         readers: dict[int, ObjectReader] = {}
         final = h.chunk_count - 1
         v1 = t.parsed.version == FORMAT_V1
         hasher = OrderedHasher(hashlib.sha256()) if v1 and t.meta.sha256 else None
-        if hasher is not None and sink_at is not None:
-            sink, sink_at = _sequential(sink_at), None  # the v1 digest needs the bytes in order
         checksum = record_checksum(t.parsed.version)
         check = check_digests or not v1  # v2's checksums cost nothing: always checked
         total = 0
-
-        opening = threading.Lock()  # workers share readers: one per object, all closed below
-
-        def reader(obj: int) -> ObjectReader:
-            r = readers.get(obj)
-            if r is None:
-                with opening:
-                    r = readers.get(obj)
-                    if r is None:
-                        try:
-                            r = readers[obj] = self.backend.open_object(token, obj)
-                        except FileNotFoundError:
-                            raise IntegrityError(
-                                f"token {token}: object {obj:08x} is missing"
-                            ) from None
-            return r
-
         plain_at = h.chunk_size
+        full = h.chunk_size + RECORD_OVERHEAD
+        most = -(-max(RUN_TARGET, full) // full)  # records in the longest run _runs() makes
 
-        def work(run: _Run) -> bytearray | int:
-            want = run.end - run.off
-            records = reader(run.obj).pread(run.off, want)
-            if len(records) != want:
-                bad = run.first + _first_short(run.lengths, len(records))
-                raise IntegrityError(f"token {token}: chunk {bad} is truncated or missing")
-            if check:
-                _check_digests(token, records, run, checksum)
-            try:
-                plain = t.keys.decrypt_run(records, run.lengths, run.first, final)
-            except ChunkAuthError as e:
-                raise IntegrityError(
-                    f"token {token}: chunk {e.index} failed authentication (modified, swapped "
-                    "or reordered)"
-                ) from None
-            if sink_at is None:
-                return plain
-            sink_at(run.first * plain_at, plain)
-            return len(plain)
+        def fetch(run: _Run, buf: memoryview) -> int:
+            """On the reading thread: the run's records (fewer bytes if the object is short)."""
+            r = readers.get(run.obj)
+            if r is None:
+                try:
+                    r = readers[run.obj] = self.backend.open_object(token, run.obj)
+                except FileNotFoundError:
+                    raise IntegrityError(
+                        f"token {token}: object {run.obj:08x} is missing"
+                    ) from None
+            return r.pread_into(run.off, buf[: run.end - run.off])
 
-        def consume(plain: bytearray | int) -> None:
-            nonlocal total
-            if isinstance(plain, int):
-                n = plain
-            else:
-                n = len(plain)
-                if hasher is not None:
-                    hasher.update(plain)
-                if sink is not None:
-                    sink(plain)
-            total += n
-            if progress:
-                progress(n)
-
+        ring = Ring(self._depth + 1, most * h.chunk_size)
         try:
-            run_ordered(self._runs(t.parsed, t.meta.size), work, consume, workers=self.parallel)
+            with (
+                ReadAhead(
+                    self._runs(t.parsed, t.meta.size), fetch, size=most * full, depth=self._depth
+                ) as ahead,
+                WriteBehind("vhsm-write", self._depth) as behind,
+            ):
+                for run, records in ahead:
+                    if len(records) != run.end - run.off:
+                        bad = run.first + _first_short(run.lengths, len(records))
+                        raise IntegrityError(f"token {token}: chunk {bad} is truncated or missing")
+                    if check:
+                        _check_digests(token, records, run, checksum)
+                    plain = ring.take()[: len(records) - len(run.lengths) * RECORD_OVERHEAD]
+                    try:
+                        t.keys.decrypt_run_into(records, run.lengths, run.first, final, plain)
+                    except ChunkAuthError as e:
+                        raise IntegrityError(
+                            f"token {token}: chunk {e.index} failed authentication (modified, "
+                            "swapped or reordered)"
+                        ) from None
+                    if hasher is not None:
+                        hasher.update(bytes(plain))  # hashed later, on its own thread
+                    if sink_at is not None:
+                        behind.submit(sink_at, run.first * plain_at, plain)
+                    elif sink is not None:
+                        sink(plain)
+                    total += len(plain)
+                    if progress:
+                        progress(len(plain))
+                behind.drain()
             digest = hasher.digest() if hasher is not None else None
         finally:
             if hasher is not None:
@@ -886,18 +887,6 @@ class TokenStore:
                     report.removed.append(
                         f"removed object {obj:08x} of token {token} (left by an interrupted write)"
                     )
-
-
-def _sequential(sink_at: Callable[[int, bytearray], None]) -> Callable[[bytearray], None]:
-    """An in-order sink writing through a positional one."""
-    pos = 0
-
-    def sink(plain: bytearray) -> None:
-        nonlocal pos
-        sink_at(pos, plain)
-        pos += len(plain)
-
-    return sink
 
 
 def _offsets(

@@ -88,16 +88,32 @@ class TokenKeys:
         chunk_size: int,
         final_index: int,
     ) -> tuple[bytearray, list[tuple[int, bytes]]]:
-        """Encrypt consecutive chunks starting at `first_index` into one buffer of records.
+        """encrypt_run_into() a new buffer: (records, per chunk (length, checksum))."""
+        n = -(-len(plaintext) // chunk_size) if len(plaintext) else 1
+        out = bytearray(len(plaintext) + n * RECORD_OVERHEAD)
+        return out, self.encrypt_run_into(
+            plaintext, first_index, chunk_size, final_index, memoryview(out)
+        )
 
-        Returns the records and, per chunk, (record length, checksum of the record: XXH3-128
-        in format v2). The chunk
-        whose index is `final_index` carries the final marker.
-        """
+    def encrypt_run_into(
+        self,
+        plaintext: bytes | bytearray | memoryview,
+        first_index: int,
+        chunk_size: int,
+        final_index: int,
+        dst: memoryview,
+    ) -> list[tuple[int, bytes]]:
+        """Encrypt consecutive chunks starting at `first_index` into `dst`, records back to
+        back (dst must hold the plaintext plus RECORD_OVERHEAD per chunk). Returns, per chunk,
+        (record length, checksum of the record: XXH3-128 in format v2). The chunk whose index
+        is `final_index` carries the final marker."""
         src = memoryview(plaintext)
         n = -(-len(src) // chunk_size) if len(src) else 1
-        return self.encrypt_chunks(
-            [src[k * chunk_size : (k + 1) * chunk_size] for k in range(n)], first_index, final_index
+        return self._encrypt_into(
+            [src[k * chunk_size : (k + 1) * chunk_size] for k in range(n)],
+            range(first_index, first_index + n),
+            final_index,
+            dst,
         )
 
     def encrypt_chunks(
@@ -106,17 +122,25 @@ class TokenKeys:
         first_index: int | Sequence[int],
         final_index: int,
     ) -> tuple[bytearray, list[tuple[int, bytes]]]:
-        """encrypt_run() for plaintext given chunk by chunk (consecutive indexes from
-        `first_index`, or one index per chunk), so callers holding separate chunk buffers need
-        not join them first. Records are bound to their index, not to their place: the chunks
-        of one call need not be neighbours in the file."""
+        """encrypt_run_into() a new buffer, for plaintext given chunk by chunk (consecutive
+        indexes from `first_index`, or one index per chunk), so callers holding separate chunk
+        buffers need not join them first. Records are bound to their index, not to their place:
+        the chunks of one call need not be neighbours in the file."""
         indexes = (
             range(first_index, first_index + len(chunks))
             if isinstance(first_index, int)
             else first_index
         )
         out = bytearray(sum(map(len, chunks)) + len(chunks) * RECORD_OVERHEAD)
-        dst = memoryview(out)
+        return out, self._encrypt_into(chunks, indexes, final_index, memoryview(out))
+
+    def _encrypt_into(
+        self,
+        chunks: Sequence[bytes | bytearray | memoryview],
+        indexes: Sequence[int],
+        final_index: int,
+        dst: memoryview,
+    ) -> list[tuple[int, bytes]]:
         nonces = os.urandom(NONCE_LEN * len(chunks))  # one syscall per run, not per chunk
         prefix, tail, aead, digest = self._aad_prefix, CHUNK_AAD_TAIL.pack, self._data, self._digest
         entries: list[tuple[int, bytes]] = []
@@ -133,7 +157,7 @@ class TokenKeys:
             )
             entries.append((rlen, digest(dst[pos : pos + rlen])))
             pos += rlen
-        return out, entries
+        return entries
 
     def decrypt_run(
         self,
