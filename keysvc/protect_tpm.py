@@ -245,7 +245,10 @@ class TpmProtector:
             raise MasterKeyError("protected master key file is malformed (sealed)")
         if sealed.get("primary") != PRIMARY or sealed.get("pcr_bank") != PCR_BANK:
             raise MasterKeyError("protected master key file names an unknown TPM key template")
-        pcrs = _check_pcrs(sealed.get("pcrs"))
+        try:
+            pcrs = _check_pcrs(sealed.get("pcrs"))
+        except MasterKeyError as e:
+            raise MasterKeyError(f"protected master key file is malformed: {e}") from None
         public = _hex_field(sealed, "public", 1, MAX_BLOB)
         private = _hex_field(sealed, "private", 1, MAX_BLOB)
         nonce = _hex_field(sealed, "nonce", NONCE_LEN, NONCE_LEN)
@@ -314,6 +317,12 @@ def _map_error(t: SimpleNamespace, e: Any, what: str, pcrs: list[int], tcti: str
         sel = f"{PCR_BANK}:" + ",".join(map(str, pcrs))
         return WrongMasterKeyError(
             f"the TPM refused to unseal: PCRs changed since the master key was sealed ({sel})"
+        )
+    if what == "unseal" and err == t.TPM2_RC.AUTH_UNAVAILABLE:
+        # the file says "no PCRs" for an object that can only be used through its PCR policy
+        return WrongMasterKeyError(
+            "the TPM refused to unseal: the file's PCR selection does not match the sealed "
+            "object (file altered)"
         )
     if what == "load the sealed object" and err == t.TPM2_RC.INTEGRITY:
         return WrongMasterKeyError(
