@@ -36,6 +36,11 @@ PCR_MAX = 23  # PC Client TPMs have PCRs 0..23
 PRIMARY = "ecc-p256-aes128cfb-v1"  # names the fixed template below; stored so it can change
 PCR_BANK = "sha256"
 _AAD_PREFIX = b"vhsm master key tpm2 v1\0"
+NAME_LEN = 34  # a TPM name: 2-byte algorithm id + SHA-256 digest
+_ANOTHER_TPM = (
+    "the TPM refused the sealed object: it was sealed by another TPM (or before its owner "
+    "hierarchy was cleared) or the file was altered"
+)
 _INSTALL = "install tpm2-pytss (pip install tpm2-pytss; it builds against apt libtss2-dev)"
 
 
@@ -136,10 +141,16 @@ def _hex_field(sealed: dict[str, object], name: str, lo: int, hi: int) -> bytes:
         raise MasterKeyError(f"protected master key file is malformed ({name})") from None
 
 
-def _aad(pcrs: list[int], public: bytes) -> bytes:
+def _aad(pcrs: list[int], public: bytes, primary_name: bytes) -> bytes:
     """Binds the parameters to the wrapped key: editing the PCR list or swapping the sealed
     object for another one of this TPM fails authentication instead of being obeyed."""
-    params = {"primary": PRIMARY, "pcr_bank": PCR_BANK, "pcrs": pcrs, "public": public.hex()}
+    params = {
+        "primary": PRIMARY,
+        "primary_name": primary_name.hex(),
+        "pcr_bank": PCR_BANK,
+        "pcrs": pcrs,
+        "public": public.hex(),
+    }
     return _AAD_PREFIX + json.dumps(params, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -155,10 +166,10 @@ class TpmProtector:
     # -- TPM plumbing ---------------------------------------------------------------------
 
     @contextmanager
-    def _session(self) -> Iterator[tuple[SimpleNamespace, Any, Any]]:
-        """(names, ESAPI context, primary key handle); flushes and closes on the way out:
-        without a resource manager (swtpm, /dev/tpm0) leaked transient handles would stay
-        in the TPM and fill its object slots."""
+    def _session(self) -> Iterator[tuple[SimpleNamespace, Any, Any, bytes]]:
+        """(names, ESAPI context, primary key handle, primary key name); flushes and closes
+        on the way out: without a resource manager (swtpm, /dev/tpm0) leaked transient
+        handles would stay in the TPM and fill its object slots."""
         t = _tss()
         try:
             ectx = t.ESAPI(self.tcti)
@@ -166,10 +177,12 @@ class TpmProtector:
             raise MasterKeyError(f"no TPM reachable at TCTI {self.tcti!r}: {_line(e)}") from None
         handles: list[Any] = []
         try:
-            primary = self._call(t, "create the primary key", ectx.create_primary, None,
-                                 _primary_template(t))[0]  # fmt: skip
+            primary, primary_pub = self._call(
+                t, "create the primary key", ectx.create_primary, None, _primary_template(t)
+            )[:2]
             handles.append(primary)
-            yield t, _Flusher(ectx, handles), primary
+            name = bytes(primary_pub.get_name())
+            yield t, _Flusher(ectx, handles), primary, name
         finally:
             for h in reversed(handles):
                 try:
@@ -184,25 +197,47 @@ class TpmProtector:
         except t.TSS2_Exception as e:
             raise _map_error(t, e, what, self.pcrs, self.tcti) from None
 
-    def _param_session(self, t: SimpleNamespace, ectx: Any, primary: Any, kind: Any,
-                       attrs: Any) -> Any:  # fmt: skip
+    def _param_session(
+        self, t: SimpleNamespace, ectx: Any, primary: Any, kind: Any, attrs: Any
+    ) -> Any:
         """A session salted by the primary key that encrypts the first command or response
         parameter (the KEK) with AES-128-CFB."""
-        s = self._call(t, "start a session", ectx.start_auth_session, primary, t.ESYS_TR.NONE,
-                       kind, "aes128cfb", t.TPM2_ALG.SHA256)  # fmt: skip
+        s = self._call(
+            t,
+            "start a session",
+            ectx.start_auth_session,
+            primary,
+            t.ESYS_TR.NONE,
+            kind,
+            "aes128cfb",
+            t.TPM2_ALG.SHA256,
+        )
         ectx.track(s)
-        self._call(t, "start a session", ectx.trsess_set_attributes, s,
-                   attrs | t.TPMA_SESSION.CONTINUESESSION)  # fmt: skip
+        self._call(
+            t,
+            "start a session",
+            ectx.trsess_set_attributes,
+            s,
+            attrs | t.TPMA_SESSION.CONTINUESESSION,
+        )
         return s
 
     def _policy_digest(self, t: SimpleNamespace, ectx: Any) -> bytes:
-        trial = self._call(t, "compute the PCR policy", ectx.start_auth_session,
-                           t.ESYS_TR.NONE, t.ESYS_TR.NONE, t.TPM2_SE.TRIAL, None,
-                           t.TPM2_ALG.SHA256)  # fmt: skip
+        trial = self._call(
+            t,
+            "compute the PCR policy",
+            ectx.start_auth_session,
+            t.ESYS_TR.NONE,
+            t.ESYS_TR.NONE,
+            t.TPM2_SE.TRIAL,
+            None,
+            t.TPM2_ALG.SHA256,
+        )
         ectx.track(trial)
         # an empty pcrDigest: the TPM uses the PCRs' current values
-        self._call(t, "compute the PCR policy", ectx.policy_pcr, trial, None,
-                   _pcr_selection(t, self.pcrs))  # fmt: skip
+        self._call(
+            t, "compute the PCR policy", ectx.policy_pcr, trial, None, _pcr_selection(t, self.pcrs)
+        )
         return bytes(self._call(t, "compute the PCR policy", ectx.policy_get_digest, trial))
 
     # -- Protector -----------------------------------------------------------------------
@@ -211,27 +246,33 @@ class TpmProtector:
         if len(master_key) != KEY_LEN:
             raise MasterKeyError("a master key must be 32 bytes")
         kek = os.urandom(KEY_LEN)
-        with self._session() as (t, ectx, primary):
+        with self._session() as (t, ectx, primary, primary_name):
             attrs = t.TPMA_OBJECT.FIXEDTPM | t.TPMA_OBJECT.FIXEDPARENT | t.TPMA_OBJECT.NODA
             policy = b""
             if self.pcrs:
                 policy = self._policy_digest(t, ectx)
             else:
                 attrs |= t.TPMA_OBJECT.USERWITHAUTH  # empty auth value: possession of the TPM
-            tmpl = t.TPMT_PUBLIC(type=t.TPM2_ALG.KEYEDHASH, nameAlg=t.TPM2_ALG.SHA256,
-                                 objectAttributes=attrs, authPolicy=policy)  # fmt: skip
+            tmpl = t.TPMT_PUBLIC(
+                type=t.TPM2_ALG.KEYEDHASH,
+                nameAlg=t.TPM2_ALG.SHA256,
+                objectAttributes=attrs,
+                authPolicy=policy,
+            )
             tmpl.parameters.keyedHashDetail.scheme.scheme = t.TPM2_ALG.NULL
             sens = t.TPM2B_SENSITIVE_CREATE(
                 t.TPMS_SENSITIVE_CREATE(data=t.TPM2B_SENSITIVE_DATA(kek))
             )
             s = self._param_session(t, ectx, primary, t.TPM2_SE.HMAC, t.TPMA_SESSION.DECRYPT)
-            priv, pub = self._call(t, "seal the key", ectx.create, primary, sens,
-                                   t.TPM2B_PUBLIC(tmpl), session1=s)[:2]  # fmt: skip
+            priv, pub = self._call(
+                t, "seal the key", ectx.create, primary, sens, t.TPM2B_PUBLIC(tmpl), session1=s
+            )[:2]
             public, private = bytes(pub.marshal()), bytes(priv.marshal())
         nonce = os.urandom(NONCE_LEN)
-        ct = AESGCM(kek).encrypt(nonce, master_key, _aad(self.pcrs, public))
+        ct = AESGCM(kek).encrypt(nonce, master_key, _aad(self.pcrs, public, primary_name))
         return {
             "primary": PRIMARY,
+            "primary_name": primary_name.hex(),
             "pcr_bank": PCR_BANK,
             "pcrs": list(self.pcrs),
             "public": public.hex(),
@@ -249,6 +290,7 @@ class TpmProtector:
             pcrs = _check_pcrs(sealed.get("pcrs"))
         except MasterKeyError as e:
             raise MasterKeyError(f"protected master key file is malformed: {e}") from None
+        primary_name = _hex_field(sealed, "primary_name", NAME_LEN, NAME_LEN)
         public = _hex_field(sealed, "public", 1, MAX_BLOB)
         private = _hex_field(sealed, "private", 1, MAX_BLOB)
         nonce = _hex_field(sealed, "nonce", NONCE_LEN, NONCE_LEN)
@@ -256,16 +298,21 @@ class TpmProtector:
         # the PCRs come from the file, not from how this protector was built: they are the
         # ones the object was sealed to (and the AAD stops an edit to them)
         unsealer = TpmProtector(self.tcti, pcrs)
-        kek = unsealer._unseal_kek(public, private)
+        kek = unsealer._unseal_kek(public, private, primary_name)
         try:
-            return AESGCM(kek).decrypt(nonce, ct, _aad(pcrs, public))
+            return AESGCM(kek).decrypt(nonce, ct, _aad(pcrs, public, primary_name))
         except InvalidTag:
             raise WrongMasterKeyError(
                 "the TPM-protected master key failed authentication (file altered)"
             ) from None
 
-    def _unseal_kek(self, public: bytes, private: bytes) -> bytes:
-        with self._session() as (t, ectx, primary):
+    def _unseal_kek(self, public: bytes, private: bytes, primary_name: bytes) -> bytes:
+        with self._session() as (t, ectx, primary, name):
+            # Checked before anything is sent under it: another TPM (or a cleared owner
+            # hierarchy) derives another key, and an interposer's substitute key would
+            # otherwise receive the session salt that protects the KEK on the bus.
+            if name != primary_name:
+                raise WrongMasterKeyError(_ANOTHER_TPM)
             pub, priv = (
                 _unmarshal(t, t.TPM2B_PUBLIC, public),
                 _unmarshal(t, t.TPM2B_PRIVATE, private),
@@ -273,8 +320,7 @@ class TpmProtector:
             obj = self._call(t, "load the sealed object", ectx.load, primary, priv, pub)
             ectx.track(obj)
             if self.pcrs:
-                s = self._param_session(t, ectx, primary, t.TPM2_SE.POLICY,
-                                        t.TPMA_SESSION.ENCRYPT)  # fmt: skip
+                s = self._param_session(t, ectx, primary, t.TPM2_SE.POLICY, t.TPMA_SESSION.ENCRYPT)
                 self._call(t, "unseal", ectx.policy_pcr, s, None, _pcr_selection(t, self.pcrs))
             else:
                 s = self._param_session(t, ectx, primary, t.TPM2_SE.HMAC, t.TPMA_SESSION.ENCRYPT)
@@ -325,9 +371,11 @@ def _map_error(t: SimpleNamespace, e: Any, what: str, pcrs: list[int], tcti: str
             "object (file altered)"
         )
     if what == "load the sealed object" and err == t.TPM2_RC.INTEGRITY:
-        return WrongMasterKeyError(
-            "the TPM refused the sealed object: it was sealed by another TPM (or another owner "
-            "hierarchy) or the file was altered"
+        return WrongMasterKeyError(_ANOTHER_TPM)
+    if what == "create the primary key" and err in (t.TPM2_RC.BAD_AUTH, t.TPM2_RC.AUTH_FAIL):
+        return MasterKeyError(
+            f"the TPM at TCTI {tcti!r} has an owner hierarchy password, which the TPM "
+            "protector does not support"
         )
     if what == "load the sealed object" and e.fmt1 and e.parameter:
         # a structurally odd blob that still unmarshals (wrong type, attributes, sizes)

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from tpm_fixture import Swtpm, _port_pair, pcr_extend
@@ -98,6 +99,12 @@ def test_blob_from_another_tpm_is_refused(swtpm_factory: Callable[[], Swtpm]) ->
         with pytest.raises(WrongMasterKeyError) as ei:
             TpmProtector(second.tcti).unseal(sealed)
         assert "another TPM" in _one_line(ei.value)
+        # with the file edited to name the second TPM's primary key, the TPM itself refuses
+        # to load the object (its integrity is bound to the first TPM's seed)
+        edited = dict(sealed, primary_name=TpmProtector(second.tcti).seal(mk)["primary_name"])
+        with pytest.raises(WrongMasterKeyError) as ei:
+            TpmProtector(second.tcti).unseal(edited)
+        assert "another TPM" in _one_line(ei.value)
         assert TpmProtector(first.tcti).unseal(sealed) == mk  # still fine on its own TPM
 
 
@@ -116,6 +123,7 @@ AUTH_TAMPERS: dict[str, Callable[[dict[str, object]], None]] = {
     "ct": lambda s: s.update(ct=_flip(s["ct"], 3)),
     "pcrs-dropped": lambda s: s.update(pcrs=[7]),
     "pcrs-emptied": lambda s: s.update(pcrs=[]),
+    "primary-name": lambda s: s.update(primary_name=_flip(s["primary_name"], -1)),
 }
 
 
@@ -139,6 +147,7 @@ MALFORMED: dict[str, Callable[[dict[str, object]], None]] = {
     "private-number": lambda s: s.update(private=12),
     "nonce-short": lambda s: s.update(nonce="00" * 11),
     "ct-long": lambda s: s.update(ct=str(s["ct"]) + "00"),
+    "primary-name-short": lambda s: s.update(primary_name="000b"),
     "pcrs-string": lambda s: s.update(pcrs="7"),
     "pcrs-bool": lambda s: s.update(pcrs=[True]),
     "pcrs-out-of-range": lambda s: s.update(pcrs=[24]),
@@ -194,6 +203,26 @@ def test_sealed_dict_holds_no_copy_of_the_master_key_or_kek(swtpm: Swtpm) -> Non
             assert len(secret) == 32
             assert secret.hex() not in text and secret.hex().upper() not in text
             assert secret not in raw and secret not in text.encode()
+
+
+def test_kek_never_crosses_the_tpm_bus_in_clear(
+    swtpm: Swtpm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tss2's pcap TCTI records every command and response, as a bus sniffer would."""
+    mk = os.urandom(32)
+    cap, control = tmp_path / "protector.pcap", tmp_path / "control.pcap"
+    monkeypatch.setenv("TCTI_PCAP_FILE", str(cap))
+    for pcrs in ([], [7]):
+        sealed = TpmProtector(f"pcap:{swtpm.tcti}", pcrs).seal(mk)
+        assert TpmProtector(f"pcap:{swtpm.tcti}").unseal(sealed) == mk
+        # control: an unseal without parameter encryption shows the KEK in the capture
+        monkeypatch.setenv("TCTI_PCAP_FILE", str(control))
+        kek = _raw_unseal_kek(f"pcap:{swtpm.tcti}", sealed)
+        monkeypatch.setenv("TCTI_PCAP_FILE", str(cap))
+        assert kek in control.read_bytes()
+        seen = cap.read_bytes()
+        assert len(seen) > 1000  # the protector's traffic was captured
+        assert kek not in seen and mk not in seen
 
 
 def test_transient_handles_are_flushed(swtpm: Swtpm) -> None:
