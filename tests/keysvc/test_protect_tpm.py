@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -181,6 +182,35 @@ def test_tpm_gone_between_seal_and_unseal(swtpm: Swtpm) -> None:
         TpmProtector(swtpm.tcti).unseal(sealed)
     assert type(ei.value) is MasterKeyError
     assert f"no TPM reachable at TCTI {swtpm.tcti!r}" in _one_line(ei.value)
+
+
+def test_tss_library_logs_stay_quiet(swtpm: Swtpm) -> None:
+    """The TSS C library logs each TPM error to stderr; the CLI's error must stay one line."""
+    sealed = TpmProtector(swtpm.tcti, [23]).seal(os.urandom(32))
+    pcr_extend(swtpm.tcti, 23)
+    script = """if 1:
+        import json, sys
+        from keysvc.errors import MasterKeyError
+        from keysvc.protect_tpm import TpmProtector
+        try:
+            TpmProtector(sys.argv[1]).unseal(json.loads(sys.argv[2]))
+        except MasterKeyError as e:
+            print(type(e).__name__)
+        try:
+            TpmProtector("swtpm:host=127.0.0.1,port=1").seal(bytes(32))
+        except MasterKeyError as e:
+            print(type(e).__name__)
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TSS2_LOG"}
+    p = subprocess.run(
+        [sys.executable, "-c", script, swtpm.tcti, json.dumps(sealed)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert p.stdout.split() == ["WrongMasterKeyError", "MasterKeyError"], p.stderr
+    assert p.stderr == ""
 
 
 def test_no_tpm_at_the_tcti() -> None:
