@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -36,11 +37,13 @@ PCR_MAX = 23  # PC Client TPMs have PCRs 0..23
 PRIMARY = "ecc-p256-aes128cfb-v1"  # names the fixed template below; stored so it can change
 PCR_BANK = "sha256"
 _AAD_PREFIX = b"vhsm master key tpm2 v1\0"
+TIMEOUT = 60.0  # seconds for one seal or unseal; a TPM takes well under a second
 NAME_LEN = 34  # a TPM name: 2-byte algorithm id + SHA-256 digest
 _ANOTHER_TPM = (
     "the TPM refused the sealed object: it was sealed by another TPM (or before its owner "
     "hierarchy was cleared) or the file was altered"
 )
+_T = TypeVar("_T")
 _INSTALL = "install tpm2-pytss (pip install tpm2-pytss; it builds against apt libtss2-dev)"
 
 
@@ -159,9 +162,36 @@ class TpmProtector:
 
     kind: ClassVar[str] = "tpm2"
 
-    def __init__(self, tcti: str | None = None, pcrs: Sequence[int] = ()) -> None:
+    def __init__(
+        self, tcti: str | None = None, pcrs: Sequence[int] = (), *, timeout: float = TIMEOUT
+    ) -> None:
         self.tcti = tcti or os.environ.get("TPM2TOOLS_TCTI") or DEFAULT_TCTI
         self.pcrs = _check_pcrs(list(pcrs))
+        self.timeout = timeout
+
+    def _bounded(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """fn(*args) in a worker thread, given up after self.timeout: the TSS socket TCTIs
+        (swtpm, mssim) wait forever for an endpoint that accepts but never answers, and the
+        daemon's start must fail with a clear line instead of hanging. (The C call releases
+        the GIL; a stuck worker is a daemon thread and dies with the process.)"""
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = fn(*args)
+            except BaseException as e:  # handed to the caller below
+                box["error"] = e
+
+        worker = threading.Thread(target=run, name="vhsm-tpm", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            raise MasterKeyError(
+                f"the TPM at TCTI {self.tcti!r} did not answer within {self.timeout:g} s"
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["value"]  # type: ignore[no-any-return]
 
     # -- TPM plumbing ---------------------------------------------------------------------
 
@@ -246,6 +276,22 @@ class TpmProtector:
         if len(master_key) != KEY_LEN:
             raise MasterKeyError("a master key must be 32 bytes")
         kek = os.urandom(KEY_LEN)
+        public, private, primary_name = self._bounded(self._seal_kek, kek)
+        nonce = os.urandom(NONCE_LEN)
+        ct = AESGCM(kek).encrypt(nonce, master_key, _aad(self.pcrs, public, primary_name))
+        return {
+            "primary": PRIMARY,
+            "primary_name": primary_name.hex(),
+            "pcr_bank": PCR_BANK,
+            "pcrs": list(self.pcrs),
+            "public": public.hex(),
+            "private": private.hex(),
+            "nonce": nonce.hex(),
+            "ct": ct.hex(),
+        }
+
+    def _seal_kek(self, kek: bytes) -> tuple[bytes, bytes, bytes]:
+        """(public blob, private blob, primary key name) of a new sealed object holding kek."""
         with self._session() as (t, ectx, primary, primary_name):
             attrs = t.TPMA_OBJECT.FIXEDTPM | t.TPMA_OBJECT.FIXEDPARENT | t.TPMA_OBJECT.NODA
             policy = b""
@@ -267,19 +313,7 @@ class TpmProtector:
             priv, pub = self._call(
                 t, "seal the key", ectx.create, primary, sens, t.TPM2B_PUBLIC(tmpl), session1=s
             )[:2]
-            public, private = bytes(pub.marshal()), bytes(priv.marshal())
-        nonce = os.urandom(NONCE_LEN)
-        ct = AESGCM(kek).encrypt(nonce, master_key, _aad(self.pcrs, public, primary_name))
-        return {
-            "primary": PRIMARY,
-            "primary_name": primary_name.hex(),
-            "pcr_bank": PCR_BANK,
-            "pcrs": list(self.pcrs),
-            "public": public.hex(),
-            "private": private.hex(),
-            "nonce": nonce.hex(),
-            "ct": ct.hex(),
-        }
+            return bytes(pub.marshal()), bytes(priv.marshal()), primary_name
 
     def unseal(self, sealed: dict[str, object]) -> bytes:
         if not isinstance(sealed, dict):
@@ -297,8 +331,8 @@ class TpmProtector:
         ct = _hex_field(sealed, "ct", CT_LEN, CT_LEN)
         # the PCRs come from the file, not from how this protector was built: they are the
         # ones the object was sealed to (and the AAD stops an edit to them)
-        unsealer = TpmProtector(self.tcti, pcrs)
-        kek = unsealer._unseal_kek(public, private, primary_name)
+        unsealer = TpmProtector(self.tcti, pcrs, timeout=self.timeout)
+        kek = self._bounded(unsealer._unseal_kek, public, private, primary_name)
         try:
             return AESGCM(kek).decrypt(nonce, ct, _aad(pcrs, public, primary_name))
         except InvalidTag:

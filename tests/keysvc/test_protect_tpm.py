@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -211,6 +213,22 @@ def test_tss_library_logs_stay_quiet(swtpm: Swtpm) -> None:
     )
     assert p.stdout.split() == ["WrongMasterKeyError", "MasterKeyError"], p.stderr
     assert p.stderr == ""
+
+
+def test_a_tpm_that_never_answers_times_out() -> None:
+    """Something listens at the TCTI's ports but never answers: a clear error, not a hang."""
+    port = _port_pair()
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", port))
+        b.bind(("127.0.0.1", port + 1))
+        a.listen()
+        b.listen()
+        tcti = f"swtpm:host=127.0.0.1,port={port}"
+        t0 = time.monotonic()
+        with pytest.raises(MasterKeyError) as ei:
+            TpmProtector(tcti, timeout=1.5).seal(os.urandom(32))
+        assert time.monotonic() - t0 < 10
+    assert f"the TPM at TCTI {tcti!r} did not answer within 1.5 s" == _one_line(ei.value)
 
 
 def test_no_tpm_at_the_tcti() -> None:
