@@ -8,7 +8,8 @@ master key with the KEK. Unseal does the reverse; the TPM refuses to load the bl
 TPM and refuses to unseal when the PCRs differ.
 
 The KEK crosses the TPM bus only inside a session salted by the primary key with AES-CFB
-parameter encryption, so a bus sniffer sees neither it nor the master key.
+parameter encryption, so a bus sniffer sees neither it nor the master key; the primary key's
+name is stored at seal and checked at unseal before any salt is sent to it.
 
 tpm2-pytss is imported lazily: the rest of keysvc works without it.
 """
@@ -36,9 +37,9 @@ MAX_BLOB = 2048  # bytes; a keyed-hash sealed object's blobs are ~80 (public) an
 PCR_MAX = 23  # PC Client TPMs have PCRs 0..23
 PRIMARY = "ecc-p256-aes128cfb-v1"  # names the fixed template below; stored so it can change
 PCR_BANK = "sha256"
-_AAD_PREFIX = b"vhsm master key tpm2 v1\0"
 TIMEOUT = 60.0  # seconds for one seal or unseal; a TPM takes well under a second
 NAME_LEN = 34  # a TPM name: 2-byte algorithm id + SHA-256 digest
+_AAD_PREFIX = b"vhsm master key tpm2 v1\0"
 _ANOTHER_TPM = (
     "the TPM refused the sealed object: it was sealed by another TPM (or before its owner "
     "hierarchy was cleared) or the file was altered"
