@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from ksutil import Daemon, Work
+from tpm_fixture import swtpm, swtpm_factory  # noqa: F401  (a real swtpm, for any test)
 
 
 @pytest.fixture
