@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -321,3 +323,32 @@ def test_pin_from_systemd_credential(tmp_path: Path, monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("source", ["", "env:", "file:", "prompt:x", "PIN", "plain:" + PIN])
 def test_pin_source_syntax(source: str) -> None:
     assert "env:NAME, file:PATH or credential:NAME" in _expect(MasterKeyError, pin_from, source)
+
+
+def test_keysvc_works_without_python_pkcs11(tmp_path: Path) -> None:
+    """python-pkcs11 is imported only when a token is used: keysvc imports without it, and the
+    protector then says how to install it."""
+    code = (
+        "import sys; sys.modules['pkcs11'] = None\n"  # makes `import pkcs11` fail
+        "import keysvc.masterkey, keysvc.protect_pkcs11 as m\n"
+        "from keysvc.errors import MasterKeyError\n"
+        f"p = m.Pkcs11Protector('t', 'p', module={MODULE!r})\n"
+        "try:\n"
+        "    p.seal(bytes(32))\n"
+        "except MasterKeyError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "needs python-pkcs11: install it with pip install python-pkcs11" in out.stdout
+
+
+def test_module_defaults(hsm: SoftHsm, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Pkcs11Protector(LABEL, PIN).module == MODULE  # found in the Debian path
+    monkeypatch.setenv("VHSM_PKCS11_MODULE", "/opt/hsm/lib.so")
+    assert Pkcs11Protector(LABEL, PIN).module == "/opt/hsm/lib.so"
+    assert Pkcs11Protector(LABEL, PIN, module=MODULE).module == MODULE  # the argument wins
+    assert PIN not in repr(Pkcs11Protector(LABEL, PIN))
