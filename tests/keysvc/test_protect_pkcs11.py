@@ -172,10 +172,13 @@ def test_missing_token(hsm: SoftHsm, master: bytes) -> None:
     assert f"no token labelled {LABEL}" in msg
 
 
-def test_two_tokens_with_one_label_refused_at_seal(hsm: SoftHsm, master: bytes) -> None:
+def test_two_tokens_with_one_label(hsm: SoftHsm, master: bytes) -> None:
+    """Sealing needs one token with the label; unsealing picks it among several by serial."""
+    sealed = Pkcs11Protector(LABEL, PIN).seal(master)
     hsm.init_token(LABEL, PIN)
     msg = _expect(MasterKeyError, Pkcs11Protector(LABEL, PIN).seal, master)
     assert "2 tokens are labelled" in msg
+    assert Pkcs11Protector(LABEL, PIN).unseal(sealed) == master
 
 
 def test_missing_key(hsm: SoftHsm, master: bytes) -> None:
