@@ -12,9 +12,12 @@ BIN := $(VENV)/bin
 # age, gocryptfs: peers for bench/. softhsm2: PKCS#11 peer and tests. rsync, attr: mount tests.
 # xxd: the addendum key-caching script (tests/keysvc).
 # restic, borgbackup, rsync, tar: copies of a live store in tests/backup (docs/BACKUP.md).
+# Hardware roots of trust (docs/HARDWARE.md): libtss2-dev to build tpm2-pytss, swtpm to test it;
+# pcscd + libpcsclite-dev + swig to build pyscard, vsmartcard-vpcd for the tests' virtual card.
 APT_PACKAGES := build-essential python3-dev python3-venv fuse3 libfuse3-dev pkg-config \
 	age gocryptfs rsync attr softhsm2 openssl util-linux procps xxd patch \
-	restic borgbackup tar
+	restic borgbackup tar \
+	libtss2-dev swtpm swtpm-tools pcscd libpcsclite-dev swig vsmartcard-vpcd
 SUDO := $(shell [ "$$(id -u)" = 0 ] && echo "" || (command -v sudo >/dev/null && echo sudo))
 
 .PHONY: all deps apt venv demo test test-all lint bench clean
@@ -36,7 +39,7 @@ $(BIN)/vhsm: pyproject.toml contrib/pyfuse3/install.sh contrib/pyfuse3/nogil-cop
 	$(BIN)/pip install -q --upgrade pip
 	# pyfuse3 3.5.0 from PyPI's source release plus one patch (see contrib/pyfuse3/install.sh)
 	bash contrib/pyfuse3/install.sh $(BIN)/pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,hardware]'
 	@touch $@
 
 venv: apt $(BIN)/vhsm
