@@ -21,6 +21,7 @@ on the pools of a workers.MountWorkers, passed in (or made by the vault, closed 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -192,6 +193,7 @@ class Vault:
         self._pending: dict[int, Node] = {}
         self.last_request = 0.0  # time.monotonic() of the latest FUSE request (set by fs.py)
         self.wipes = WipeQueue(lambda: self.last_request)
+        self.hides = WipeQueue(lambda: self.last_request, prompt=True, name="vhsm-hide")
         self._local = threading.local()
         self.idle = IdleFiles()
         self.blanks = KeyPrefetch(store, self.workers)
@@ -679,7 +681,9 @@ class Vault:
                 self.nodes.pop(node.ino, None)
 
     def wait_deletions(self) -> None:
-        """Until every queued wipe is done (fsync of a directory, unmount)."""
+        """Until every queued tombstone rename and wipe is done (fsync of a directory,
+        unmount)."""
+        self.hides.wait()
         self.wipes.wait()
 
     def _defer(self, node: Node) -> None:
@@ -866,18 +870,21 @@ class Vault:
             return inval
 
     def _hide(self, node: FileNode) -> None:
-        """The token vanishes from the store now (its metadata renamed to a tombstone), so a
-        backup taken after the unlink returned cannot bring it back; its data is wiped later,
-        in the background, once nothing has it open. Before any change: I/O, so not on the
-        event loop."""
+        """The token vanishes from the store within milliseconds (its metadata renamed to a
+        tombstone by the hide thread, which runs each rename as soon as it is queued), so a
+        backup started after the unlink cannot bring it back; its data is wiped later, once
+        the mount is quiet. Queued, not done here: a thread hop per unlink made `rm -rf` of
+        7657 files take 5.3 s instead of 1.1 s. fsync of the directory and unmount wait for
+        the queue."""
         if not node.tf_committed() or node.opens:
             return  # still open: the token goes (tombstone, wipe) at its last close
-        if self._nonblocking():
-            raise WouldBlock
-        try:
-            self.store.backend.hide_token(node.token)
-        except TokenNotFoundError:
-            pass  # deleted by the CLI meanwhile
+        token = node.token
+
+        def hide() -> None:
+            with contextlib.suppress(TokenNotFoundError):  # deleted by the CLI meanwhile
+                self.store.backend.hide_token(token)
+
+        self.hides.add(token, hide)
 
     def _detach(self, node: FileNode) -> list[Invalidation]:
         """Remove a file token from both of its places. Returns the kernel entries to drop."""
@@ -1069,6 +1076,7 @@ class Vault:
     def close(self) -> None:
         """After flush_all() at unmount: run the queued wipes and stop the background threads
         (the thread pools too if the vault made them). Changes after this are not published."""
+        self.hides.close()
         self.wipes.close()
         if self._own_workers:
             self.workers.shutdown()

@@ -28,9 +28,15 @@ class WipeQueue:
     """Deletions run in the background, one at a time, first in first out. The thread starts
     on first use and stops at close()."""
 
-    def __init__(self, last_request: Callable[[], float]) -> None:
-        """`last_request`: time.monotonic() of the mount's latest request."""
+    def __init__(
+        self, last_request: Callable[[], float], *, prompt: bool = False, name: str = "vhsm-delete"
+    ) -> None:
+        """`last_request`: time.monotonic() of the mount's latest request. `prompt`: run each
+        job as soon as it is queued (the tombstone renames of unlinked files), not once the
+        mount is quiet."""
         self._last_request = last_request
+        self._prompt = prompt
+        self._name = name
         self._cv = threading.Condition(threading.Lock())
         self._wipes: deque[tuple[uuid.UUID, Callable[[], None], float]] = deque()
         self._open = 0  # queued or running
@@ -47,7 +53,7 @@ class WipeQueue:
             self._wipes.append((token, fn, time.monotonic()))
             self._open += 1
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="vhsm-delete", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
             elif self._idle:
                 self._cv.notify_all()
@@ -84,7 +90,7 @@ class WipeQueue:
     def _wait_quiet(self, queued: float) -> None:
         """Wait until the mount has been quiet for a moment, or WIPE_MAX_DELAY has passed since
         the wipe was queued, or someone waits for all wipes."""
-        while not self._urgent:
+        while not (self._urgent or self._prompt):
             now = time.monotonic()
             if now - self._last_request() >= QUIET_GAP or now - queued >= WIPE_MAX_DELAY:
                 return
