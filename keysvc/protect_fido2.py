@@ -22,6 +22,8 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from cryptography.exceptions import InvalidTag
@@ -111,21 +113,33 @@ class Fido2Protector:
 
     # --- device plumbing ------------------------------------------------------------------
 
-    def _ctap(self) -> Ctap2:
+    @contextmanager
+    def _open(self) -> Iterator[Ctap2]:
+        """The given device, else the first one found; devices this opened are closed after."""
         fido2 = _fido2()
+        found: list[CtapDevice] = []
         device = self._device
         if device is None:
-            devices = find_devices()
-            if not devices:
+            found = find_devices()
+            if not found:
                 raise MasterKeyError("no FIDO2 authenticator found (PC/SC reader or USB key)")
-            device = devices[0]
+            device = found[0]
         try:
-            ctap = fido2.ctap2.Ctap2(device)
-        except Exception as e:  # noqa: BLE001 - a CTAP1-only key, or a broken transport
-            raise MasterKeyError(f"the FIDO2 authenticator does not answer CTAP2: {e}") from None
-        if "hmac-secret" not in ctap.info.extensions:
-            raise MasterKeyError("the FIDO2 authenticator does not support hmac-secret")
-        return ctap
+            try:
+                ctap = fido2.ctap2.Ctap2(device)
+            except Exception as e:  # noqa: BLE001 - a CTAP1-only key, or a broken transport
+                raise MasterKeyError(
+                    f"the FIDO2 authenticator does not answer CTAP2 ({type(e).__name__})"
+                ) from None
+            if "hmac-secret" not in ctap.info.extensions:
+                raise MasterKeyError("the FIDO2 authenticator does not support hmac-secret")
+            yield ctap
+        finally:
+            for dev in found:
+                try:
+                    dev.close()
+                except Exception as e:  # noqa: BLE001 - closing must not hide the real outcome
+                    _log.debug("closing a FIDO2 device failed: %s", type(e).__name__)
 
     def _protocol(self, ctap: Ctap2) -> PinProtocol:
         pin_mod = _fido2().ctap2.pin
@@ -204,7 +218,10 @@ class Fido2Protector:
         out_enc = exts.get("hmac-secret")
         if not isinstance(out_enc, bytes):
             raise MasterKeyError("the FIDO2 authenticator returned no hmac-secret output")
-        out = protocol.decrypt(shared, out_enc)
+        try:
+            out = protocol.decrypt(shared, out_enc)
+        except ValueError:  # not a whole number of AES blocks
+            out = b""
         if len(out) != SALT_LEN:
             raise MasterKeyError("the FIDO2 authenticator returned a malformed hmac-secret output")
         return out
@@ -214,7 +231,10 @@ class Fido2Protector:
     def seal(self, master_key: bytes) -> dict[str, object]:
         if len(master_key) != KEY_LEN:
             raise MasterKeyError("a master key must be 32 bytes")
-        ctap = self._ctap()
+        with self._open() as ctap:
+            return self._seal(ctap, master_key)
+
+    def _seal(self, ctap: Ctap2, master_key: bytes) -> dict[str, object]:
         protocol = self._protocol(ctap)
         token = self._call("the PIN", self._pin_token, ctap, protocol)
         cdh = os.urandom(32)
@@ -257,8 +277,8 @@ class Fido2Protector:
         salt = _hex_field(sealed, "salt", SALT_LEN, SALT_LEN)
         nonce = _hex_field(sealed, "nonce", 12, 12)
         ct = _hex_field(sealed, "ct", KEY_LEN + 16, KEY_LEN + 16)
-        ctap = self._ctap()
-        kek = _kek(self._hmac_secret(ctap, cred_id, salt, rp_id))
+        with self._open() as ctap:
+            kek = _kek(self._hmac_secret(ctap, cred_id, salt, rp_id))
         try:
             return AESGCM(kek).decrypt(nonce, ct, _aad(rp_id, cred_id))
         except InvalidTag:

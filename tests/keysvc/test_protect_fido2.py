@@ -90,7 +90,10 @@ def test_pcsc_round_trip_without_pin_and_pin_then_required(ns: NsPcsc) -> None:
     # A PIN set later makes the authenticator demand it, and with user verification the
     # hmac-secret differs (CredRandomWithUV): the old seal no longer opens.
     ns.run_client({"op": "set_pin", "pin": PIN})
-    assert _unseal(ns, sealed)["error"] == "MasterKeyError"
+    assert _unseal(ns, sealed) == {
+        "error": "MasterKeyError",
+        "message": "the FIDO2 authenticator has a PIN: give it",
+    }
     assert _unseal(ns, sealed, PIN)["error"] == "WrongMasterKeyError"
 
 
