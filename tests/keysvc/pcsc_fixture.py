@@ -178,21 +178,18 @@ class NsPcsc:
 
     def start_card(self, secret: bytes, port: int = VPCD_PORTS[0]) -> Card:
         """A virtual CTAP2 card on vpcd's slot at `port`; returns once pcscd powered it up."""
-        proc = self._popen(
-            [
-                *self._nsenter(),
-                sys.executable,
-                str(HERE / "virtual_ctap_card.py"),
-                "--port",
-                str(port),
-                "--secret",
-                secret.hex(),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=open(self.tmp / f"card-{port}.log", "ab"),  # noqa: SIM115
-            env=self._env(),
-        )
-        assert proc.stdout is not None
+        argv = [*self._nsenter(), sys.executable, str(HERE / "virtual_ctap_card.py")]
+        with open(self.tmp / f"card-{port}.log", "ab") as log:
+            proc = self._popen(
+                [*argv, "--port", str(port)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=self._env(),
+            )
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(secret.hex().encode() + b"\n")  # not argv: ps shows argv to all
+        proc.stdin.flush()
         line = _read_line(proc.stdout, START_TIMEOUT, "virtual card")
         if line.strip() != b"ready":
             _stop(proc)

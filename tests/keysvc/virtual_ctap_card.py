@@ -20,7 +20,7 @@ Three layers, each usable alone:
   (0 power off, 1 power on, 2 reset, 4 get ATR: the only one answered).
 
 Run as a script (inside the pcscd namespace, see pcsc_fixture.py):
-    python virtual_ctap_card.py --port 35963 --secret HEX
+    echo SECRET_HEX | python virtual_ctap_card.py --port 35963
 It prints "ready" once pcscd has powered the card up (asked for its ATR).
 """
 
@@ -472,13 +472,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="virtual CTAP2 card for vpcd (test fixture)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=35963)
-    ap.add_argument("--secret", required=True, help="32-byte card secret, hex")
     args = ap.parse_args(argv)
+    # The card secret comes on stdin (hex, one line), not argv: argv is visible to every user.
+    secret = bytes.fromhex(sys.stdin.readline().strip())
+    if len(secret) != 32:
+        ap.error("the card secret on stdin must be 32 bytes of hex")
 
     def ready() -> None:
         print("ready", flush=True)
 
-    applet = CtapApplet(VirtualAuthenticator(bytes.fromhex(args.secret)))
+    applet = CtapApplet(VirtualAuthenticator(secret))
     serve_vpcd(applet, args.host, args.port, ready)
     return 0
 
