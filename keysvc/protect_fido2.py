@@ -147,7 +147,7 @@ class Fido2Protector:
             return pin_mod.PinProtocolV2()
         return pin_mod.PinProtocolV1()
 
-    def _pin_token(self, ctap: Ctap2, protocol: PinProtocol) -> bytes | None:
+    def _pin_token(self, ctap: Ctap2, protocol: PinProtocol, rp_id: str) -> bytes | None:
         """A pinUvAuthToken for makeCredential + getAssertion on rp_id, or None without a PIN."""
         pin_mod = _fido2().ctap2.pin
         if not ctap.info.options.get("clientPin"):
@@ -156,7 +156,7 @@ class Fido2Protector:
             raise MasterKeyError("the FIDO2 authenticator has a PIN: give it")
         perms = pin_mod.ClientPin.PERMISSION.MAKE_CREDENTIAL
         perms |= pin_mod.ClientPin.PERMISSION.GET_ASSERTION
-        return pin_mod.ClientPin(ctap, protocol).get_pin_token(self._pin, perms, self.rp_id)
+        return pin_mod.ClientPin(ctap, protocol).get_pin_token(self._pin, perms, rp_id)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one CTAP exchange, turning authenticator errors into one-line keysvc errors."""
@@ -186,7 +186,7 @@ class Fido2Protector:
         """getAssertion for cred_id with hmac-secret(salt); returns the 32-byte output."""
         pin_mod = _fido2().ctap2.pin
         protocol = self._protocol(ctap)
-        token = self._call("the PIN", self._pin_token, ctap, protocol)
+        token = self._call("the PIN", self._pin_token, ctap, protocol, rp_id)
         # Key agreement for hmac-secret: the salt travels encrypted and MACed under it.
         resp = self._call(
             "key agreement",
@@ -236,7 +236,7 @@ class Fido2Protector:
 
     def _seal(self, ctap: Ctap2, master_key: bytes) -> dict[str, object]:
         protocol = self._protocol(ctap)
-        token = self._call("the PIN", self._pin_token, ctap, protocol)
+        token = self._call("the PIN", self._pin_token, ctap, protocol, self.rp_id)
         cdh = os.urandom(32)
         att = self._call(
             "the registration",

@@ -206,10 +206,12 @@ def _valid_sealed() -> dict[str, object]:
 
 
 def test_ctapdevice_round_trip(device: VirtualCtapDevice) -> None:
+    ClientPin(Ctap2(device)).set_pin(PIN)
     key = os.urandom(32)
-    sealed = Fido2Protector(device, rp_id="host.example").seal(key)
+    sealed = Fido2Protector(device, pin=PIN, rp_id="host.example").seal(key)
     assert json.loads(json.dumps(sealed)) == sealed
-    assert Fido2Protector(device).unseal(sealed) == key
+    # unseal takes the RP id from the sealed dict (the PIN token is bound to it too)
+    assert Fido2Protector(device, pin=PIN).unseal(sealed) == key
     assert Fido2Protector.kind == "fido2-hmac-secret"
 
 
