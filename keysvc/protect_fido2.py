@@ -55,24 +55,41 @@ def _fido2() -> Any:
     return fido2
 
 
-def find_devices() -> list[CtapDevice]:
-    """Authenticators present: PC/SC readers with a FIDO card first, then USB HID keys. A stack
-    that is missing (no pyscard, no pcscd, no hidraw) simply contributes none."""
-    _fido2()
-    found: list[CtapDevice] = []
+def _pcsc_devices() -> tuple[list[CtapDevice], str]:
+    """FIDO cards in PC/SC readers, and why PC/SC is unusable ("" when it is usable)."""
     try:
         from fido2.pcsc import CtapPcscDevice
-
-        found.extend(CtapPcscDevice.list_devices())
-    except Exception as e:  # noqa: BLE001 - no pyscard, no pcscd, no reader: none over PC/SC
+    except ImportError as e:
+        # Said, not swallowed: python-fido2 1.x's fido2.pcsc fails to import with pyscard
+        # >= 2.2.2, and a user with a card in a reader deserves to know why it is not seen.
+        return [], f"PC/SC unusable ({e}): pip install 'fido2>=2' pyscard"
+    try:
+        return list(CtapPcscDevice.list_devices()), ""
+    except Exception as e:  # noqa: BLE001 - no pcscd or no reader: no devices over PC/SC
         _log.debug("no FIDO2 devices over PC/SC: %s", type(e).__name__)
+        return [], ""
+
+
+def _hid_devices() -> list[CtapDevice]:
     try:
         from fido2.hid import CtapHidDevice
 
-        found.extend(CtapHidDevice.list_devices())
-    except Exception as e:  # noqa: BLE001 - no hidraw access: none over HID
+        return list(CtapHidDevice.list_devices())
+    except Exception as e:  # noqa: BLE001 - no hidraw access: no devices over HID
         _log.debug("no FIDO2 devices over HID: %s", type(e).__name__)
-    return found
+        return []
+
+
+def _find() -> tuple[list[CtapDevice], str]:
+    _fido2()
+    pcsc, note = _pcsc_devices()
+    return pcsc + _hid_devices(), note
+
+
+def find_devices() -> list[CtapDevice]:
+    """Authenticators present: PC/SC readers with a FIDO card first, then USB HID keys. A stack
+    that is missing (no pyscard, no pcscd, no hidraw) simply contributes none."""
+    return _find()[0]
 
 
 def _aad(rp_id: str, cred_id: bytes) -> bytes:
@@ -120,9 +137,10 @@ class Fido2Protector:
         found: list[CtapDevice] = []
         device = self._device
         if device is None:
-            found = find_devices()
+            found, note = _find()
             if not found:
-                raise MasterKeyError("no FIDO2 authenticator found (PC/SC reader or USB key)")
+                why = f"; {note}" if note else ""
+                raise MasterKeyError(f"no FIDO2 authenticator found (PC/SC reader or USB key){why}")
             device = found[0]
         try:
             try:

@@ -63,8 +63,10 @@ def missing_tools() -> str | None:
         return "namespaces for pcscd need root"
     try:
         import fido2.pcsc  # noqa: F401
-    except ImportError:
-        return "python-fido2 with pyscard missing (pip install fido2 pyscard)"
+    except ImportError as e:
+        return (
+            f"python-fido2's PC/SC transport does not import ({e}): pip install 'fido2>=2' pyscard"
+        )
     return None
 
 

@@ -253,7 +253,7 @@ def test_pin_lockout_and_messages(device: VirtualCtapDevice) -> None:
         Fido2Protector(device, pin=PIN).unseal(sealed)
 
 
-def test_authenticator_without_hmac_secret_is_refused(device: VirtualCtapDevice) -> None:
+def test_authenticator_without_hmac_secret_is_refused() -> None:
     # The protector checks getInfo before registering anything.
     auth = VirtualAuthenticator(os.urandom(32))
     info = auth._get_info
@@ -300,3 +300,24 @@ def test_module_imports_without_fido2(tmp_path: Path) -> None:
     assert out.strip() == (
         "the fido2 protector needs python-fido2: pip install fido2 (and pyscard for PC/SC readers)"
     )
+
+
+def test_unusable_pcsc_is_named_when_nothing_is_found() -> None:
+    # As with python-fido2 1.x next to pyscard >= 2.2.2: fido2.pcsc fails to import.
+    sealed = _valid_sealed()
+    code = (
+        "import sys; sys.modules['fido2.pcsc'] = None\n"
+        "import keysvc.protect_fido2 as p\n"
+        f"try:\n    p.Fido2Protector().unseal({sealed!r})\n"
+        "except p.MasterKeyError as e:\n    print(type(e).__name__, e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+    ).stdout
+    assert out.startswith("MasterKeyError no FIDO2 authenticator found (PC/SC reader or USB key); ")
+    assert "PC/SC unusable" in out and "pip install 'fido2>=2' pyscard" in out

@@ -129,7 +129,7 @@ class VirtualAuthenticator:
             result = handler(params)
         except _Fail as e:
             return bytes([e.code])
-        except (ValueError, TypeError, KeyError, IndexError):
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             return bytes([ERR.INVALID_CBOR])
         return b"\x00" + cbor.encode(result)
 
