@@ -99,8 +99,13 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
 class Card:
     """A running virtual card process on one vpcd slot."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
-        self.proc, self.port = proc, port
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    def apdu_events(self) -> set[str]:
+        """The APDU paths the card saw: "chained", "get-response", "extended"."""
+        lines = self.log.read_text().splitlines()
+        return {line.split(" ", 1)[1] for line in lines if line.startswith("apdu ")}
 
     def stop(self) -> None:
         _stop(self.proc)
@@ -196,7 +201,7 @@ class NsPcsc:
         if line.strip() != b"ready":
             _stop(proc)
             raise RuntimeError(f"virtual card did not come up; see {self.tmp}/card-{port}.log")
-        return Card(proc, port)
+        return Card(proc, port, self.tmp / f"card-{port}.log")
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)

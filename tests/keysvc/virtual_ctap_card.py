@@ -380,8 +380,12 @@ def parse_apdu(apdu: bytes) -> tuple[int, int, int, int, bytes, bool] | None:
 class CtapApplet:
     """The FIDO applet of an NFC/CCID authenticator (CTAP2.1 section 11.3)."""
 
-    def __init__(self, authenticator: VirtualAuthenticator) -> None:
+    def __init__(
+        self, authenticator: VirtualAuthenticator, trace: Callable[[str], None] | None = None
+    ) -> None:
         self._auth = authenticator
+        # trace("chained" | "get-response" | "extended"): lets PC/SC tests prove those paths ran.
+        self._trace = trace or (lambda _event: None)
         self.reset()
 
     def reset(self) -> None:
@@ -389,22 +393,27 @@ class CtapApplet:
         self._chain = b""
         self._pending = b""  # response bytes left for GET RESPONSE
 
-    def _respond(self, data: bytes, extended: bool) -> bytes:
-        # Short APDUs carry at most 256 response bytes; the rest waits behind SW 61xx.
-        if extended or len(data) <= 256:
+    def _respond(self, data: bytes, limit: int | None) -> bytes:
+        """data + 9000, or its first `limit` bytes + 61xx (xx: bytes left, 00 for 256 or more)."""
+        if limit is None or len(data) <= limit:
             self._pending = b""
             return data + SW_OK
-        self._pending = data[256:]
-        return data[:256] + bytes([0x61, min(len(self._pending), 255) & 0xFF])
+        self._pending = data[limit:]
+        left = len(self._pending)
+        return data[:limit] + bytes([0x61, left if left < 256 else 0])
 
     def process(self, apdu: bytes) -> bytes:
         parsed = parse_apdu(apdu)
         if parsed is None:
             return SW_WRONG_LENGTH
         cla, ins, p1, p2, data, extended = parsed
-        if ins == 0xC0 and cla & 0x7F == 0:  # GET RESPONSE
+        if extended:
+            self._trace("extended")
+        if ins == 0xC0 and cla & 0x7F == 0:  # GET RESPONSE; Le is P3, 0 meaning 256
+            self._trace("get-response")
             rest, self._pending = self._pending, b""
-            return self._respond(rest, False) if rest else SW_CONDITIONS
+            le = apdu[4] if len(apdu) == 5 and apdu[4] else 256
+            return self._respond(rest, le) if rest else SW_CONDITIONS
         if ins == 0xA4 and p1 == 0x04:  # SELECT by AID
             self.reset()
             if data != AID_FIDO:
@@ -414,13 +423,15 @@ class CtapApplet:
         if not self._selected:
             return SW_CONDITIONS
         if cla & 0x10:  # command chaining: more blocks follow
+            self._trace("chained")
             self._chain += data
             return SW_OK
         data, self._chain = self._chain + data, b""
         if cla & ~0x10 != 0x80:
             return SW_CLA_UNKNOWN
         if ins == 0x10:  # NFCCTAP_MSG: answered at once, so never 9100 keepalives
-            return self._respond(self._auth.handle(data), extended)
+            # Short APDUs carry at most 256 response bytes; the rest waits behind SW 61xx.
+            return self._respond(self._auth.handle(data), None if extended else 256)
         if ins == 0x11:  # NFCCTAP_GETRESPONSE: nothing is ever in progress
             return SW_CONDITIONS
         return SW_INS_UNKNOWN
@@ -481,7 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     def ready() -> None:
         print("ready", flush=True)
 
-    applet = CtapApplet(VirtualAuthenticator(secret))
+    def trace(event: str) -> None:
+        print(f"apdu {event}", file=sys.stderr, flush=True)
+
+    applet = CtapApplet(VirtualAuthenticator(secret), trace)
     serve_vpcd(applet, args.host, args.port, ready)
     return 0
 
