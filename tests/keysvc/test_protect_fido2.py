@@ -157,6 +157,24 @@ def test_pcsc_other_rp_id_is_refused(ns: NsPcsc) -> None:
     assert answer["error"] == "WrongMasterKeyError"
 
 
+def test_pcsc_namespace_leaves_the_host_alone(tmp_path: Path) -> None:
+    why = missing_tools()
+    if why:
+        pytest.skip(why)
+    host_run = Path("/run/pcscd")
+    before = sorted(p.name for p in host_run.iterdir()) if host_run.exists() else None
+    pcsc = NsPcsc(tmp_path)
+    try:
+        pcsc.start()
+        # The test pcscd's socket is in the private dir; the host's /run/pcscd is as it was.
+        assert (pcsc.run_dir / "pcscd.comm").is_socket()
+        after = sorted(p.name for p in host_run.iterdir()) if host_run.exists() else None
+        assert after == before
+    finally:
+        pcsc.close()
+    assert not (pcsc.run_dir / "pcscd.comm").exists()  # pcscd stopped and cleaned up
+
+
 def test_pcsc_reader_without_card(ns: NsPcsc) -> None:
     # pcscd runs and lists the vpcd readers, but no card is in them.
     assert ns.run_client({"op": "devices"}) == {
