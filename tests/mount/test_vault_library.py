@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,14 +117,21 @@ def test_rename_over_and_unlink(vault: Vault, store: TokenStore) -> None:
 def test_unlink_hides_the_token_and_the_wipe_waits_for_the_grace_period(
     vault: Vault, store: TokenStore
 ) -> None:
-    """A backup taken once unlink returned must not bring the file back; one taken while it
-    ran must find it whole or not at all, so its data stays (hidden) for the grace period,
-    and gc wipes it after that."""
+    """A backup started after unlink returned must not bring the file back: the token is
+    hidden within milliseconds, even while requests keep the mount busy (wipes wait for a quiet
+    moment, hides do not). One taken meanwhile must find it whole or not at all, so its data
+    stays (hidden) for the grace period, and gc wipes it after that."""
     node = _write_file(vault, ROOT_INO, "secret", b"s" * 5000)
-    vault.unlink(ROOT_INO, "secret")
-    assert node.token not in store.list_tokens()  # at once
-    vault.wait_deletions()
     root = Path(store.backend.describe())
+    vault.last_request = time.monotonic()  # the unlink is a request (fs.py sets this)
+    vault.unlink(ROOT_INO, "secret")
+    deadline = time.monotonic() + 2.0
+    while node.token in store.list_tokens() and time.monotonic() < deadline:
+        vault.last_request = time.monotonic()  # a busy mount: no quiet moment for wipes
+        time.sleep(0.001)
+    assert node.token not in store.list_tokens()
+    assert (root / f"{node.token}.data").exists()  # hidden, not wiped
+    vault.wait_deletions()
     tomb = root / f".{node.token}.deleting"
     assert tomb.exists() and (root / f"{node.token}.data").exists()
     assert store.collect_garbage().removed == []  # within the grace period
