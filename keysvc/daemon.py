@@ -161,7 +161,9 @@ class Daemon:
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
         os.umask(0o077)
-        mk, self.mk_source = masterkey.resolve(None, cfg.data_dir)
+        mk, self.mk_source = masterkey.resolve(
+            None, cfg.data_dir, audit_log=cfg.audit_log, user="vhsm-keysvc"
+        )
         self.writer = audit.AuditWriter(cfg.audit_log)
         self.owner = os.geteuid()
         self.me = Caller(self.owner, os.getegid(), os.getpid(), "vhsm-keysvc")
