@@ -20,6 +20,7 @@ import click
 
 from cli.display import say
 from cli.errors import fail, guarded
+from cli.protector_cmds import protector
 from keysvc import audit, masterkey, paths, userfiles
 from keysvc.client import Context, connect
 from keysvc.errors import InvalidInputError, KeysvcError, VerificationFailed
@@ -490,6 +491,9 @@ def policy(
         f"Key {name}: max age {p['max_age_days']:g} days, max uses {p['max_uses']}, "
         f"{'automatic' if p['auto'] else 'manual'} rotation"
     )
+
+
+key.add_command(protector)
 
 
 # --- vhsm audit ... ---------------------------------------------------------------------------

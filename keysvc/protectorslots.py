@@ -70,7 +70,7 @@ class Slot:
     id: int
     kind: str
     label: str
-    added: float
+    added: int
     sealed: dict[str, Any]
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -256,7 +256,7 @@ def _slot(d: Any, path: Path) -> Slot:
         for k, v in params.items()
     ):
         raise _bad(path, f"slot {sid} has invalid parameters")
-    return Slot(sid, kind, label, float(added), sealed, params)
+    return Slot(sid, kind, label, int(added), sealed, params)
 
 
 def parse(raw: bytes, path: Path) -> SlotFile:
@@ -272,7 +272,7 @@ def parse(raw: bytes, path: Path) -> SlotFile:
         prot, sealed = doc.get("protector"), doc.get("sealed")
         if prot != PASSPHRASE or not isinstance(sealed, dict) or not _json_value_ok(sealed):
             raise _bad(path, "version 1 holds one passphrase protector")
-        return SlotFile(None, [Slot(1, PASSPHRASE, "", 0.0, sealed)], version=1)
+        return SlotFile(None, [Slot(1, PASSPHRASE, "", 0, sealed)], version=1)
     if version != VERSION:
         raise MasterKeyError(f"{path} has unsupported version {str(version)[:20]}")
     check, raw_slots = doc.get("check"), doc.get("slots")
@@ -526,7 +526,7 @@ def add_slot(
             max((s.id for s in sf.slots), default=0) + 1,
             protector.kind,
             label,
-            float(int(time.time())),
+            int(time.time()),
             sealed,
             {k: v for k, v in params.items() if v not in (None, "", [])},
         )
@@ -600,5 +600,41 @@ def remove_slot(
 
 def first_slot(master_key: bytes, protector: masterkey.Protector, label: str = "") -> bytes:
     """The contents of a new master.key.protected with one slot (generate-master-key)."""
-    slot = Slot(1, protector.kind, label, float(int(time.time())), protector.seal(master_key))
+    slot = Slot(1, protector.kind, label, int(time.time()), protector.seal(master_key))
     return SlotFile(masterkey.check_value(master_key), [slot]).dump()
+
+
+def new_secret_source() -> SecretSource:
+    """The secret of a slot being added: a passphrase from HSM_NEW_MASTER_PASSPHRASE (the
+    unlocking one stays HSM_MASTER_PASSPHRASE, so both can be given to a script) or a PIN
+    from HSM_PROTECTOR_PIN; else typed twice on a terminal; else a one-line error."""
+
+    def get(prompt: str) -> str:
+        env = "HSM_NEW_MASTER_PASSPHRASE" if "passphrase" in prompt else "HSM_PROTECTOR_PIN"
+        v = os.environ.get(env)
+        if v:
+            return v
+        if not sys.stdin.isatty():
+            raise MasterKeyError(f"the new protector slot needs a secret: set {env}")
+        first = getpass.getpass(f"New slot: {prompt}")
+        if getpass.getpass("Again: ") != first:
+            raise MasterKeyError("the two entries differ")
+        return first
+
+    return get
+
+
+def parse_pcrs(text: str) -> list[int]:
+    """`--pcrs 0,7` -> [0, 7] (SHA-256 bank PCR indexes 0-23)."""
+    try:
+        pcrs = sorted({int(p) for p in text.split(",") if p.strip()})
+    except ValueError:
+        raise MasterKeyError(f"--pcrs takes PCR numbers like 0,7, not {text[:40]!r}") from None
+    if not pcrs or any(not 0 <= p <= 23 for p in pcrs):
+        raise MasterKeyError("--pcrs takes PCR numbers from 0 to 23, like 0,7")
+    return pcrs
+
+
+def fmt_added(ts: int) -> str:
+    """When a slot was added, for `protector list` ("unknown" for a version 1 slot)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "unknown"
