@@ -90,6 +90,10 @@ class Slot:
         return {"id": self.id, "kind": self.kind, "label": self.label, "added": self.added}
 
 
+# builds the protector for a slot, or None when the caller cannot satisfy that slot
+Opener = Callable[[Slot], masterkey.Protector | None]
+
+
 @dataclass
 class SlotFile:
     check: str | None  # None only for a version 1 file not yet upgraded
@@ -321,7 +325,7 @@ def _passphrase_source() -> SecretSource:
     return get
 
 
-def unlock(sf: SlotFile, path: Path, opener: Callable[[Slot], masterkey.Protector | None]) -> bytes:
+def unlock(sf: SlotFile, path: Path, opener: Opener) -> bytes:
     """The master key from the first slot that `opener` can build a protector for and that
     unseals to the key `check` names. Slots needing no person are tried first. Raises
     WrongMasterKeyError when slots were tried and none opened, MasterKeyError when none could
@@ -366,7 +370,7 @@ def unlock(sf: SlotFile, path: Path, opener: Callable[[Slot], masterkey.Protecto
     raise MasterKeyError(reasons[0] if reasons else f"no protector slot of {path} can be used")
 
 
-def default_opener(passphrase: SecretSource | None = None) -> Callable[[Slot], masterkey.Protector]:
+def default_opener(passphrase: SecretSource | None = None) -> Opener:
     """Rebuild each slot's protector from its params; passphrase and PINs from the
     environment or a prompt."""
     pw = passphrase or _passphrase_source()
@@ -388,7 +392,7 @@ def unlock_file(
     raw: bytes,
     path: Path,
     *,
-    opener: Callable[[Slot], masterkey.Protector | None] | None = None,
+    opener: Opener | None = None,
     audit_log: Path | None = None,
     user: str = "vhsm",
 ) -> bytes:
@@ -468,7 +472,7 @@ def unlock_for_change(
     *,
     audit_log: Path,
     user: str,
-    opener: Callable[[Slot], masterkey.Protector | None] | None = None,
+    opener: Opener | None = None,
 ) -> Unlocked:
     """The master key a slot change starts from. With master.key.protected present: a key
     given explicitly (argv/HSM_MASTER_KEY) must match its check, else the slots unlock it.
