@@ -336,8 +336,9 @@ def unlock(sf: SlotFile, path: Path, opener: Opener) -> bytes:
     for slot in order:
         try:
             prot = opener(slot)
-        except WrongMasterKeyError:
-            raise
+        except WrongMasterKeyError:  # e.g. a token that refused the PIN at login
+            tried.append(str(slot.id))
+            continue
         except MasterKeyError as e:
             reasons.append(str(e))
             continue
@@ -474,26 +475,24 @@ def unlock_for_change(
     user: str,
     opener: Opener | None = None,
 ) -> Unlocked:
-    """The master key a slot change starts from. With master.key.protected present: a key
-    given explicitly (argv/HSM_MASTER_KEY) must match its check, else the slots unlock it.
-    Without it: the raw key (argv, HSM_MASTER_KEY or master.key) that `add` will protect.
-    A refused key or unlock is audited AUTH_FAILURE."""
+    """The master key a slot change starts from. A raw key (argv, HSM_MASTER_KEY, or a
+    master.key still beside the protected file) is used as `resolve` would use it, and must
+    match the protected file's check; otherwise the slots unlock it (`opener`, by default the
+    environment or prompts). A refused key or unlock is audited AUTH_FAILURE."""
     d = safefs.open_dir(paths.data_dir(data_dir), "data dir", MasterKeyError)
     with d:
         prot = d.path / paths.PROTECTED_MASTER_KEY_NAME
         raw = d.read(prot.name, WHAT, limit=masterkey.MAX_PROTECTED, secret=True)
-    explicit = hex_arg or os.environ.get("HSM_MASTER_KEY")
-    if raw is None:
+        has_raw_file = d.lstat(paths.MASTER_KEY_NAME) is not None
+    if raw is None or hex_arg or os.environ.get("HSM_MASTER_KEY") or has_raw_file:
         key, source = masterkey.resolve(hex_arg, data_dir)
+        if raw is not None:
+            try:
+                _verify_against(parse(raw, prot), key, prot)
+            except WrongMasterKeyError as e:
+                audit_auth_failure(audit_log, user, f"master key unlock refused: {e}")
+                raise
         return Unlocked(key, source)
-    if explicit:
-        key = masterkey.parse_hex(explicit)
-        try:
-            _verify_against(parse(raw, prot), key, prot)
-        except WrongMasterKeyError as e:
-            audit_auth_failure(audit_log, user, f"master key unlock refused: {e}")
-            raise
-        return Unlocked(key, "argv" if hex_arg else "HSM_MASTER_KEY")
     key = unlock_file(raw, prot, opener=opener, audit_log=audit_log, user=user)
     return Unlocked(key, str(prot))
 

@@ -111,8 +111,8 @@ def two_passphrase_slots(d: Path) -> bytes:
     """Slots 1 ("one") and 2 ("two") over the raw key, which is then removed; returns it."""
     key = raw_key(d)
     add(d, cheap("one"))
-    add(d, cheap("two"), unlock_secret="one")
     (d / paths.MASTER_KEY_NAME).unlink()
+    add(d, cheap("two"), unlock_secret="one")  # unlocked through slot 1
     return key
 
 
@@ -213,6 +213,18 @@ def test_explicit_key_must_match_the_check(data: Path, fake_kind: None) -> None:
     ).key == raw_key(data)
 
 
+def test_raw_master_key_beside_the_file_must_match(data: Path, fake_kind: None) -> None:
+    """A master.key left beside the protected file is what `resolve` uses first, so a change
+    may start from it, but only if it is the key the slots hold."""
+    add(data, FakeProtector("s"))
+    (data / paths.MASTER_KEY_NAME).write_bytes(os.urandom(32))
+    with pytest.raises(WrongMasterKeyError, match="does not match"):
+        add(data, FakeProtector("t"))
+    assert [s["id"] for s in doc(data)["slots"]] == [1]
+    [fail] = [e for e in audit.read_entries(log(data)) if e.event == "AUTH_FAILURE"]
+    assert "master key unlock refused" in fail.details
+
+
 # --- audit -------------------------------------------------------------------------------------
 
 
@@ -272,8 +284,11 @@ def test_unaudited_change_is_not_made(data: Path, fake_kind: None) -> None:
 
 
 def test_file_is_0600(data: Path, fake_kind: None) -> None:
-    os.umask(0o022)
-    add(data, FakeProtector("a"))
+    old = os.umask(0o022)  # a umask that would leave a plain create at 0644
+    try:
+        add(data, FakeProtector("a"))
+    finally:
+        os.umask(old)
     st = os.lstat(data / paths.PROTECTED_MASTER_KEY_NAME)
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
 
