@@ -443,3 +443,18 @@ def test_cli_bad_kind_is_one_line(tmp_path: Path, args: tuple[str, ...], message
     p = w.vhsm("key", "protector", "add", *args, check=False)
     assert p.returncode == 1 and message in only_error_line(p.stderr)
     assert not (tmp_path / "master.key.protected").exists()
+
+
+def test_daemon_start_with_a_refused_unlock_is_audited(tmp_path: Path) -> None:
+    """The daemon unlocks through the slots at start; a wrong passphrase stops it with one
+    line and leaves an AUTH_FAILURE by vhsm-keysvc in its audit log."""
+    w = Work(tmp_path)
+    env = {**w.env, "HSM_MASTER_PASSPHRASE": "right"}
+    w.vhsm("key", "generate-master-key", "--passphrase", env=env)
+    sock = str(tmp_path / "s.sock")
+    wrong = {**w.env, "HSM_MASTER_PASSPHRASE": "wrong"}
+    p = w.vhsm("keysvc", "serve", "--no-harden", "--socket", sock, env=wrong, check=False)
+    assert p.returncode == 1 and "wrong passphrase" in only_error_line(p.stderr)
+    [fail] = w.events("AUTH_FAILURE")
+    assert fail[3] == "vhsm-keysvc" and "master key unlock refused" in fail[4]
+    assert not os.path.exists(sock)
