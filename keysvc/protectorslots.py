@@ -127,7 +127,11 @@ def _hardware(module: str, cls_name: str, kind: str) -> Any:
     try:
         mod = importlib.import_module(module)
         return getattr(mod, cls_name)
-    except (ImportError, AttributeError):
+    except ImportError as e:
+        # the module is there but its library is not (tpm2-pytss, python-pkcs11, fido2)
+        why = "" if e.name in (None, module) else f" (it needs the Python module {e.name})"
+        raise MasterKeyError(f"protector kind {kind} is not available in this build{why}") from None
+    except AttributeError:
         raise MasterKeyError(f"protector kind {kind} is not available in this build") from None
 
 

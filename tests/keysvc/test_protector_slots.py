@@ -367,6 +367,20 @@ def test_kind_whose_module_is_missing_is_a_clean_error(
     assert "\n" not in str(e.value) and not isinstance(e.value, WrongMasterKeyError)
 
 
+def test_kind_whose_library_is_missing_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kind's module exists but the library it wraps is not installed."""
+    (tmp_path / "vhsm_test_needs_lib.py").write_text("import vhsm_test_no_such_lib\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MasterKeyError) as e:
+        protectorslots._hardware("vhsm_test_needs_lib", "P", "x")
+    assert str(e.value) == (
+        "protector kind x is not available in this build "
+        "(it needs the Python module vhsm_test_no_such_lib)"
+    )
+
+
 def test_unknown_kind_slot_does_not_block_the_others(data: Path) -> None:
     """A slot of a kind this build does not know (added by a newer one) is skipped."""
     key = two_passphrase_slots(data)
