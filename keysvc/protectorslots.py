@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from keysvc import audit, masterkey, paths, safefs
-from keysvc.errors import MasterKeyError, WrongMasterKeyError
+from keysvc.errors import MasterKeyError, NeedsPersonError, WrongMasterKeyError
 
 FORMAT = "vhsm-master-key"
 VERSION = 2
@@ -306,7 +306,7 @@ def env_or_prompt(env: str) -> SecretSource:
             return v
         if sys.stdin.isatty():
             return getpass.getpass(prompt)
-        raise MasterKeyError(f"master.key.protected needs a secret: set {env}")
+        raise NeedsPersonError(f"master.key.protected needs a secret: set {env}")
 
     return get
 
@@ -321,7 +321,7 @@ def _passphrase_source() -> SecretSource:
             try:
                 cache.append(base(prompt))
             except MasterKeyError:
-                raise MasterKeyError(
+                raise NeedsPersonError(
                     "master.key.protected needs a passphrase: set HSM_MASTER_PASSPHRASE"
                 ) from None
         return cache[0]
@@ -337,6 +337,7 @@ def unlock(sf: SlotFile, path: Path, opener: Opener) -> bytes:
     order = sorted(sf.slots, key=lambda s: KINDS[s.kind].person if s.kind in KINDS else True)
     tried: list[str] = []
     reasons: list[str] = []
+    waiting: str | None = None  # why a slot needs a secret nobody is there to give
     for slot in order:
         try:
             prot = opener(slot)
@@ -344,6 +345,8 @@ def unlock(sf: SlotFile, path: Path, opener: Opener) -> bytes:
             tried.append(str(slot.id))
             continue
         except MasterKeyError as e:
+            if isinstance(e, NeedsPersonError) and waiting is None:
+                waiting = str(e)
             reasons.append(str(e))
             continue
         if prot is None:
@@ -372,6 +375,8 @@ def unlock(sf: SlotFile, path: Path, opener: Opener) -> bytes:
             f"{what}: no protector slot of {path} unlocked the master key "
             f"(tried slot {', '.join(tried)})"
         )
+    if waiting is not None:  # nothing failed: someone has to unlock it (`vhsm keysvc unlock`)
+        raise NeedsPersonError(waiting)
     raise MasterKeyError(reasons[0] if reasons else f"no protector slot of {path} can be used")
 
 
@@ -645,3 +650,16 @@ def parse_pcrs(text: str) -> list[int]:
 def fmt_added(ts: int) -> str:
     """When a slot was added, for `protector list` ("unknown" for a version 1 slot)."""
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "unknown"
+
+
+def unlock_data_dir(
+    data_dir: str | os.PathLike[str] | None, opener: Opener, *, audit_log: Path, user: str
+) -> bytes:
+    """The master key from <data dir>/master.key.protected through `opener` (the daemon's
+    `vhsm keysvc unlock`); a refused unlock is audited AUTH_FAILURE."""
+    with safefs.open_dir(paths.data_dir(data_dir), "data dir", MasterKeyError) as d:
+        prot = d.path / paths.PROTECTED_MASTER_KEY_NAME
+        raw = d.read(prot.name, WHAT, limit=masterkey.MAX_PROTECTED, secret=True)
+    if raw is None:
+        raise MasterKeyError(f"{prot} does not exist")
+    return unlock_file(raw, prot, opener=opener, audit_log=audit_log, user=user)

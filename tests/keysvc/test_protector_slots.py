@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from ksutil import Work
+from ksutil import Daemon, Work
 
 from keysvc import audit, masterkey, paths, protectorslots
-from keysvc.errors import MasterKeyError, WrongMasterKeyError
+from keysvc.errors import MasterKeyError, NeedsPersonError, WrongMasterKeyError
 from keysvc.protectorslots import Kind, Slot, Unlocked
 
 FAKE = "test-fake"
@@ -472,3 +472,40 @@ def test_daemon_start_with_a_refused_unlock_is_audited(tmp_path: Path) -> None:
     [fail] = w.events("AUTH_FAILURE")
     assert fail[3] == "vhsm-keysvc" and "master key unlock refused" in fail[4]
     assert not os.path.exists(sock)
+
+
+# --- locked start (stretch) --------------------------------------------------------------------
+
+
+def test_missing_passphrase_is_needs_person(data: Path) -> None:
+    """No passphrase and no terminal: NeedsPersonError (the daemon's cue to start locked),
+    not a refused unlock, and nothing audited."""
+    two_passphrase_slots(data)
+    with pytest.raises(NeedsPersonError, match="set HSM_MASTER_PASSPHRASE"):
+        masterkey.resolve(None, data, audit_log=log(data), user="t")
+    assert not [e for e in audit.read_entries(log(data)) if e.event == "AUTH_FAILURE"]
+
+
+def test_daemon_starts_locked_and_unlocks(tmp_path: Path) -> None:
+    w = Work(tmp_path)
+    pw = {**w.env, "HSM_MASTER_PASSPHRASE": "Pw-right-7f3a"}
+    w.vhsm("key", "generate-master-key", "--passphrase", env=pw)
+    w.vhsm("key", "--no-daemon", "generate", "k1", env=pw)
+    d = Daemon(w).start()  # its environment has no passphrase: it starts locked
+    try:
+        assert "starting locked" in d.stderr
+        assert "LOCKED" in w.vhsm("keysvc", "status").stdout
+        p = w.vhsm("key", "list", check=False)
+        assert p.returncode == 1 and "locked" in only_error_line(p.stderr)
+        bad = {**w.env, "HSM_MASTER_PASSPHRASE": "Pw-wrong-91c2"}
+        p = w.vhsm("keysvc", "unlock", env=bad, check=False)
+        assert p.returncode == 1 and "wrong passphrase" in only_error_line(p.stderr)
+        assert "LOCKED" in w.vhsm("keysvc", "status").stdout
+        assert "unlocked" in w.vhsm("keysvc", "unlock", env=pw).stdout
+        assert w.vhsm("key", "list").stdout.split() == ["k1"]  # through the daemon
+        assert "already unlocked" in w.vhsm("keysvc", "unlock", env=pw).stdout
+    finally:
+        assert d.stop() == 0
+    assert any("master key unlock refused" in f[4] for f in w.events("AUTH_FAILURE"))
+    assert any("key service unlocked" in f[4] for f in w.events("AUTH_SUCCESS"))
+    assert "Pw-right" not in w.log.read_text() and "Pw-wrong" not in w.log.read_text()
