@@ -250,21 +250,25 @@ class Daemon:
         self, cred: tuple[int, int, int], header: dict[str, Any], payload: bytes | None
     ) -> tuple[dict[str, Any], bytes]:
         op = header.get("op")
-        if op == "status":
-            return {
-                "ok": True,
-                "locked": True,
-                "pid": os.getpid(),
-                "uptime": time.time() - self.started,
-            }, b""
-        if op != "unlock" or payload is None:
-            return error_reply(LockedError("the key service is locked: run vhsm keysvc unlock"))
+        _pid, uid, gid = cred
         try:
-            return self._unlock(cred[1], payload)
+            if op == "status":
+                # as unlocked: a uid the policy gives nothing learns nothing, not even this
+                if not self.policy.grants_any(uid, gid):
+                    raise AccessDenied(f"access denied: uid {uid} may not status")
+                return {
+                    "ok": True,
+                    "locked": True,
+                    "pid": os.getpid(),
+                    "uptime": time.time() - self.started,
+                }, b""
+            if op != "unlock":
+                raise LockedError("the key service is locked: run vhsm keysvc unlock")
+            return self._unlock(uid, payload)
         except KeysvcError as e:
             return error_reply(e)
 
-    def _unlock(self, uid: int, payload: bytes) -> tuple[dict[str, Any], bytes]:
+    def _unlock(self, uid: int, payload: bytes | None) -> tuple[dict[str, Any], bytes]:
         """Unlock through the slots with the secret the client sent; only the service's own
         user (or root) may, as only they could have started it unlocked."""
         who = audit.unix_user(uid)
@@ -282,6 +286,8 @@ class Daemon:
                 ]
             )
             raise AccessDenied("only the key service's own user (or root) may unlock it")
+        if payload is None:  # refused when its header arrived: cannot happen for these uids
+            raise InvalidInputError("unlock needs the secret as its payload")
         try:
             secret = payload.decode("utf-8")
         except UnicodeDecodeError:
@@ -353,8 +359,8 @@ class Daemon:
 
     def _admit(self, cred: tuple[int, int, int], header: dict[str, Any]) -> bool:
         """May this request's payload be buffered? (asked by the connection's FrameReader)"""
-        if self.service is None:  # locked: only these are read (unlock's payload is small)
-            return header.get("op") in ("status", "unlock")
+        if self.service is None:  # locked: only an unlock by the owner brings a payload
+            return header.get("op") == "unlock" and cred[1] in (self.owner, 0)
         caller = self._caller(cred, header.get("user"), header.get("mk_check"))
         return self.service.admit(header, caller) is None
 
