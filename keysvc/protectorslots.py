@@ -136,9 +136,13 @@ def _hardware(module: str, cls_name: str, kind: str) -> Any:
 
 
 def pin_from(source: str, kind: str) -> str:
-    """A PIN from `env:NAME`, `file:PATH` or `credential:NAME` (keysvc.protect_pkcs11 reads
-    them, for the FIDO2 kind too: one implementation of the systemd credential rules)."""
-    fn = _hardware("keysvc.protect_pkcs11", "pin_from", kind)
+    """A PIN from `env:NAME`, `file:PATH` or `credential:NAME`, read by the PKCS#11 helper's
+    `pin_from` (keysvc.pinsource, re-exported by keysvc.protect_pkcs11) for the FIDO2 kind too:
+    one implementation of the systemd credential rules."""
+    try:
+        fn = _hardware("keysvc.pinsource", "pin_from", kind)
+    except MasterKeyError:
+        fn = _hardware("keysvc.protect_pkcs11", "pin_from", kind)
     pin: str = fn(source)
     return pin
 
