@@ -20,8 +20,9 @@ import click
 
 from cli.display import say
 from cli.errors import fail, guarded
-from keysvc import audit, masterkey, paths, userfiles
-from keysvc.client import Context, connect
+from cli.protector_cmds import protector
+from keysvc import audit, masterkey, paths, protectorslots, userfiles
+from keysvc.client import Context, connect, raise_for
 from keysvc.errors import InvalidInputError, KeysvcError, VerificationFailed
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -492,6 +493,9 @@ def policy(
     )
 
 
+key.add_command(protector)
+
+
 # --- vhsm audit ... ---------------------------------------------------------------------------
 
 
@@ -708,10 +712,35 @@ def status(data_dir: str | None, socket_path: str | None) -> None:
             fail(f"key service connection failed: {e.strerror or e}")
     if not reply.get("ok"):
         fail(str(reply.get("message")))
+    if reply.get("locked"):
+        say(f"key service: running, LOCKED (pid {reply['pid']}): run vhsm keysvc unlock")
+        return
     say(f"key service: running (pid {reply['pid']}, up {reply['uptime']:.0f} s)")
     say(f"keys: {reply['keys']}  requests: {reply['requests']}  batches: {reply['batches']}")
     say(f"keystore: {reply['keystore']}")
     say(f"audit log: {reply['audit_log']}")
+
+
+@keysvc_group.command("unlock")
+@click.option("--data-dir", envvar="HSM_DATA_DIR", type=click.Path(file_okay=False))
+@click.option("--socket", "socket_path", envvar="HSM_SOCKET", type=click.Path(dir_okay=False))
+@guarded
+def unlock(data_dir: str | None, socket_path: str | None) -> None:
+    """Unlock a daemon that started locked: the passphrase from HSM_MASTER_PASSPHRASE or a
+    prompt goes to the daemon over its socket, which tries its protector slots."""
+    client = connect(data_dir, socket_path)
+    if client is None:
+        fail("key service: not running")
+    with client:
+        status_reply, _ = client.call({"op": "status"})
+        raise_for(status_reply)
+        if not status_reply.get("locked"):
+            say("key service: already unlocked")
+            return
+        secret = protectorslots.env_or_prompt("HSM_MASTER_PASSPHRASE")("Master key passphrase: ")
+        reply, _ = client.call({"op": "unlock"}, secret.encode())
+    raise_for(reply)
+    say("key service: unlocked")
 
 
 @click.command("scan-hardware")

@@ -148,7 +148,9 @@ class Context:
     def _in_process(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         writer = audit.writer_for(self.audit_log)
         caller = Caller(os.getuid(), os.getgid(), os.getpid(), self.user)
-        mk, _source = masterkey.resolve(self.master_key_hex, self.data_dir)
+        mk, _source = masterkey.resolve(
+            self.master_key_hex, self.data_dir, audit_log=self.audit_log, user=self.user
+        )
         try:
             ks = open_keystore(self.data_dir, mk)
         except WrongMasterKeyError:

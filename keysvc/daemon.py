@@ -23,6 +23,13 @@ that is not per request, and a pipe in the epoll set lets it wake the worker (st
 Durability: a reply leaves the daemon only after its audit line (and, for operations that change
 keys or lifecycle, the new keystore.dat) is on disk. A kill -9 can lose only requests that were
 never answered; their audit lines may or may not be present (never the reverse).
+
+Locked start: when every protector slot that could unlock the master key needs a person (a
+passphrase, a FIDO2 touch) and nobody gave the secret (no HSM_MASTER_PASSPHRASE, no terminal,
+as under systemd), the daemon starts without its keystore and answers only `status` and
+`unlock`; every other request gets one line, "the key service is locked". `vhsm keysvc unlock`
+sends the secret over the socket; only the service's own user (or root) may, and a refused
+unlock is audited AUTH_FAILURE, a successful one AUTH_SUCCESS.
 """
 
 from __future__ import annotations
@@ -47,10 +54,17 @@ from typing import Any
 
 import trio
 
-from keysvc import audit, masterkey, paths, protocol, sockpath
-from keysvc.errors import DaemonError, KeysvcError
+from keysvc import audit, masterkey, paths, protectorslots, protocol, sockpath
+from keysvc.errors import (
+    AccessDenied,
+    DaemonError,
+    InvalidInputError,
+    KeysvcError,
+    LockedError,
+    NeedsPersonError,
+)
 from keysvc.hardening import harden
-from keysvc.keystore import open_keystore
+from keysvc.keystore import Keystore, open_keystore
 from keysvc.policy import DEFAULT_GROUP_TTL, Policy
 from keysvc.service import Caller, Pending, Service, auto_rotate_batch, error_reply, replay_uses
 
@@ -161,35 +175,28 @@ class Daemon:
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
         os.umask(0o077)
-        mk, self.mk_source = masterkey.resolve(None, cfg.data_dir)
+        self.started = time.time()
+        mk: bytes | None = None
+        try:
+            mk, self.mk_source = masterkey.resolve(
+                None, cfg.data_dir, audit_log=cfg.audit_log, user="vhsm-keysvc"
+            )
+        except NeedsPersonError as e:
+            # only protectors that need a person (passphrase, FIDO2 touch): serve locked until
+            # `vhsm keysvc unlock` brings the secret; every other request is refused meanwhile
+            self.mk_source = "locked"
+            self._log(f"starting locked ({e}): run vhsm keysvc unlock")
         self.writer = audit.AuditWriter(cfg.audit_log)
         self.owner = os.geteuid()
         self.me = Caller(self.owner, os.getegid(), os.getpid(), "vhsm-keysvc")
-        try:
-            ks = open_keystore(cfg.data_dir, mk, lock_wait=0.0)
-        except KeysvcError as e:
-            if e.code == "wrong_master_key":
-                self.writer.append(
-                    [
-                        audit.AuditRecord(
-                            "AUTH_FAILURE",
-                            "N/A",
-                            "vhsm-keysvc",
-                            "wrong master key at daemon start",
-                            False,
-                            self.owner,
-                        )
-                    ]
-                )
-            raise
-        del mk
-        self.policy = self._load_policy()
-        self.service = Service(ks, self.writer, policy=self.policy, flush_interval=float("inf"))
-        recovered = replay_uses(self.service)
-        if recovered:
-            # a previous daemon died between two saves of its counters: the log has the uses
-            self.service.flush()
-            self._log(f"recovered {recovered} use(s) from the audit log")
+        self.service: Service | None = None
+        if mk is None:
+            self.policy = self._load_policy()
+        else:
+            ks = self._open_keystore(mk, "wrong master key at daemon start")
+            del mk
+            self.policy = self._load_policy()
+            self._start_service(ks)
         # messages for the worker (stop, chores), with a pipe in its epoll set to wake it
         self._control: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # executed batches waiting for the committer; bounded, so that execution cannot run
@@ -213,6 +220,112 @@ class Daemon:
         self._loop_thread = 0
         self.crash: BaseException | None = None  # what stopped the daemon, if not a signal
         self._socket_ident = (0, 0)  # (dev, ino) of the socket file bound (sockpath.remove)
+
+    def _open_keystore(self, mk: bytes, failure: str) -> Keystore:
+        try:
+            return open_keystore(self.cfg.data_dir, mk, lock_wait=0.0)
+        except KeysvcError as e:
+            if e.code == "wrong_master_key":
+                self.writer.append(
+                    [
+                        audit.AuditRecord(
+                            "AUTH_FAILURE", "N/A", "vhsm-keysvc", failure, False, self.owner
+                        )
+                    ]
+                )
+            raise
+
+    def _start_service(self, ks: Keystore) -> None:
+        service = Service(ks, self.writer, policy=self.policy, flush_interval=float("inf"))
+        recovered = replay_uses(service)
+        if recovered:
+            # a previous daemon died between two saves of its counters: the log has the uses
+            service.flush()
+            self._log(f"recovered {recovered} use(s) from the audit log")
+        self.service = service
+
+    # -- locked: only `status` and `unlock` (keysvc/daemon.py's module doc, "Locked start")
+
+    def _locked_reply(
+        self, cred: tuple[int, int, int], header: dict[str, Any], payload: bytes | None
+    ) -> tuple[dict[str, Any], bytes]:
+        op = header.get("op")
+        _pid, uid, gid = cred
+        try:
+            if op == "status":
+                # as unlocked: a uid the policy gives nothing learns nothing, not even this
+                if not self.policy.grants_any(uid, gid):
+                    raise AccessDenied(f"access denied: uid {uid} may not status")
+                return {
+                    "ok": True,
+                    "locked": True,
+                    "pid": os.getpid(),
+                    "uptime": time.time() - self.started,
+                }, b""
+            if op != "unlock":
+                raise LockedError("the key service is locked: run vhsm keysvc unlock")
+            return self._unlock(uid, payload)
+        except KeysvcError as e:
+            return error_reply(e)
+
+    def _unlock(self, uid: int, payload: bytes | None) -> tuple[dict[str, Any], bytes]:
+        """Unlock through the slots with the secret the client sent; only the service's own
+        user (or root) may, as only they could have started it unlocked."""
+        who = audit.unix_user(uid)
+        if uid not in (self.owner, 0):
+            self.writer.append(
+                [
+                    audit.AuditRecord(
+                        "AUTH_FAILURE",
+                        "N/A",
+                        who,
+                        "key service unlock: not the service's user",
+                        False,
+                        uid,
+                    )
+                ]
+            )
+            raise AccessDenied("only the key service's own user (or root) may unlock it")
+        if payload is None:  # refused when its header arrived: cannot happen for these uids
+            raise InvalidInputError("unlock needs the secret as its payload")
+        try:
+            secret = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInputError("the unlock secret is not UTF-8") from None
+        opener = protectorslots.default_opener(lambda _prompt: secret)
+        mk = protectorslots.unlock_data_dir(
+            self.cfg.data_dir, opener, audit_log=self.cfg.audit_log, user=who
+        )
+        ks = self._open_keystore(mk, "wrong master key at unlock")
+        del mk
+        self._start_service(ks)
+        self.mk_source = "unlock"
+        self.writer.append(
+            [audit.AuditRecord("AUTH_SUCCESS", "N/A", who, "key service unlocked", True, uid)]
+        )
+        self._log(f"unlocked by uid {uid}")
+        return {"ok": True, "unlocked": True}, b""
+
+    def _execute_locked(self, batch: list[tuple[protocol.Item, _Conn]]) -> _Executed:
+        slots: list[int | bytes] = []
+        for item, conn in batch:
+            if type(item) is bytes:
+                try:
+                    header, payload = protocol.decode(item)
+                except KeysvcError as e:
+                    slots.append(protocol.encode(*error_reply(e)))
+                    continue
+                reply, out = self._locked_reply(conn.cred, header, payload)
+            elif type(item) is dict:  # refused when its header arrived
+                reply, out = self._locked_reply(conn.cred, item, None)
+            else:
+                slots.append(protocol.encode(*error_reply(item)))  # type: ignore[arg-type]
+                continue
+            rid = header.get("id") if type(item) is bytes else item.get("id")
+            if rid is not None:
+                reply["id"] = rid
+            slots.append(protocol.encode(reply, out))
+        return _Executed(batch, [], slots, None)
 
     def _policy_path(self) -> Path | None:
         if self.cfg.policy is not None:
@@ -246,10 +359,14 @@ class Daemon:
 
     def _admit(self, cred: tuple[int, int, int], header: dict[str, Any]) -> bool:
         """May this request's payload be buffered? (asked by the connection's FrameReader)"""
+        if self.service is None:  # locked: only an unlock by the owner brings a payload
+            return header.get("op") == "unlock" and cred[1] in (self.owner, 0)
         caller = self._caller(cred, header.get("user"), header.get("mk_check"))
         return self.service.admit(header, caller) is None
 
     def _execute(self, batch: list[tuple[protocol.Item, _Conn]]) -> _Executed:
+        if self.service is None:
+            return self._execute_locked(batch)
         items: list[tuple[dict[str, Any], bytes | None, Caller]] = []
         slots: list[int | bytes] = []
         for item, conn in batch:
@@ -451,6 +568,8 @@ class Daemon:
             goodbyes.append((conn, protocol.encode(*error_reply(reader.broken))))
 
     def _chores(self) -> None:
+        if self.service is None:
+            return
         if time.monotonic() >= self._next_rotation:
             self._next_rotation = time.monotonic() + self.cfg.rotation_check_interval
             auto_rotate_batch(self.service, self.me)
@@ -646,7 +765,9 @@ class Daemon:
                 if sig == signal.SIGHUP:  # reload the access policy
                     try:
                         # a new Policy also forgets every cached group membership
-                        self.service.policy = self._load_policy()
+                        self.policy = self._load_policy()
+                        if self.service is not None:
+                            self.service.policy = self.policy
                         self._log("access policy reloaded")
                     except KeysvcError as e:
                         self._log(f"policy reload failed, keeping the old one: {e}")
@@ -734,13 +855,14 @@ class Daemon:
                 self.owner,
             )
         try:
-            if crash is None:
+            if crash is None and self.service is not None:
                 self.service.flush()
             self.writer.append([record])
         except KeysvcError as e:
             self._log(f"shutdown: {e}")
         finally:
-            self.service.ks.close()
+            if self.service is not None:
+                self.service.ks.close()
             self.writer.close()
 
 

@@ -39,6 +39,19 @@ class WrongMasterKeyError(MasterKeyError):
     code = "wrong_master_key"
 
 
+class NeedsPersonError(MasterKeyError):
+    """Every protector slot that could unlock the master key needs someone present (a
+    passphrase, a touch, a PIN) and nobody is: the daemon starts locked."""
+
+    code = "needs_person"
+
+
+class LockedError(KeysvcError):
+    """The daemon started locked and waits for `vhsm keysvc unlock`."""
+
+    code = "locked"
+
+
 class KeystoreError(KeysvcError):
     """keystore.dat is unreadable, of a foreign format, or failed authentication."""
 
@@ -97,6 +110,8 @@ ERRORS_BY_CODE: dict[str, type[KeysvcError]] = {
         AuditIntegrityError,
         MasterKeyError,
         WrongMasterKeyError,
+        NeedsPersonError,
+        LockedError,
         KeystoreError,
         KeyNotFoundError,
         KeyExistsError,

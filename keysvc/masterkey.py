@@ -1,9 +1,9 @@
 """The 32-byte master key: where it comes from, and protectors that keep it at rest.
 
 Sources, first match wins: `-master_key HEX` (argv; warned about), $HSM_MASTER_KEY (hex),
-<data dir>/master.key (32 raw bytes, must be 0600), <data dir>/master.key.protected (a
-protector's sealed blob, e.g. passphrase + Argon2id). Both files are read and written only
-through keysvc.safefs (relative to the data dir's fd, checked, bounded).
+<data dir>/master.key (32 raw bytes, must be 0600), <data dir>/master.key.protected (protector
+slots, any one of which unlocks the key: keysvc.protectorslots). Both files are read and written
+only through keysvc.safefs (relative to the data dir's fd, checked, bounded).
 
 The keystore only ever sees 32 bytes: protectors are a registry of `Protector` classes keyed by
 `kind`, so a TPM, PKCS#11 or FIDO2 protector is one new class here and nothing else changes.
@@ -11,10 +11,8 @@ The keystore only ever sees 32 bytes: protectors are a registry of `Protector` c
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
-import sys
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -123,26 +121,24 @@ def sealed_document(master_key: bytes, protector: Protector) -> bytes:
 
 
 def unseal_document(raw: bytes, path: Path, secret: str) -> bytes:
-    try:
-        doc = json.loads(raw)
-        cls = PROTECTORS[doc["protector"]]
-        sealed = doc["sealed"]
-    except (ValueError, KeyError, TypeError):
-        raise MasterKeyError(f"{path} is not a vhsm protected master key") from None
-    return cls(secret).unseal(sealed)
+    """The master key from a version 1 or 2 file, through its passphrase slots."""
+    from keysvc import protectorslots  # it imports this module
+
+    def opener(slot: protectorslots.Slot) -> Protector | None:
+        return PassphraseProtector(secret) if slot.kind == PassphraseProtector.kind else None
+
+    return protectorslots.unlock_file(raw, path, opener=opener)
 
 
-def _passphrase() -> str:
-    pw = os.environ.get("HSM_MASTER_PASSPHRASE")
-    if pw:
-        return pw
-    if sys.stdin.isatty():
-        return getpass.getpass("Master key passphrase: ")
-    raise MasterKeyError("master.key.protected needs a passphrase: set HSM_MASTER_PASSPHRASE")
-
-
-def resolve(hex_arg: str | None, data_dir: str | os.PathLike[str] | None) -> tuple[bytes, str]:
-    """(master key, where it came from). Raises MasterKeyError when there is none."""
+def resolve(
+    hex_arg: str | None,
+    data_dir: str | os.PathLike[str] | None,
+    *,
+    audit_log: Path | None = None,
+    user: str = "vhsm",
+) -> tuple[bytes, str]:
+    """(master key, where it came from). Raises MasterKeyError when there is none. A refused
+    unlock of master.key.protected is audited AUTH_FAILURE in `audit_log` when one is given."""
     if hex_arg:
         return parse_hex(hex_arg), "argv"
     env = os.environ.get("HSM_MASTER_KEY")
@@ -160,7 +156,10 @@ def resolve(hex_arg: str | None, data_dir: str | os.PathLike[str] | None) -> tup
             prot = d.path / paths.PROTECTED_MASTER_KEY_NAME
             sealed = d.read(prot.name, "protected master key", limit=MAX_PROTECTED, secret=True)
             if sealed is not None:
-                return unseal_document(sealed, prot, _passphrase()), str(prot)
+                from keysvc import protectorslots  # it imports this module
+
+                key = protectorslots.unlock_file(sealed, prot, audit_log=audit_log, user=user)
+                return key, str(prot)
     raise MasterKeyError(
         "no master key: pass -master_key, set HSM_MASTER_KEY, or run generate-master-key"
     )
@@ -169,7 +168,8 @@ def resolve(hex_arg: str | None, data_dir: str | os.PathLike[str] | None) -> tup
 def generate(
     data_dir: str | os.PathLike[str] | None, *, passphrase: str | None = None, force: bool = False
 ) -> tuple[bytes, Path]:
-    """Create a new random master key file (raw 0600, or passphrase-protected)."""
+    """Create a new random master key file (raw 0600, or passphrase-protected: a version 2
+    slot file with one passphrase slot)."""
     name = paths.PROTECTED_MASTER_KEY_NAME if passphrase else paths.MASTER_KEY_NAME
     with safefs.open_dir(paths.data_dir(data_dir), "data dir", MasterKeyError) as d:
         if not force:
@@ -180,6 +180,10 @@ def generate(
                         "(keys under it would be lost)"
                     )
         key = os.urandom(KEY_LEN)
-        data = sealed_document(key, PassphraseProtector(passphrase)) if passphrase else key
+        data = key
+        if passphrase:
+            from keysvc import protectorslots  # it imports this module
+
+            data = protectorslots.first_slot(key, PassphraseProtector(passphrase))
         d.replace(name, "master key file", data, mode=0o600)
         return key, d.path / name

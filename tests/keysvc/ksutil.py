@@ -97,6 +97,7 @@ class Daemon:
             args,
             cwd=self.work.path,
             env=self.work.env,
+            stdin=subprocess.DEVNULL,  # never a terminal: a locked start must not prompt
             stderr=self._err,
             stdout=subprocess.DEVNULL,
             start_new_session=True,

@@ -162,6 +162,7 @@ class KeyService:
             args,
             cwd=self.data_dir,
             env=env_for(),
+            stdin=subprocess.DEVNULL,  # never a terminal: a locked start must not prompt
             stdout=subprocess.DEVNULL,
             stderr=self._err,
             start_new_session=True,
