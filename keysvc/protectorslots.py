@@ -183,6 +183,11 @@ def _build_fido2(params: dict[str, Any], secret: SecretSource) -> masterkey.Prot
     return p
 
 
+# Params used when a slot is added but never written to (nor read from) the file: the PKCS#11
+# module path is code that vhsm loads, so at unlock it comes from $VHSM_PKCS11_MODULE or the
+# usual Debian paths (keysvc.protect_pkcs11.default_module), never from a file on disk.
+NOT_STORED = frozenset({"module"})
+
 KINDS: dict[str, Kind] = {
     PASSPHRASE: Kind(_build_passphrase, person=True),
     "tpm2": Kind(_build_tpm, person=False, params=("tcti", "pcrs")),
@@ -268,6 +273,9 @@ def _slot(d: Any, path: Path) -> Slot:
         for k, v in params.items()
     ):
         raise _bad(path, f"slot {sid} has invalid parameters")
+    if set(params) & NOT_STORED:
+        # a module path read from this file would be code loaded into vhsm (often root)
+        raise _bad(path, f"slot {sid} names a {'/'.join(sorted(set(params) & NOT_STORED))}")
     return Slot(sid, kind, label, int(added), sealed, params)
 
 
@@ -358,7 +366,8 @@ def unlock(sf: SlotFile, path: Path, opener: Opener) -> bytes:
         tried.append(str(slot.id))
         try:
             key = prot.unseal(slot.sealed)
-        except WrongMasterKeyError:
+        except WrongMasterKeyError as e:
+            reasons.append(f"slot {slot.id}: {e}")  # secret-free one line: which device said no
             continue
         except MasterKeyError as e:
             reasons.append(f"slot {slot.id}: {e}")
@@ -374,7 +383,7 @@ def unlock(sf: SlotFile, path: Path, opener: Opener) -> bytes:
             continue
         return key
     if tried:
-        what = "wrong passphrase or protector" + (f" ({reasons[0]})" if reasons else "")
+        what = "wrong passphrase or protector" + (f" ({'; '.join(reasons)})" if reasons else "")
         raise WrongMasterKeyError(
             f"{what}: no protector slot of {path} unlocked the master key "
             f"(tried slot {', '.join(tried)})"
@@ -544,7 +553,7 @@ def add_slot(
             label,
             int(time.time()),
             sealed,
-            {k: v for k, v in params.items() if v not in (None, "", [])},
+            {k: v for k, v in params.items() if v not in (None, "", []) and k not in NOT_STORED},
         )
         sf.slots.append(slot)
         record = audit.AuditRecord(
