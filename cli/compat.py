@@ -51,6 +51,7 @@ OPTIONS: dict[str, bool] = {
     "-force": False,
     "-confirm_destroy": False,
     "-no_daemon": False,
+    "-json": False,
 }
 
 USAGE = """usage: hsm_enhanced [-master_key HEX] COMMAND [options]
@@ -66,7 +67,7 @@ commands:
   -rotate_key NAME                  new version; old ones still verify
   -audit_logs [DAYS]                last DAYS days (default 7) and Total entries
   -set_user USER                    persisted user context for the audit log
-  -scan_hardware                    FIDO2, TPM, PKCS#11, smart-card readers
+  -scan_hardware [-json]            TPM, PKCS#11, smart-card readers, FIDO2
   -encrypt NAME -i F -o F / -decrypt NAME -i F -o F   AES-256-GCM keys
   -set_state NAME STATE [-confirm_destroy]  lifecycle transition
   -verify_audit                     check the audit log chain
@@ -155,7 +156,7 @@ def _dispatch(command: str, args: list[str], opts: dict[str, str | bool]) -> Non
             )
             return
         if command == "-scan_hardware":
-            k.do_scan_hardware()
+            k.do_scan_hardware(as_json=bool(opts.get("-json")))
             return
         ctx = Context(
             data_dir=data_dir,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import sys
@@ -205,10 +206,16 @@ def do_audit_logs(ctx: Context, days: float) -> None:
     say(f"Total entries: {len(entries)}")
 
 
-def do_scan_hardware() -> None:
+def do_scan_hardware(as_json: bool = False) -> None:
+    """Ask every hardware stack; a table for people, or the report as JSON. Exit 0 whatever
+    is (not) present: a missing or failing stack is part of the answer, not an error."""
     from keysvc import hardware
 
-    for line in hardware.scan():
+    rep = hardware.report()
+    if as_json:
+        click.echo(json.dumps(rep, indent=2, sort_keys=False))
+        return
+    for line in hardware.render(rep):
         say(line)
 
 
@@ -744,10 +751,14 @@ def unlock(data_dir: str | None, socket_path: str | None) -> None:
 
 
 @click.command("scan-hardware")
+@click.option("--json", "as_json", is_flag=True, help="the report as JSON, for scripts")
 @guarded
-def scan_hardware() -> None:
-    """Report hardware roots of trust really present (PKCS#11, TPM, PC/SC, FIDO2)."""
-    do_scan_hardware()
+def scan_hardware(as_json: bool) -> None:
+    """Report hardware roots of trust really present (TPM, PKCS#11, PC/SC, FIDO2).
+
+    Each stack is asked through its library; one that is missing says how to install it, one
+    that fails or does not answer within VHSM_SCAN_TIMEOUT seconds (default 10) says why."""
+    do_scan_hardware(as_json)
 
 
 def register(vhsm: click.Group) -> None:
