@@ -63,7 +63,7 @@ def _line(e: BaseException) -> str:
 
 
 def _ascii(raw: bytes) -> str:
-    return "".join(chr(b) for b in raw if 32 <= b < 127).strip()
+    return " ".join("".join(chr(b) for b in raw if 32 <= b < 127).split())
 
 
 def _text(v: object) -> str:

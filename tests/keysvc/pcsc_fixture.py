@@ -226,6 +226,24 @@ class NsPcsc:
         answer: dict[str, Any] = json.loads(out)
         return answer
 
+    def run(
+        self, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run any command inside the namespace (e.g. the vhsm CLI), with the repository on
+        PYTHONPATH; returns it finished (stdout, stderr captured), killed after CLIENT_TIMEOUT."""
+        proc = self._popen(
+            [*self._nsenter(), *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**self._env(), **(env or {})},
+        )
+        try:
+            out, err = proc.communicate(timeout=CLIENT_TIMEOUT)
+        finally:
+            _stop(proc)
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
     def close(self) -> None:
         """Stop everything this fixture started, newest first (each by its own pid)."""
         for proc in reversed(self._procs):
