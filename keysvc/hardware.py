@@ -98,7 +98,8 @@ def _tpm() -> dict[str, Any]:
         banks = []
         for sel in pcrs.data.assignedPCR:
             if any(bytes(sel.pcrSelect)[: sel.sizeofSelect]):  # a bank with no PCR is off
-                banks.append(str(TPM2_ALG(sel.hash)).lower())
+                alg = TPM2_ALG(sel.hash)
+                banks.append("sha1" if alg == TPM2_ALG.SHA1 else str(alg).lower())
     vendor = b"".join(props.get(_PT_VENDOR_1 + i, 0).to_bytes(4, "big") for i in range(4))
     fw1, fw2 = props.get(_PT_FW_1, 0), props.get(_PT_FW_2, 0)
     return {
@@ -162,7 +163,8 @@ def _pkcs11_slot(pkcs11: Any, slot: Any) -> dict[str, Any]:
     try:
         t = slot.get_token()
         if not t.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
-            s["error"] = "no initialised token (a free slot)"
+            s["token"] = None
+            s["note"] = "no initialised token (a free slot)"
             return s
         s["token"] = {
             "label": _text(t.label),
@@ -189,7 +191,7 @@ def _pkcs11() -> dict[str, Any]:
     except ImportError:
         return {"status": MISSING, "install": INSTALL["pkcs11"]}
     mods = [_pkcs11_module(pkcs11, m) for m in _pkcs11_modules()]
-    if any("token" in s for m in mods for s in m.get("slots", [])):
+    if any(s.get("token") for m in mods for s in m.get("slots", [])):
         status = PRESENT
     elif mods and all("error" in m for m in mods):
         status = ERROR  # modules installed, none could be asked: say so, not "absent"
@@ -351,7 +353,7 @@ def _summary(name: str, r: dict[str, Any]) -> str:
         return f"nothing answers at TCTI {r['tcti']}"
     if name == "pkcs11":
         mods = r["modules"]
-        n = sum(1 for m in mods for s in m.get("slots", []) if "token" in s)
+        n = sum(1 for m in mods for s in m.get("slots", []) if s.get("token"))
         return f"{len(mods)} module(s), {n} token(s)" if mods else "no module installed"
     if name == "pcsc":
         if "reason" in r:
@@ -368,11 +370,11 @@ def _details(name: str, r: dict[str, Any]) -> list[str]:
             if "error" in m:
                 out.append(f"PKCS#11 module {m['path']}: cannot be used ({m['error']})")
                 continue
-            n = sum("token" in s for s in m["slots"])
+            n = sum(bool(s.get("token")) for s in m["slots"])
             out.append(f"PKCS#11 module {m['path']}: {m['manufacturer']} ({n} token(s))")
             for s in m["slots"]:
-                if "token" not in s:
-                    out.append(f"  slot {s['slot']}: {s.get('error', 'no token')}")
+                if not s.get("token"):
+                    out.append(f"  slot {s['slot']}: {s.get('error') or s.get('note')}")
                     continue
                 t = s["token"]
                 mechs = ", ".join(s.get("mechanisms", [])) or "none of AES-GCM, EdDSA, ECDSA"
