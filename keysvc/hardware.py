@@ -214,29 +214,42 @@ def _pcsc_reason(e: BaseException) -> str:
 
 def _pcsc() -> dict[str, Any]:
     try:
+        from smartcard import scard  # type: ignore[import-not-found]
         from smartcard.System import readers  # type: ignore[import-not-found]
     except ImportError:
         return {"status": MISSING, "install": INSTALL["pcsc"]}
     try:
-        rs = readers()
+        names = [str(r) for r in readers()]
     except Exception as e:  # noqa: BLE001 - no pcscd: nothing present through PC/SC
         return {"status": ABSENT, "readers": [], "reason": _pcsc_reason(e)}
-    out = []
-    for r in rs:
-        entry: dict[str, Any] = {"name": _text(r), "atr": None}
-        conn = r.createConnection()
-        try:
-            conn.connect()
-            entry["atr"] = bytes(conn.getATR()).hex().upper()
-        except Exception as e:  # noqa: BLE001 - an empty reader says so
-            entry["card"] = _line(e)
-        finally:
-            try:
-                conn.disconnect()
-            except Exception:  # noqa: BLE001, S110
-                pass
-        out.append(entry)
+    out = [_pcsc_reader(scard, n) for n in names]
     return {"status": PRESENT if out else ABSENT, "readers": out}
+
+
+def _pcsc_reader(scard: Any, name: str) -> dict[str, Any]:
+    """The reader's state as pcscd knows it (SCardGetStatusChange, timeout 0): the ATR without
+    connecting to the card, so a card another program holds exclusively (scdaemon, a PIV
+    middleware) is still seen, and no card is reset or powered down by the scan."""
+    entry: dict[str, Any] = {"name": _text(name), "atr": None}
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    if hr != scard.SCARD_S_SUCCESS:
+        entry["card"] = f"state unknown ({scard.SCardGetErrorMessage(hr)})"
+        return entry
+    try:
+        hr, states = scard.SCardGetStatusChange(ctx, 0, [(name, scard.SCARD_STATE_UNAWARE)])
+        if hr != scard.SCARD_S_SUCCESS:
+            entry["card"] = f"state unknown ({scard.SCardGetErrorMessage(hr)})"
+        else:
+            (_, state, atr) = states[0]
+            if state & scard.SCARD_STATE_PRESENT and atr:
+                entry["atr"] = bytes(atr).hex().upper()
+                if state & scard.SCARD_STATE_EXCLUSIVE:
+                    entry["card"] = "in exclusive use by another program"
+            else:
+                entry["card"] = "no card"
+    finally:
+        scard.SCardReleaseContext(ctx)
+    return entry
 
 
 # --- FIDO2 ----------------------------------------------------------------------------------
@@ -384,7 +397,10 @@ def _details(name: str, r: dict[str, Any]) -> list[str]:
                 )
     elif name == "pcsc":
         for x in r.get("readers", []):
-            card = f"card ATR {x['atr']}" if x.get("atr") else "no card"
+            if x.get("atr"):
+                card = f"card ATR {x['atr']}" + (f" ({x['card']})" if x.get("card") else "")
+            else:
+                card = x.get("card") or "no card"
             out.append(f"  reader '{x['name']}': {card}")
     elif name == "fido2":
         for d in r.get("devices", []):

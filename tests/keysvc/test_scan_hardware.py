@@ -202,6 +202,7 @@ def test_pcsc_reader_atr_and_fido2_authenticator(ns: NsPcsc, tmp_path: Path) -> 
     assert [r["atr"] for r in with_card] == [ATR.hex().upper()]
     assert with_card[0]["name"].startswith("Virtual PCD")
     assert len(readers) == len(VPCD_PORTS)  # the empty slot is listed, without an ATR
+    assert [r["card"] for r in readers.values() if not r["atr"]] == ["no card"]
     fido = rep["fido2"]
     assert fido["status"] == "present"
     (dev,) = [d for d in fido["devices"] if d["transport"] == "pcsc"]
@@ -211,5 +212,5 @@ def test_pcsc_reader_atr_and_fido2_authenticator(ns: NsPcsc, tmp_path: Path) -> 
     assert dev["extensions"] == ["hmac-secret"]
     text = ns.run(VHSM, env=env)
     out = text.stdout.decode()
-    assert f"card ATR {ATR.hex().upper()}" in out
+    assert f"card ATR {ATR.hex().upper()}" in out and "': no card" in out
     assert f"AAGUID {uuid.UUID(bytes=AAGUID)}, versions FIDO_2_0 FIDO_2_1" in out
