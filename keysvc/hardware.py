@@ -345,6 +345,8 @@ def report(timeout: float | None = None) -> dict[str, dict[str, Any]]:
             timeout = float(os.environ.get("VHSM_SCAN_TIMEOUT", TIMEOUT))
         except ValueError:
             timeout = TIMEOUT
+        if not 0 < timeout <= 600:  # also NaN
+            timeout = TIMEOUT
     # one at a time: pyscard and fido2's PC/SC transport share pcscd, and a stack's library
     # may not be thread-safe against another's; each still has its own deadline
     return {name: _bounded(name, fn, timeout) for name, fn in PROBES.items()}
