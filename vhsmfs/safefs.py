@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import stat
 import time
@@ -39,6 +40,7 @@ from vhsmfs.errors import VhsmError
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
 _WIPE_BLOCK = 1 << 20
+log = logging.getLogger("vhsm.store")
 READER_WAIT = 5.0  # seconds wipe() waits for other readers of a file (a backup tool) to close it
 RENAME_NOREPLACE = 1  # linux/fs.h
 # What openat() reports when O_NOFOLLOW/O_DIRECTORY meet the wrong kind of entry, or a FIFO
@@ -252,17 +254,26 @@ class SafeDir:
 
         Not while someone else has the file open (a backup tool copying it would copy zeros):
         up to `wait_readers` seconds are spent waiting for the last other descriptor to close,
-        seen by whether a write lease can be taken (fcntl F_SETLEASE); after that the file is
-        wiped regardless."""
+        seen by whether a write lease can be taken (fcntl F_SETLEASE). A file still open after
+        that is unlinked without being overwritten, and a warning names it: whoever holds it is
+        copying its bytes anyway, and zeros would only break their copy (seen with borg on a
+        loaded machine, issue 12)."""
         fd, st = self.open_file(name, os.O_WRONLY, sole=True)
         try:
-            _wait_for_readers(fd, wait_readers)
-            zeros = bytes(min(st.st_size, _WIPE_BLOCK))
-            for start, end in _data_extents(fd, st.st_size):
-                done = start
-                while done < end:
-                    done += os.pwrite(fd, zeros[: min(_WIPE_BLOCK, end - done)], done)
-            os.fsync(fd)
+            zeros_needed = _wait_for_readers(fd, wait_readers)
+            if not zeros_needed:
+                log.warning(
+                    "%s: another process kept it open for %.0f s; unlinked without overwriting",
+                    os.path.join(self.path, name),
+                    wait_readers,
+                )
+            else:
+                zeros = bytes(min(st.st_size, _WIPE_BLOCK))
+                for start, end in _data_extents(fd, st.st_size):
+                    done = start
+                    while done < end:
+                        done += os.pwrite(fd, zeros[: min(_WIPE_BLOCK, end - done)], done)
+                os.fsync(fd)
         finally:
             os.close(fd)
         self.unlink(name, st)
@@ -354,10 +365,10 @@ def rename_noreplace(dir_fd: int, src: str, dst: str, dst_dir_fd: int | None = N
         raise
 
 
-def _wait_for_readers(fd: int, limit: float) -> None:
+def _wait_for_readers(fd: int, limit: float) -> bool:
     """Until no other descriptor anywhere has the file open (a write lease is granted only
-    then; it is given back at once), at most `limit` seconds. Where leases are not supported
-    (some network filesystems), nothing is waited for."""
+    then; it is given back at once), at most `limit` seconds: False if one still has it. Where
+    leases are not supported (some network filesystems), nothing is waited for (True)."""
     deadline = time.monotonic() + limit
     pause = 0.002
     while True:
@@ -365,14 +376,14 @@ def _wait_for_readers(fd: int, limit: float) -> None:
             fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
         except OSError as e:
             if e.errno != errno.EAGAIN:
-                return  # no leases here (EINVAL, ENOLCK): nothing to wait on
+                return True  # no leases here (EINVAL, ENOLCK): nothing to wait on
             if time.monotonic() >= deadline:
-                return
+                return False
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
             continue
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-        return
+        return True
 
 
 def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
