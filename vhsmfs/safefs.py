@@ -249,34 +249,37 @@ class SafeDir:
 
     # -- changing entries -----------------------------------------------------------------------
     def wipe(self, name: str, *, wait_readers: float = READER_WAIT) -> None:
-        """Overwrite a regular file of ours with zeros, fsync, then unlink it. FileNotFoundError
-        if missing. On copy-on-write filesystems and SSDs old blocks may survive (FORMAT.md 7).
+        """Unlink a regular file of ours and overwrite its data with zeros, fsync. Raises
+        FileNotFoundError if missing. On copy-on-write filesystems and SSDs old blocks may
+        survive (FORMAT.md 7).
 
-        Not while someone else has the file open (a backup tool copying it would copy zeros):
-        up to `wait_readers` seconds are spent waiting for the last other descriptor to close,
-        seen by whether a write lease can be taken (fcntl F_SETLEASE). A file still open after
-        that is unlinked without being overwritten, and a warning names it: whoever holds it is
-        copying its bytes anyway, and zeros would only break their copy (seen with borg on a
-        loaded machine, issue 12)."""
+        Never under a backup tool that is copying the file (it would copy zeros): up to
+        `wait_readers` seconds are spent waiting for the last other descriptor to close, seen by
+        whether a write lease can be taken (fcntl F_SETLEASE). The name goes first, so nobody
+        can open the file after that check; the zeros are written through our descriptor only
+        if nobody opened it in between. A file still open (a backup tool stalled on a loaded
+        machine: seen with borg, issue 12) is left unlinked but not overwritten, and a warning
+        names it: its holder is copying those bytes anyway."""
         fd, st = self.open_file(name, os.O_WRONLY, sole=True)
         try:
-            zeros_needed = _wait_for_readers(fd, wait_readers)
-            if not zeros_needed:
+            alone = _wait_for_readers(fd, wait_readers)
+            self.unlink(name, st)
+            if alone:
+                alone = _wait_for_readers(fd, 0.0)  # opened between the check and the unlink?
+            if not alone:
                 log.warning(
-                    "%s: another process kept it open for %.0f s; unlinked without overwriting",
+                    "%s: another process kept it open; unlinked without overwriting",
                     os.path.join(self.path, name),
-                    wait_readers,
                 )
-            else:
-                zeros = bytes(min(st.st_size, _WIPE_BLOCK))
-                for start, end in _data_extents(fd, st.st_size):
-                    done = start
-                    while done < end:
-                        done += os.pwrite(fd, zeros[: min(_WIPE_BLOCK, end - done)], done)
-                os.fsync(fd)
+                return
+            zeros = bytes(min(st.st_size, _WIPE_BLOCK))
+            for start, end in _data_extents(fd, st.st_size):
+                done = start
+                while done < end:
+                    done += os.pwrite(fd, zeros[: min(_WIPE_BLOCK, end - done)], done)
+            os.fsync(fd)
         finally:
             os.close(fd)
-        self.unlink(name, st)
 
     def unlink(self, name: str, st: os.stat_result | None = None) -> None:
         """Remove entry `name`; with `st`, only if it is still that inode (else it is left
