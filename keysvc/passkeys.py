@@ -254,7 +254,9 @@ def _call(what: str, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         if code == err.PIN_INVALID:
             raise PasskeyError("wrong PIN for the FIDO2 authenticator") from None
         if code in (err.PIN_BLOCKED, err.PIN_AUTH_BLOCKED):
-            raise PasskeyError("the FIDO2 authenticator's PIN is blocked (too many wrong PINs)")
+            raise PasskeyError(
+                "the FIDO2 authenticator's PIN is blocked (too many wrong PINs)"
+            ) from None
         if code == err.NO_CREDENTIALS:
             raise PasskeyError(
                 f"this authenticator does not hold passkey {name}'s credential"
