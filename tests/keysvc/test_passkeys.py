@@ -1,6 +1,6 @@
 """Passkeys (keysvc/passkeys.py, `vhsm passkey ...`).
 
-The first test runs the real CLI inside the pcscd namespace (pcsc_fixture.py): pcscd + vpcd +
+The first two tests run the real CLI inside the pcscd namespace (pcsc_fixture.py): pcscd + vpcd +
 the software CTAP2 card (virtual_ctap_card.py), found by python-fido2's CtapPcscDevice. The
 others plug the same authenticator straight into python-fido2 (`VirtualCtapDevice`) for speed,
 some through a wrapper that alters what the authenticator answers (a forged attestation, an
@@ -189,6 +189,39 @@ def test_pcsc_cli_generate_then_authenticate(ns: NsPcsc, data: Path) -> None:
     ]
     assert "attestation packed self" in events[2][2]
     assert "no FIDO2 authenticator found" in events[1][2]
+
+
+def test_pcsc_cli_pin_and_tampered_key(ns: NsPcsc, data: Path) -> None:
+    ns.start_card(os.urandom(32))
+    assert ns.run_client({"op": "set_pin", "pin": PIN}) == {"retries": 8}
+    (data / "pin").write_text("0000-wrong\n")
+    (data / "pin").chmod(0o600)
+    wrong = _vhsm(ns, data, "generate", "ssh", "--pin-source", f"file:{data / 'pin'}")
+    assert wrong.returncode == 1
+    assert wrong.stderr.splitlines()[-1] == "Error: wrong PIN for the FIDO2 authenticator"
+    nopin = _vhsm(ns, data, "generate", "ssh")  # stdin is no terminal: no prompt
+    assert nopin.stderr.splitlines()[-1].startswith("Error: the FIDO2 authenticator has a PIN")
+    (data / "pin").write_text(PIN + "\n")
+    pin = ("--pin-source", f"file:{data / 'pin'}")
+    assert _vhsm(ns, data, "generate", "ssh", *pin).returncode == 0
+    assert _vhsm(ns, data, "generate", "git", *pin).returncode == 0
+    ok = _vhsm(ns, data, "authenticate", "ssh", *pin)
+    assert ok.returncode == 0, ok.stderr
+    _edit(data, "ssh", public_key=_stored(data)["git"]["public_key"])
+    bad = _vhsm(ns, data, "authenticate", "ssh", *pin)
+    assert bad.returncode == 1
+    assert bad.stderr.splitlines()[-1] == (
+        "Error: passkey ssh: assertion refused: invalid signature"
+    )
+    assert PIN not in (data / "hsm_audit.log").read_text()
+    assert [(e, k, ok) for e, k, _, ok in _audit(data)] == [
+        ("KEY_CREATED", "passkey:ssh", "FAILURE"),
+        ("KEY_CREATED", "passkey:ssh", "FAILURE"),
+        ("KEY_CREATED", "passkey:ssh", "SUCCESS"),
+        ("KEY_CREATED", "passkey:git", "SUCCESS"),
+        ("AUTH_SUCCESS", "passkey:ssh", "SUCCESS"),
+        ("SECURITY_VIOLATION", "passkey:ssh", "FAILURE"),
+    ]
 
 
 # --- in process: the same authenticator as a python-fido2 CtapDevice ---------------------------
