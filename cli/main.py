@@ -22,6 +22,9 @@ def _register() -> None:
     from cli import mount_cmds  # the FUSE mount
 
     mount_cmds.register(vhsm)
+    from cli import passkey_cmds  # FIDO2 passkeys
+
+    passkey_cmds.register(vhsm)
 
 
 def main() -> None:
