@@ -26,7 +26,6 @@ SECURITY_VIOLATION for a bad attestation, a bad signature and a counter regressi
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -163,13 +162,11 @@ def _dump(store: dict[str, Passkey]) -> bytes:
 def _locked(data_dir: str | os.PathLike[str] | None) -> Iterator[safefs.Dir]:
     """The data dir with the passkeys lock held: two runs at once must not lose a passkey or
     a counter update."""
-    with safefs.open_dir(paths.data_dir(data_dir), "data dir", PasskeyError) as d:
-        fd = d.open_lock(LOCK_NAME, "passkeys lock")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield d
-        finally:
-            os.close(fd)
+    with (
+        safefs.open_dir(paths.data_dir(data_dir), "data dir", PasskeyError) as d,
+        d.exclusive(LOCK_NAME, "passkeys lock"),
+    ):
+        yield d
 
 
 def _publish(

@@ -19,7 +19,6 @@ file is published; a failed unlock is audited AUTH_FAILURE by the caller that ha
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import hmac
 import importlib
@@ -437,13 +436,11 @@ def unlock_file(
 def _locked(data_dir: Path) -> Iterator[safefs.Dir]:
     """The data dir, with the slot file's lock held: two `protector add` at once would each
     write back the file they read, and one slot would be lost."""
-    with safefs.open_dir(data_dir, "data dir", MasterKeyError) as d:
-        fd = d.open_lock(LOCK_NAME, "protected master key lock")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield d
-        finally:
-            os.close(fd)
+    with (
+        safefs.open_dir(data_dir, "data dir", MasterKeyError) as d,
+        d.exclusive(LOCK_NAME, "protected master key lock"),
+    ):
+        yield d
 
 
 def _read(d: safefs.Dir) -> SlotFile | None:

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -318,6 +319,17 @@ class Dir:
         opened = self.open_file(name, what, os.O_RDONLY, create_mode=0o600)
         assert opened is not None  # create_mode given
         return opened[0]
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str, what: str) -> Iterator[None]:
+        """Hold an exclusive flock on lock file `name` (open_lock), waiting for it: for a
+        read-modify-write of a data-dir file that two processes may do at once."""
+        fd = self.open_lock(name, what)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def create(self, name: str, what: str, data: bytes, *, mode: int = 0o600) -> None:
         """A new file that must not exist yet (O_EXCL), durable with its directory entry.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from ksutil import Daemon, Work
+from pcsc_fixture import NsPcsc, require_stack
 from tpm_fixture import swtpm, swtpm_factory  # noqa: F401  (a real swtpm, for any test)
 
 
@@ -39,3 +40,15 @@ def daemon_factory(work: Work) -> Iterator[type[Daemon]]:
 @pytest.fixture
 def daemon(work: Work, daemon_factory: type[Daemon]) -> Daemon:
     return daemon_factory(work).start()
+
+
+@pytest.fixture
+def ns(tmp_path: Path) -> Iterator[NsPcsc]:
+    """pcscd + vpcd in a private namespace (pcsc_fixture). A missing stack fails the test, as
+    the swtpm fixture does: `make` installs it, so a skip would only hide a broken set-up."""
+    require_stack()
+    pcsc = NsPcsc(tmp_path)
+    try:
+        yield pcsc.start()
+    finally:
+        pcsc.close()

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 VPCD_DRIVER = Path("/usr/lib/pcsc/drivers/serial/libifdvpcd.so")
@@ -50,6 +52,14 @@ ip link set lo up
 echo ready
 exec cat >/dev/null
 """
+
+
+def require_stack() -> None:
+    """Fail (not skip) when the PC/SC test stack cannot run: `make` installs it, so a skip
+    would only hide a broken set-up (the swtpm fixture does the same)."""
+    why = missing_tools()
+    if why:
+        pytest.fail(f"the PC/SC test stack cannot run: {why}")
 
 
 def missing_tools() -> str | None:

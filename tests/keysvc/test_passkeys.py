@@ -14,12 +14,12 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pcsc_fixture import CLIENT_TIMEOUT, REPO, VPCD_PORTS, NsPcsc, missing_tools
+from pcsc_fixture import CLIENT_TIMEOUT, REPO, VPCD_PORTS, NsPcsc
 
 from keysvc import audit, passkeys
 from keysvc.errors import KeyExistsError, KeyNotFoundError, VerificationFailed
@@ -102,18 +102,6 @@ class Rewriting(VirtualCtapDevice):
 
 
 # --- through the real PC/SC stack, the CLI run inside the namespace ---------------------------
-
-
-@pytest.fixture
-def ns(tmp_path: Path) -> Iterator[NsPcsc]:
-    why = missing_tools()
-    if why:
-        pytest.skip(why)
-    pcsc = NsPcsc(tmp_path)
-    try:
-        yield pcsc.start()
-    finally:
-        pcsc.close()
 
 
 def _vhsm(ns: NsPcsc, data: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,12 +13,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pcsc_fixture import VPCD_PORTS, NsPcsc, missing_tools
+from pcsc_fixture import VPCD_PORTS, NsPcsc, require_stack
 
 from keysvc.errors import MasterKeyError, WrongMasterKeyError
 from keysvc.protect_fido2 import Fido2Protector
@@ -36,18 +35,6 @@ from virtual_ctap_card import (  # noqa: E402
 
 PIN = "4711-vhsm"
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def ns(tmp_path: Path) -> Iterator[NsPcsc]:
-    why = missing_tools()
-    if why:
-        pytest.skip(why)
-    pcsc = NsPcsc(tmp_path)
-    try:
-        yield pcsc.start()
-    finally:
-        pcsc.close()
 
 
 def _seal(ns: NsPcsc, key: bytes, pin: str | None = None) -> dict[str, Any]:
@@ -158,9 +145,7 @@ def test_pcsc_other_rp_id_is_refused(ns: NsPcsc) -> None:
 
 
 def test_pcsc_namespace_leaves_the_host_alone(tmp_path: Path) -> None:
-    why = missing_tools()
-    if why:
-        pytest.skip(why)
+    require_stack()
     host_run = Path("/run/pcscd")
     before = sorted(p.name for p in host_run.iterdir()) if host_run.exists() else None
     pcsc = NsPcsc(tmp_path)
@@ -189,9 +174,7 @@ def test_pcsc_reader_without_card(ns: NsPcsc) -> None:
 
 
 def test_pcsc_no_pcscd(tmp_path: Path) -> None:
-    why = missing_tools()
-    if why:
-        pytest.skip(why)
+    require_stack()
     pcsc = NsPcsc(tmp_path)
     try:
         pcsc.start(with_pcscd=False)
@@ -305,14 +288,9 @@ def test_applet_chaining_extended_and_get_response() -> None:
     assert first[:-2] + part[:-2] + rest[:-2] == big and rest[-2:] == b"\x90\x00"
 
 
-def test_module_imports_without_fido2(tmp_path: Path) -> None:
-    code = (
-        "import sys; sys.modules['fido2'] = None\n"
-        "import keysvc.protect_fido2 as p\n"
-        "try:\n    p.Fido2Protector().seal(bytes(32))\n"
-        "except p.MasterKeyError as e:\n    print(e)\n"
-    )
-    out = subprocess.run(
+def _python(code: str) -> str:
+    """Run `code` in a fresh interpreter with this checkout importable; its stdout."""
+    return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
@@ -320,6 +298,16 @@ def test_module_imports_without_fido2(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)},
         check=True,
     ).stdout
+
+
+def test_module_imports_without_fido2(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['fido2'] = None\n"
+        "import keysvc.protect_fido2 as p\n"
+        "try:\n    p.Fido2Protector().seal(bytes(32))\n"
+        "except p.MasterKeyError as e:\n    print(e)\n"
+    )
+    out = _python(code)
     assert out.strip() == (
         "the fido2 protector needs python-fido2: pip install fido2 (and pyscard for PC/SC readers)"
     )
@@ -334,13 +322,6 @@ def test_unusable_pcsc_is_named_when_nothing_is_found() -> None:
         f"try:\n    p.Fido2Protector().unseal({sealed!r})\n"
         "except p.MasterKeyError as e:\n    print(type(e).__name__, e)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=True,
-    ).stdout
+    out = _python(code)
     assert out.startswith("MasterKeyError no FIDO2 authenticator found (PC/SC reader or USB key); ")
     assert "PC/SC unusable" in out and "pip install 'fido2>=2' pyscard" in out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tpm_fixture import Swtpm, _port_pair, pcr_extend
+from tpm_fixture import Swtpm, _port_pair, pcr_extend, silent_tpm
 
 from keysvc.errors import MasterKeyError, WrongMasterKeyError
 from keysvc.protect_tpm import TpmProtector
@@ -217,13 +216,7 @@ def test_tss_library_logs_stay_quiet(swtpm: Swtpm) -> None:
 
 def test_a_tpm_that_never_answers_times_out() -> None:
     """Something listens at the TCTI's ports but never answers: a clear error, not a hang."""
-    port = _port_pair()
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", port))
-        b.bind(("127.0.0.1", port + 1))
-        a.listen()
-        b.listen()
-        tcti = f"swtpm:host=127.0.0.1,port={port}"
+    with silent_tpm() as tcti:
         t0 = time.monotonic()
         with pytest.raises(MasterKeyError) as ei:
             TpmProtector(tcti, timeout=1.5).seal(os.urandom(32))

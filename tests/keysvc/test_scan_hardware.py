@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pcsc_fixture import VPCD_PORTS, NsPcsc, missing_tools
+from pcsc_fixture import VPCD_PORTS, NsPcsc
 from softhsm_fixture import MODULE, make_softhsm
-from tpm_fixture import Swtpm, _port_pair
+from tpm_fixture import Swtpm, _port_pair, silent_tpm
 from virtual_ctap_card import AAGUID, ATR
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,13 +83,7 @@ def test_tpm_manufacturer_firmware_and_banks(swtpm: Swtpm, tmp_path: Path) -> No
 
 
 def test_tpm_that_never_answers_does_not_hang_the_scan(tmp_path: Path) -> None:
-    port = _port_pair()
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", port))
-        b.bind(("127.0.0.1", port + 1))
-        a.listen()
-        b.listen()
-        tcti = f"swtpm:host=127.0.0.1,port={port}"
+    with silent_tpm() as tcti:
         env = _env(tmp_path, TPM2TOOLS_TCTI=tcti, VHSM_SCAN_TIMEOUT="1.5")
         t0 = time.monotonic()
         rep = _scan(env)
@@ -174,18 +166,6 @@ def test_missing_libraries_say_how_to_install(tmp_path: Path) -> None:
 
 
 # --- PC/SC + FIDO2: pcscd, vpcd and the virtual CTAP2 card in a private namespace ----------
-
-
-@pytest.fixture
-def ns(tmp_path: Path) -> Iterator[NsPcsc]:
-    why = missing_tools()
-    if why:
-        pytest.skip(why)
-    pcsc = NsPcsc(tmp_path)
-    try:
-        yield pcsc.start()
-    finally:
-        pcsc.close()
 
 
 def test_pcsc_reader_atr_and_fido2_authenticator(ns: NsPcsc, tmp_path: Path) -> None:

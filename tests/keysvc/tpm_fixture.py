@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,3 +136,16 @@ def swtpm_factory(tmp_path: Path) -> Iterator[Callable[[], Swtpm]]:
 @pytest.fixture
 def swtpm(swtpm_factory: Callable[[], Swtpm]) -> Swtpm:
     return swtpm_factory()
+
+
+@contextmanager
+def silent_tpm() -> Iterator[str]:
+    """A TCTI where something listens on both ports but never answers (a hung TPM): the
+    TCTI string, valid inside the `with`."""
+    port = _port_pair()
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", port))
+        b.bind(("127.0.0.1", port + 1))
+        a.listen()
+        b.listen()
+        yield f"swtpm:host=127.0.0.1,port={port}"
