@@ -14,7 +14,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives import hmac as crypto_hmac
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from keysvc.errors import InvalidInputError, KeyTypeError
@@ -89,29 +89,68 @@ def load(key_type: str, material: bytes) -> Any:
     return material  # HMAC secret
 
 
-def sign(key_type: str, key: Any, data: bytes) -> bytes:
-    """Ed25519: 64 raw bytes. ECDSA: DER, SHA-256. RSA: PKCS#1 v1.5, SHA-256 (`openssl dgst`)."""
+HASHES = {"sha256": hashes.SHA256, "sha512": hashes.SHA512}
+DIGEST_SIZES = {"sha256": 32, "sha512": 64}
+
+
+def _hash_of(key_type: str, hash_name: str | None, prehashed: bool) -> Any:
+    """The cryptography hash (or Prehashed wrapper) for ECDSA/RSA; refuses what a type cannot
+    do. Ed25519 signs the message itself (pure Ed25519 has no prehashed mode here)."""
+    name = hash_name or "sha256"
+    if name not in HASHES:
+        raise InvalidInputError(f"unknown hash {name!r} (choose sha256 or sha512)")
+    if key_type == ECDSA_P256 and name != "sha256":
+        raise InvalidInputError("an ECDSA P-256 key signs with sha256")
+    if key_type in (ED25519, HMAC_SHA256) and (hash_name or prehashed):
+        raise InvalidInputError(f"a {key_type} key signs the message itself (no hash choice)")
+    h = HASHES[name]()
+    return utils.Prehashed(h) if prehashed else h
+
+
+def sign(
+    key_type: str, key: Any, data: bytes, hash_name: str | None = None, prehashed: bool = False
+) -> bytes:
+    """Ed25519: 64 raw bytes. ECDSA: DER, SHA-256. RSA: PKCS#1 v1.5, SHA-256 (`openssl dgst`)
+    or SHA-512. With `prehashed`, `data` is the digest of the message (ECDSA and RSA only):
+    the signature is the same as over the message."""
+    if key_type in (ECDSA_P256, RSA_3072):
+        h = _hash_of(key_type, hash_name, prehashed)
+        if prehashed and len(data) != DIGEST_SIZES[hash_name or "sha256"]:
+            raise InvalidInputError("a prehashed request carries exactly one digest")
+        if key_type == ECDSA_P256:
+            return key.sign(data, ec.ECDSA(h))
+        return key.sign(data, padding.PKCS1v15(), h)
+    _hash_of(key_type, hash_name, prehashed)
     if key_type == ED25519:
         return key.sign(data)
-    if key_type == ECDSA_P256:
-        return key.sign(data, ec.ECDSA(hashes.SHA256()))
-    if key_type == RSA_3072:
-        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
     if key_type == HMAC_SHA256:
-        h = crypto_hmac.HMAC(key, hashes.SHA256())
-        h.update(data)
-        return h.finalize()
+        m = crypto_hmac.HMAC(key, hashes.SHA256())
+        m.update(data)
+        return m.finalize()
     raise KeyTypeError(f"a {key_type} key cannot sign")
 
 
-def verify(key_type: str, key: Any, data: bytes, signature: bytes) -> bool:
+def verify(
+    key_type: str,
+    key: Any,
+    data: bytes,
+    signature: bytes,
+    hash_name: str | None = None,
+    prehashed: bool = False,
+) -> bool:
     try:
+        if key_type in (ECDSA_P256, RSA_3072):
+            h = _hash_of(key_type, hash_name, prehashed)
+            if prehashed and len(data) != DIGEST_SIZES[hash_name or "sha256"]:
+                raise InvalidInputError("a prehashed request carries exactly one digest")
+            if key_type == ECDSA_P256:
+                key.public_key().verify(signature, data, ec.ECDSA(h))
+            else:
+                key.public_key().verify(signature, data, padding.PKCS1v15(), h)
+            return True
+        _hash_of(key_type, hash_name, prehashed)
         if key_type == ED25519:
             key.public_key().verify(signature, data)
-        elif key_type == ECDSA_P256:
-            key.public_key().verify(signature, data, ec.ECDSA(hashes.SHA256()))
-        elif key_type == RSA_3072:
-            key.public_key().verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
         elif key_type == HMAC_SHA256:
             return hmac.compare_digest(sign(key_type, key, data), signature)
         else:

@@ -373,7 +373,13 @@ _POLICY: dict[str, _Check] = {
 # null means "not given". Unknown fields are ignored (newer clients may send more).
 _FIELDS: dict[str, dict[str, _Check]] = {
     "generate": {"type": _text, "exportable": _flag, "pre_active": _flag, **_POLICY},
-    "verify": {"sig_len": _whole(0, MAX_PAYLOAD)},
+    "sign": {"hash": _text, "prehashed": _flag},
+    "verify": {
+        "sig_len": _whole(0, MAX_PAYLOAD),
+        "hash": _text,
+        "prehashed": _flag,
+        "version": _whole(1, MAX_INT),
+    },
     "export_public_key": {"version": _whole(0, MAX_INT)},
     "encrypt": {"aad": _text},
     "decrypt": {"aad": _text},

@@ -17,6 +17,7 @@ operation whose audit line is not durable never succeeds (fail-closed).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import time
@@ -384,16 +385,25 @@ def _info(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict
     return {"info": key_info(s.ks.get(req["key"]))}, b"", ""
 
 
+def _signed_what(req: dict[str, Any], blob: bytes) -> str:
+    """What the audit line says was signed or verified: a SHA-256 of the message, or the
+    digest the client sent for a prehashed request (the message never reaches the daemon)."""
+    if req.get("prehashed"):
+        return f"{req.get('hash') or 'sha256'} digest {blob.hex()}"
+    return f"{len(blob)} bytes, sha256 {hashlib.sha256(blob).hexdigest()}"
+
+
 def _sign(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
     rec = s.ks.get(req["key"])
     if rec.key_type not in keytypes.SIGNING:
         raise KeyTypeError(f"key {rec.name} is {rec.key_type}: it cannot sign")
     lifecycle.check_use(rec.name, rec.state, "apply")
-    sig = keytypes.sign(rec.key_type, rec.key_obj(), blob)
+    hash_name, prehashed = req.get("hash"), bool(req.get("prehashed"))
+    sig = keytypes.sign(rec.key_type, rec.key_obj(), blob, hash_name, prehashed)
     version = rec.current
     s._used(rec)
     s._maybe_auto_rotate(rec)
-    return {"version": version}, sig, f"Signed {len(blob)} bytes with v{version}"
+    return {"version": version}, sig, f"Signed {_signed_what(req, blob)} with v{version}"
 
 
 def _verify(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
@@ -408,10 +418,14 @@ def _verify(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[di
     if not 0 <= n <= len(blob):
         raise InvalidInputError("sig_len out of range")
     sig, data = blob[:n], blob[n:]
-    for v in rec.usable_versions():
-        if keytypes.verify(rec.key_type, rec.key_obj(v), data, sig):
+    hash_name, prehashed = req.get("hash"), bool(req.get("prehashed"))
+    versions = rec.usable_versions()
+    if req.get("version") is not None:  # a format that names the version (SSHSIG, JSON)
+        versions = [v for v in versions if v == req["version"]]
+    for v in versions:
+        if keytypes.verify(rec.key_type, rec.key_obj(v), data, sig, hash_name, prehashed):
             s._used(rec)  # counted on success only, like every use (replay_uses agrees)
-            return {"version": v}, b"", f"Signature verified with v{v}"
+            return {"version": v}, b"", f"Signature verified with v{v} ({_signed_what(req, data)})"
     raise VerificationFailed(f"signature verification failed for key {rec.name}")
 
 
