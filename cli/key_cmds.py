@@ -7,6 +7,7 @@ are shared with the `hsm_enhanced` compat entry point (cli/compat.py) so both pr
 from __future__ import annotations
 
 import csv
+import getpass
 import io
 import json
 import math
@@ -731,10 +732,17 @@ def status(data_dir: str | None, socket_path: str | None) -> None:
 @keysvc_group.command("unlock")
 @click.option("--data-dir", envvar="HSM_DATA_DIR", type=click.Path(file_okay=False))
 @click.option("--socket", "socket_path", envvar="HSM_SOCKET", type=click.Path(dir_okay=False))
+@click.option(
+    "--fido2",
+    is_flag=True,
+    help="Unlock through a FIDO2 slot: the daemon asks the security key (touch it); its PIN, "
+    "if it has one, from HSM_PROTECTOR_PIN or a prompt.",
+)
 @guarded
-def unlock(data_dir: str | None, socket_path: str | None) -> None:
+def unlock(data_dir: str | None, socket_path: str | None, fido2: bool) -> None:
     """Unlock a daemon that started locked: the passphrase from HSM_MASTER_PASSPHRASE or a
-    prompt goes to the daemon over its socket, which tries its protector slots."""
+    prompt goes to the daemon over its socket, which tries its passphrase slots. With
+    --fido2 the daemon tries its FIDO2 slots with the security key attached to its machine."""
     client = connect(data_dir, socket_path)
     if client is None:
         fail("key service: not running")
@@ -744,8 +752,19 @@ def unlock(data_dir: str | None, socket_path: str | None) -> None:
         if not status_reply.get("locked"):
             say("key service: already unlocked")
             return
-        secret = protectorslots.env_or_prompt("HSM_MASTER_PASSPHRASE")("Master key passphrase: ")
-        reply, _ = client.call({"op": "unlock"}, secret.encode())
+        if fido2:
+            secret = os.environ.get("HSM_PROTECTOR_PIN", "")
+            if not secret and sys.stdin.isatty():
+                secret = getpass.getpass("FIDO2 PIN (empty if the key has none): ")
+            if sys.stderr.isatty():  # a hint for a person; scripts get only the outcome
+                say("Touch the security key of the key service's machine...", err=True)
+            header = {"op": "unlock", "kind": protectorslots.FIDO2}
+        else:
+            secret = protectorslots.env_or_prompt("HSM_MASTER_PASSPHRASE")(
+                "Master key passphrase: "
+            )
+            header = {"op": "unlock"}
+        reply, _ = client.call(header, secret.encode())
     raise_for(reply)
     say("key service: unlocked")
 

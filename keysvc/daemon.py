@@ -179,7 +179,11 @@ class Daemon:
         mk: bytes | None = None
         try:
             mk, self.mk_source = masterkey.resolve(
-                None, cfg.data_dir, audit_log=cfg.audit_log, user="vhsm-keysvc"
+                None,
+                cfg.data_dir,
+                audit_log=cfg.audit_log,
+                user="vhsm-keysvc",
+                opener=protectorslots.unattended_opener(),
             )
         except NeedsPersonError as e:
             # only protectors that need a person (passphrase, FIDO2 touch): serve locked until
@@ -264,13 +268,15 @@ class Daemon:
                 }, b""
             if op != "unlock":
                 raise LockedError("the key service is locked: run vhsm keysvc unlock")
-            return self._unlock(uid, payload)
+            return self._unlock(uid, payload, header.get("kind") or protectorslots.PASSPHRASE)
         except KeysvcError as e:
             return error_reply(e)
 
-    def _unlock(self, uid: int, payload: bytes | None) -> tuple[dict[str, Any], bytes]:
-        """Unlock through the slots with the secret the client sent; only the service's own
-        user (or root) may, as only they could have started it unlocked."""
+    def _unlock(self, uid: int, payload: bytes | None, kind: str) -> tuple[dict[str, Any], bytes]:
+        """Unlock through the slots of `kind` with the secret the client sent (a passphrase, or
+        a FIDO2 PIN, empty when the key has none: the daemon talks to the security key itself
+        and waits for its touch); only the service's own user (or root) may, as only they
+        could have started it unlocked."""
         who = audit.unix_user(uid)
         if uid not in (self.owner, 0):
             self.writer.append(
@@ -292,7 +298,11 @@ class Daemon:
             secret = payload.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidInputError("the unlock secret is not UTF-8") from None
-        opener = protectorslots.default_opener(lambda _prompt: secret)
+        if kind not in (protectorslots.PASSPHRASE, protectorslots.FIDO2):
+            raise InvalidInputError(
+                f"unlock takes {protectorslots.PASSPHRASE} or {protectorslots.FIDO2} slots"
+            )
+        opener = protectorslots.kind_opener(kind, secret)
         mk = protectorslots.unlock_data_dir(
             self.cfg.data_dir, opener, audit_log=self.cfg.audit_log, user=who
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
@@ -136,6 +136,7 @@ def resolve(
     *,
     audit_log: Path | None = None,
     user: str = "vhsm",
+    opener: Any = None,
 ) -> tuple[bytes, str]:
     """(master key, where it came from). Raises MasterKeyError when there is none. A refused
     unlock of master.key.protected is audited AUTH_FAILURE in `audit_log` when one is given."""
@@ -158,7 +159,9 @@ def resolve(
             if sealed is not None:
                 from keysvc import protectorslots  # it imports this module
 
-                key = protectorslots.unlock_file(sealed, prot, audit_log=audit_log, user=user)
+                key = protectorslots.unlock_file(
+                    sealed, prot, opener=opener, audit_log=audit_log, user=user
+                )
                 return key, str(prot)
     raise MasterKeyError(
         "no master key: pass -master_key, set HSM_MASTER_KEY, or run generate-master-key"

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -120,12 +120,19 @@ class Fido2Protector:
     kind: ClassVar[str] = "fido2-hmac-secret"
 
     def __init__(
-        self, device: CtapDevice | None = None, pin: str | None = None, rp_id: str = "vhsm.local"
+        self,
+        device: CtapDevice | None = None,
+        pin: str | None = None,
+        rp_id: str = "vhsm.local",
+        ask_pin: Callable[[str], str] | None = None,
     ) -> None:
         if not _RP_ID.match(rp_id):
             raise MasterKeyError("the FIDO2 relying party id must be a lower-case host name")
         self._device = device
         self._pin = pin or None
+        # asked only when the authenticator turns out to have a PIN (most keys without one
+        # would otherwise get a pointless prompt)
+        self._ask_pin = ask_pin
         self.rp_id = rp_id
 
     # --- device plumbing ------------------------------------------------------------------
@@ -170,6 +177,8 @@ class Fido2Protector:
         pin_mod = _fido2().ctap2.pin
         if not ctap.info.options.get("clientPin"):
             return None
+        if self._pin is None and self._ask_pin is not None:
+            self._pin = self._ask_pin("FIDO2 PIN: ") or None
         if self._pin is None:
             raise MasterKeyError("the FIDO2 authenticator has a PIN: give it")
         perms = pin_mod.ClientPin.PERMISSION.MAKE_CREDENTIAL

@@ -43,6 +43,8 @@ MAX_LABEL = 64
 LOCK_NAME = ".master.key.protected.lock"
 WHAT = "protected master key"  # the name safefs errors use for the file
 PASSPHRASE = masterkey.PassphraseProtector.kind
+FIDO2 = "fido2-hmac-secret"
+FIDO2_CLASS = "Fido2Protector"
 _KIND_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _PARAM_NAME_RE = re.compile(r"[a-z_]{1,32}")
@@ -176,9 +178,11 @@ def _build_pkcs11(params: dict[str, Any], secret: SecretSource) -> masterkey.Pro
 
 
 def _build_fido2(params: dict[str, Any], secret: SecretSource) -> masterkey.Protector:
-    cls = _hardware("keysvc.protect_fido2", "Fido2Protector", "fido2-hmac-secret")
-    pin = pin_from(params["pin_source"], "fido2-hmac-secret") if params.get("pin_source") else None
-    p: masterkey.Protector = cls(pin=pin, rp_id=params.get("rp_id") or "vhsm.local")
+    cls = _hardware("keysvc.protect_fido2", FIDO2_CLASS, FIDO2)
+    pin = pin_from(params["pin_source"], FIDO2) if params.get("pin_source") else None
+    p: masterkey.Protector = cls(
+        pin=pin, rp_id=params.get("rp_id") or "vhsm.local", ask_pin=None if pin else secret
+    )
     return p
 
 
@@ -193,7 +197,7 @@ KINDS: dict[str, Kind] = {
     "pkcs11": Kind(
         _build_pkcs11, person=False, params=("token_label", "module", "key_label", "pin_source")
     ),
-    "fido2-hmac-secret": Kind(_build_fido2, person=True, params=("pin_source", "rp_id")),
+    FIDO2: Kind(_build_fido2, person=True, params=("pin_source", "rp_id")),
 }
 
 
@@ -340,11 +344,12 @@ def _passphrase_source() -> SecretSource:
     return get
 
 
-def unlock(sf: SlotFile, path: Path, opener: Opener) -> bytes:
+def unlock(sf: SlotFile, path: Path, opener: Opener, refused: list[str] | None = None) -> bytes:
     """The master key from the first slot that `opener` can build a protector for and that
     unseals to the key `check` names. Slots needing no person are tried first. Raises
     WrongMasterKeyError when slots were tried and none opened, MasterKeyError when none could
-    be tried (the first reason why)."""
+    be tried (the first reason why). `refused` collects the slots that were tried and said no
+    (wrong secret, wrong device, changed PCRs), also when a later slot unlocks."""
     order = sorted(sf.slots, key=lambda s: KINDS[s.kind].person if s.kind in KINDS else True)
     tried: list[str] = []
     reasons: list[str] = []
@@ -367,6 +372,10 @@ def unlock(sf: SlotFile, path: Path, opener: Opener) -> bytes:
             key = prot.unseal(slot.sealed)
         except WrongMasterKeyError as e:
             reasons.append(f"slot {slot.id}: {e}")  # secret-free one line: which device said no
+            # A passphrase is not aimed at one slot: another passphrase slot opening with it
+            # is the normal case, not an attempt to audit. A device that said no is.
+            if refused is not None and slot.kind != PASSPHRASE:
+                refused.append(f"slot {slot.id} ({slot.kind}): {e}")
             continue
         except MasterKeyError as e:
             reasons.append(f"slot {slot.id}: {e}")
@@ -379,6 +388,8 @@ def unlock(sf: SlotFile, path: Path, opener: Opener) -> bytes:
             masterkey.check_value(key).encode(), sf.check.encode()
         ):
             reasons.append(f"slot {slot.id} unseals a key that does not match the file's check")
+            if refused is not None:
+                refused.append(f"slot {slot.id} ({slot.kind}): does not match the file's check")
             continue
         return key
     if tried:
@@ -404,6 +415,39 @@ def default_opener(passphrase: SecretSource | None = None) -> Opener:
     return open_slot
 
 
+def unattended_opener() -> Opener:
+    """The daemon's opener at start: nobody is there to touch a security key, so FIDO2 slots
+    wait for `vhsm keysvc unlock --fido2` (NeedsPersonError: the daemon starts locked when no
+    other slot opens); everything else as `default_opener`."""
+    base = default_opener()
+
+    def open_slot(slot: Slot) -> masterkey.Protector:
+        if slot.kind == FIDO2:
+            raise NeedsPersonError(
+                "a FIDO2 slot needs a touch of the security key: run vhsm keysvc unlock --fido2"
+            )
+        return base(slot)
+
+    return open_slot
+
+
+def kind_opener(kind: str, secret: str) -> Opener:
+    """The daemon's opener for `vhsm keysvc unlock`: only slots of `kind` (passphrase: the
+    secret is the passphrase; FIDO2: the PIN, asked for only if the authenticator has one)."""
+
+    def give(_prompt: str) -> str:
+        if not secret:
+            raise MasterKeyError("the FIDO2 authenticator has a PIN: give it")
+        return secret
+
+    def open_slot(slot: Slot) -> masterkey.Protector | None:
+        if slot.kind != kind:
+            return None  # only what the person came to unlock with (no surprise touch)
+        return build(slot.kind, slot.params, give)
+
+    return open_slot
+
+
 def audit_auth_failure(log: Path, user: str, details: str) -> None:
     audit.writer_for(log).append(
         [audit.AuditRecord("AUTH_FAILURE", "N/A", user, details, False, os.getuid())]
@@ -421,12 +465,19 @@ def unlock_file(
     """`unlock` of the file's contents; a refused unlock is audited AUTH_FAILURE when the
     caller names its audit log (fail-closed: if that write fails, its error wins)."""
     sf = parse(raw, path)
+    refused: list[str] = []
     try:
-        return unlock(sf, path, opener or default_opener())
+        key = unlock(sf, path, opener or default_opener(), refused)
     except WrongMasterKeyError as e:
         if audit_log is not None:
             audit_auth_failure(audit_log, user, f"master key unlock refused: {e}")
         raise
+    if refused and audit_log is not None:
+        # a wrong PIN or a foreign security key is an authentication failure even when
+        # another slot then unlocks: the log must show the attempt (fail-closed if it cannot)
+        details = f"protector slot refused before another unlocked: {'; '.join(refused)}"
+        audit_auth_failure(audit_log, user, details)
+    return key
 
 
 # --- changes -----------------------------------------------------------------------------------

@@ -386,6 +386,7 @@ _FIELDS: dict[str, dict[str, _Check]] = {
     "retire": {"min_version": _whole(1, MAX_INT)},
     "set_state": {"state": _text, "confirm_destroy": _flag},
     "set_policy": _POLICY,
+    "unlock": {"kind": _text},
 }
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "verify": ("sig_len",),

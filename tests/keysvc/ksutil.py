@@ -83,20 +83,29 @@ class Work:
 
 
 class Daemon:
-    def __init__(self, work: Work, *extra: str, sock: Path | None = None) -> None:
+    def __init__(
+        self,
+        work: Work,
+        *extra: str,
+        sock: Path | None = None,
+        prefix: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.work = work
+        self.prefix = prefix or []  # e.g. nsenter into the PC/SC test namespace
+        self.env = env
         self.sock = sock or work.path / ".vhsm-keysvc.sock"
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr_path = work.path.parent / f"daemon-{time.monotonic_ns()}.err"
 
     def start(self) -> Daemon:
-        args = [VHSM, "keysvc", "serve", "--socket", str(self.sock), *self.extra]
+        args = [*self.prefix, VHSM, "keysvc", "serve", "--socket", str(self.sock), *self.extra]
         self._err = open(self.stderr_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             args,
             cwd=self.work.path,
-            env=self.work.env,
+            env=self.env or self.work.env,
             stdin=subprocess.DEVNULL,  # never a terminal: a locked start must not prompt
             stderr=self._err,
             stdout=subprocess.DEVNULL,

@@ -149,8 +149,14 @@ class NsPcsc:
         return proc
 
     def _nsenter(self) -> list[str]:
+        return self.enter()
+
+    def enter(self, wd: Path | None = None) -> list[str]:
+        """The argv prefix that runs a command inside the namespace (entering a mount
+        namespace moves the cwd to its root, so a command that works in a directory names it)."""
         assert self.holder is not None
-        return ["nsenter", "-t", str(self.holder.pid), "--mount", "--net", "--"]
+        where = [f"--wd={wd}"] if wd is not None else []
+        return ["nsenter", "-t", str(self.holder.pid), "--mount", "--net", *where, "--"]
 
     def start(self, with_pcscd: bool = True) -> NsPcsc:
         self.holder = self._popen(

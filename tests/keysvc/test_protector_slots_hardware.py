@@ -11,6 +11,8 @@ from ksutil import Work
 from softhsm_fixture import MODULE, make_softhsm
 from tpm_fixture import Swtpm, pcr_extend
 
+from keysvc import audit
+
 PIN = "4821-pin"
 
 
@@ -79,3 +81,26 @@ def test_tpm_slot_unlocks_until_a_sealed_pcr_changes(tmp_path: Path, swtpm: Swtp
     pcr_extend(swtpm.tcti, 23)
     p = w.vhsm("key", "--no-daemon", "list", env=env, check=False)
     assert p.returncode == 1 and "PCRs changed" in only_error_line(p.stderr)
+
+
+def test_a_refused_hardware_slot_is_audited_when_another_slot_unlocks(
+    tmp_path: Path, swtpm: Swtpm
+) -> None:
+    d = tmp_path / "w"
+    d.mkdir()
+    w = Work(d)
+    w.hsm("-generate_master_key")
+    w.vhsm(
+        "key", "protector", "add", "tpm2", "--tcti", swtpm.tcti, "--pcrs", "23", "--remove-raw",
+    )  # fmt: skip
+    w.vhsm(
+        "key", "protector", "add", "passphrase-argon2id",
+        env={**w.env, "HSM_NEW_MASTER_PASSPHRASE": "fallback-pw"},
+    )  # fmt: skip
+    pcr_extend(swtpm.tcti, 23)
+    env = {**w.env, "HSM_MASTER_PASSPHRASE": "fallback-pw"}
+    w.vhsm("key", "--no-daemon", "generate", "k", env=env)  # the passphrase slot unlocks
+    failures = [e for e in audit.read_entries(d / "hsm_audit.log") if e.event == "AUTH_FAILURE"]
+    assert len(failures) == 1, failures
+    assert "slot 1 (tpm2)" in failures[0].details and "PCRs changed" in failures[0].details
+    assert audit.verify([d / "hsm_audit.log"]).ok
