@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from keysvc import audit as audit_mod
-from keysvc import keytypes, lifecycle, protocol
+from keysvc import keytypes, lifecycle, protocol, sshsig, sshwire
 from keysvc.audit import AuditRecord, AuditWriter
 from keysvc.denials import DenialBudget
 from keysvc.errors import (
@@ -390,7 +390,16 @@ def _signed_what(req: dict[str, Any], blob: bytes) -> str:
     digest the client sent for a prehashed request (the message never reaches the daemon)."""
     if req.get("prehashed"):
         return f"{req.get('hash') or 'sha256'} digest {blob.hex()}"
-    return f"{len(blob)} bytes, sha256 {hashlib.sha256(blob).hexdigest()}"
+    what = f"{len(blob)} bytes, sha256 {hashlib.sha256(blob).hexdigest()}"
+    if blob.startswith(sshsig.MAGIC):
+        # an SSH signature signs a digest of the file: name it, so the line can be matched
+        # with `sha512sum FILE`
+        try:
+            namespace, hash_name, digest = sshsig.parse_signed_data(blob)
+        except sshwire.SshWireError:
+            return what
+        what += f", SSHSIG namespace {namespace!r} {hash_name} {digest.hex()}"
+    return what
 
 
 def _sign(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
