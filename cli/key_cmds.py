@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
+from cli import sign_formats
 from cli.display import say
 from cli.errors import fail, guarded
 from cli.protector_cmds import protector
@@ -121,30 +122,66 @@ def do_info(ctx: Context, name: str) -> None:
         say(line)
 
 
-def do_sign(ctx: Context, name: str, infile: str, outfile: str | None) -> None:
-    data = read_input(infile)
-    reply, sig = ctx.execute({"op": "sign", "key": name}, data)
-    write_output(outfile, sig)
+def do_sign(
+    ctx: Context,
+    name: str,
+    infile: str,
+    outfile: str | None,
+    fmt: str = "raw",
+    *,
+    namespace: str | None = None,
+    trusted_comment: str | None = None,
+    as_json: bool = False,
+) -> None:
+    signed = sign_formats.sign(
+        ctx, name, infile, fmt, namespace=namespace, trusted_comment=trusted_comment
+    )
+    if as_json:  # the signature is in the JSON: stdout gets nothing else
+        if outfile and outfile != "-":
+            write_output(outfile, signed.data)
+        click.echo(json.dumps(sign_formats.signature_json(name, fmt, signed)))  # data: exact
+        return
+    write_output(outfile, signed.data)
     if outfile and outfile != "-":
-        say(f"Signature written to {outfile} ({len(sig)} bytes, key version {reply['version']})")
+        say(
+            f"Signature written to {outfile} ({len(signed.data)} bytes, "
+            f"key version {signed.version})"
+        )
 
 
-def do_verify(ctx: Context, name: str, infile: str, sigfile: str) -> None:
-    data = read_input(infile)
-    sig = read_input(sigfile)
+def do_verify(
+    ctx: Context,
+    name: str,
+    infile: str,
+    sigfile: str,
+    fmt: str | None = None,
+    *,
+    namespace: str | None = None,
+) -> None:
     try:
-        reply, _ = ctx.execute({"op": "verify", "key": name, "sig_len": len(sig)}, sig + data)
+        res = sign_formats.verify(ctx, name, infile, sigfile, fmt, namespace=namespace)
     except VerificationFailed as e:
         say(f"Signature verification FAILED: {e}", err=True)
         sys.exit(1)
-    say(f"Signature verified successfully (key {name}, version {reply['version']})")
+    say(f"Signature verified successfully (key {name}, version {res.version})")
+    if res.note:
+        say(res.note)
 
 
 def do_export_public(
-    ctx: Context, name: str, outfile: str | None, version: int | None = None
+    ctx: Context,
+    name: str,
+    outfile: str | None,
+    version: int | None = None,
+    fmt: str = "pem",
+    *,
+    principal: str | None = None,
+    namespaces: tuple[str, ...] = (),
 ) -> None:
-    _, pem = ctx.execute({"op": "export_public_key", "key": name, "version": version})
-    write_output(outfile, pem)
+    out = sign_formats.export_public(
+        ctx, name, fmt, version, principal=principal, namespaces=namespaces
+    )
+    write_output(outfile, out)
 
 
 def do_rotate(ctx: Context, name: str) -> None:
@@ -377,33 +414,107 @@ def info(c: click.Context, name: str) -> None:
 @click.argument("name")
 @click.option("-i", "--in", "infile", required=True, help="File to sign ('-' = stdin).")
 @click.option("-o", "--out", "outfile", help="Signature file (default: stdout).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(sign_formats.SIGN_FORMATS),
+    default="raw",
+    show_default=True,
+    help="raw bytes, an SSH signature (ssh-keygen -Y verify), minisign or signify.",
+)
+@click.option(
+    "--namespace",
+    help=f"sshsig: what the signature is for (default {sign_formats.DEFAULT_NAMESPACE!r}).",
+)
+@click.option("--trusted-comment", help="minisign: the signed comment (default: time, file, key).")
+@click.option("--json", "as_json", is_flag=True, help="Print key, version, format and signature.")
 @click.pass_context
 @guarded
-def sign(c: click.Context, name: str, infile: str, outfile: str | None) -> None:
-    """Sign a file (Ed25519: 64 raw bytes; ECDSA: DER; RSA: PKCS#1 v1.5; HMAC: 32 bytes)."""
-    do_sign(_ctx(c), name, infile, outfile)
+def sign(
+    c: click.Context,
+    name: str,
+    infile: str,
+    outfile: str | None,
+    fmt: str,
+    namespace: str | None,
+    trusted_comment: str | None,
+    as_json: bool,
+) -> None:
+    """Sign a file (raw: Ed25519 64 bytes; ECDSA DER; RSA PKCS#1 v1.5; HMAC 32 bytes)."""
+    do_sign(
+        _ctx(c),
+        name,
+        infile,
+        outfile,
+        fmt,
+        namespace=namespace,
+        trusted_comment=trusted_comment,
+        as_json=as_json,
+    )
 
 
 @key.command("verify")
 @click.argument("name")
 @click.option("-i", "--in", "infile", required=True)
 @click.option("-s", "--sig", "sigfile", required=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(sign_formats.SIGN_FORMATS),
+    help="Signature format (default: recognized from the signature file).",
+)
+@click.option(
+    "--namespace",
+    help=f"sshsig: the namespace expected (default {sign_formats.DEFAULT_NAMESPACE!r}).",
+)
 @click.pass_context
 @guarded
-def verify(c: click.Context, name: str, infile: str, sigfile: str) -> None:
+def verify(
+    c: click.Context,
+    name: str,
+    infile: str,
+    sigfile: str,
+    fmt: str | None,
+    namespace: str | None,
+) -> None:
     """Verify a signature against every usable version; exit 1 if it does not verify."""
-    do_verify(_ctx(c), name, infile, sigfile)
+    do_verify(_ctx(c), name, infile, sigfile, fmt, namespace=namespace)
 
 
 @key.command("export-public")
 @click.argument("name")
 @click.option("-o", "--out", "outfile")
 @click.option("--version", "version", type=int, help="Key version (default: current).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(sign_formats.EXPORT_FORMATS),
+    default="pem",
+    show_default=True,
+    help="allowed-signers: one line per usable version unless --version.",
+)
+@click.option("--principal", help="allowed-signers: who signs (default: the key name).")
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="allowed-signers: trust the key only for this namespace (repeatable; default: any).",
+)
 @click.pass_context
 @guarded
-def export_public(c: click.Context, name: str, outfile: str | None, version: int | None) -> None:
-    """Public key as PEM (BEGIN PUBLIC KEY)."""
-    do_export_public(_ctx(c), name, outfile, version)
+def export_public(
+    c: click.Context,
+    name: str,
+    outfile: str | None,
+    version: int | None,
+    fmt: str,
+    principal: str | None,
+    namespaces: tuple[str, ...],
+) -> None:
+    """Public key as PEM (BEGIN PUBLIC KEY), OpenSSH, minisign, signify or allowed_signers."""
+    do_export_public(
+        _ctx(c), name, outfile, version, fmt, principal=principal, namespaces=namespaces
+    )
 
 
 def _cipher_cmd(op: str, doc: str) -> None:
