@@ -149,6 +149,20 @@ def _public_key(ctx: Context, name: str, version: int | None) -> tuple[int, Any]
     return int(reply["version"]), serialization.load_pem_public_key(pem)
 
 
+def _signing_key(ctx: Context, name: str) -> tuple[int, str, Any]:
+    """(current version, key type, its public key), asked before signing: a key that cannot
+    make the format fails before the file is read. `export_public_key` rather than `info`, so
+    the operations a signer is usually granted (sign, verify, export_public_key) suffice."""
+    version, public_key = _public_key(ctx, name, None)
+    return version, sshwire.public_key_type(public_key), public_key
+
+
+def _signer(ctx: Context, name: str, version: int, known: tuple[int, Any]) -> Any:
+    """The public key of the version that signed: the one fetched before signing, unless a
+    rotation happened in between."""
+    return known[1] if known[0] == version else _public_key(ctx, name, version)[1]
+
+
 def _raw_ed25519(public_key: Any) -> bytes:
     return bytes(
         public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -158,11 +172,6 @@ def _raw_ed25519(public_key: Any) -> bytes:
 def _need_ed25519(name: str, key_type: str, fmt: str) -> None:
     if key_type != keytypes.ED25519:
         raise KeyTypeError(f"{fmt} signs with Ed25519 keys only; key {name} is {key_type}")
-
-
-def _need_asymmetric(name: str, key_type: str, fmt: str) -> None:
-    if key_type not in keytypes.ASYMMETRIC:
-        raise KeyTypeError(f"key {name} is {key_type}: it has no {fmt} signatures")
 
 
 def _sign(ctx: Context, name: str, data: bytes, **opts: Any) -> tuple[int, bytes]:
@@ -234,14 +243,12 @@ def _namespace(namespace: str | None) -> str:
 def sign_sshsig(ctx: Context, name: str, infile: str, namespace: str | None) -> Signed:
     """PROTOCOL.sshsig: the key signs the namespace and a SHA-512 of the file."""
     ns = _namespace(namespace)
-    key_type = _info(ctx, name)["type"]  # before reading: a wrong key fails at once
-    _need_asymmetric(name, key_type, "SSH")
+    current, key_type, public_key = _signing_key(ctx, name)
     algorithm = sshwire.signature_algorithm(key_type, "sha512")
     digest = hash_file(infile, sshsig.new_hash(sshsig.DEFAULT_HASH))
     data = sshsig.signed_data(ns, sshsig.DEFAULT_HASH, digest)
     version, raw = _sign(ctx, name, data, hash=sshwire.SIGNATURE_ALGORITHMS[algorithm][1])
-    # the public key of the version that signed (a rotation may have happened meanwhile)
-    _, public_key = _public_key(ctx, name, version)
+    public_key = _signer(ctx, name, version, (current, public_key))
     sig = sshsig.Signature(
         public_key=sshwire.public_blob(public_key),
         namespace=ns,
@@ -318,10 +325,11 @@ def sign_minisign(ctx: Context, name: str, infile: str, trusted_comment: str | N
             minisign.check_comment(trusted_comment, minisign.MAX_TRUSTED_COMMENT, "trusted comment")
         except minisign.MinisignError as e:
             raise _minisign_error(e, "--trusted-comment") from None
-    _need_ed25519(name, _info(ctx, name)["type"], "minisign")
+    current, key_type, public_key = _signing_key(ctx, name)
+    _need_ed25519(name, key_type, "minisign")
     digest = hash_file(infile, minisign.new_hash())
     version, sig = _sign(ctx, name, digest)
-    _, public_key = _public_key(ctx, name, version)
+    public_key = _signer(ctx, name, version, (current, public_key))
     comment = trusted_comment or _default_trusted_comment(infile, name, version)
     again, glob = _sign(ctx, name, minisign.global_signed(sig, comment))
     if again != version:
@@ -339,12 +347,12 @@ def sign_minisign(ctx: Context, name: str, infile: str, trusted_comment: str | N
 
 def sign_signify(ctx: Context, name: str, infile: str) -> Signed:
     """signify's only algorithm (minisign's legacy "Ed"): Ed25519 over the whole file."""
-    key_type = _info(ctx, name)["type"]
+    current, key_type, public_key = _signing_key(ctx, name)
     _need_ed25519(name, key_type, "signify")
     with _open(infile) as fd:
         data = _whole(fd, infile, b"", name, key_type, MAX_PAYLOAD)
     version, sig = _sign(ctx, name, data)
-    _, public_key = _public_key(ctx, name, version)
+    public_key = _signer(ctx, name, version, (current, public_key))
     out = minisign.Signature(
         algorithm=minisign.LEGACY,
         key_id=minisign.key_id(_raw_ed25519(public_key)),

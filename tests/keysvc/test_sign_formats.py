@@ -159,6 +159,12 @@ def test_sshsig_refusals_are_one_line(work: Work) -> None:
             "key", "verify", "k", "-i", "msg", "-s", name, "--format", "sshsig", check=False
         )
         one_line_failure(p)
+    # keys and options that cannot make the format
+    work.vhsm("key", "generate", "mac", "--type", "hmac-sha256")
+    p = work.vhsm("key", "sign", "mac", "-i", "msg", "--format", "sshsig", check=False)
+    one_line_failure(p, "no public key")
+    p = work.vhsm("key", "sign", "k", "-i", "msg", "--namespace", "git", check=False)
+    one_line_failure(p, "--format sshsig only")
     # the audit log recorded the failures that reached verification
     fails = [e for e in work.events("VERIFY_OPERATION") if e[5] == "FAILURE"]
     assert len(fails) >= 3
