@@ -46,7 +46,7 @@ MAX_SIGNATURE_FILE = sshsig.MAX_ARMORED
 class Signed:
     version: int
     data: bytes
-    text: bool  # an ASCII file (armored, minisign), not raw bytes
+    text: bool  # a text file (armored, minisign: UTF-8 comments), not raw bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +235,7 @@ def verify_raw(ctx: Context, name: str, infile: str, sig: bytes) -> Verified:
 
 def _namespace(namespace: str | None) -> str:
     try:
-        return sshsig.check_namespace(namespace or DEFAULT_NAMESPACE)
+        return sshsig.check_namespace(DEFAULT_NAMESPACE if namespace is None else namespace)
     except sshwire.SshWireError as e:
         raise InvalidInputError(f"--namespace: {e}") from None
 
@@ -464,7 +464,7 @@ def signature_json(name: str, fmt: str, signed: Signed) -> dict[str, Any]:
         "version": signed.version,
         "format": fmt,
         "signature": (
-            signed.data.decode("ascii") if signed.text else base64.b64encode(signed.data).decode()
+            signed.data.decode() if signed.text else base64.b64encode(signed.data).decode()
         ),
     }
 
