@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 # restic, borgbackup, rsync, tar: copies of a live store in tests/backup (docs/BACKUP.md).
 # Hardware roots of trust (docs/HARDWARE.md): libtss2-dev to build tpm2-pytss, swtpm to test it;
 # pcscd + libpcsclite-dev + swig to build pyscard, vsmartcard-vpcd for the tests' virtual card.
-# Signing formats (README "SSH, git and minisign"): ssh-keygen, sshd, git, minisign and signify
+# Signing formats (README "SSH signatures and minisign", "ssh-agent and git"): ssh-keygen, sshd, git, minisign and signify
 # verify what vhsm signs in tests.
 APT_PACKAGES := build-essential python3-dev python3-venv fuse3 libfuse3-dev pkg-config \
 	age gocryptfs rsync attr softhsm2 openssl util-linux procps xxd patch \

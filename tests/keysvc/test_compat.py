@@ -55,7 +55,8 @@ def test_generate_sign_verify_export_with_openssl(work: Work) -> None:
     v = work.hsm("-verify", "my_signing_key", "-i", str(data), "-s", "big.sig")
     assert "verified" in v.stdout
     # a changed file: exit 1, FAILURE audited, OpenSSL agrees
-    data.write_bytes(data.read_bytes()[:-1] + b"X")
+    raw = data.read_bytes()
+    data.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0x01]))  # always a change (b"X" was not, 1 in 256)
     bad = work.hsm("-verify", "my_signing_key", "-i", str(data), "-s", "big.sig", check=False)
     assert bad.returncode == 1 and "verified" not in bad.stdout
     assert work.events("VERIFY_OPERATION")[-1][5] == "FAILURE"
