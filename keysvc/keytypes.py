@@ -168,6 +168,13 @@ def public_pem(key_type: str, key: Any) -> bytes:
     )
 
 
+def public_der(public_key: Any) -> bytes:
+    """SubjectPublicKeyInfo DER (what `openssl pkey -pubin -outform DER` writes)."""
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def _aad(domain: bytes, name: str, version: int, aad: bytes) -> bytes:
     return domain + name.encode() + b"\0" + str(version).encode() + b"\0" + aad
 
@@ -190,6 +197,16 @@ def blob_version(blob: bytes, *, wrapped: bool) -> int:
         what = "wrapped key" if wrapped else "ciphertext"
         raise InvalidInputError(f"input is not a vhsm {what}")
     return struct.unpack(">I", blob[4:8])[0]
+
+
+def blob_is_wrapped(blob: bytes) -> bool:
+    """Whether `blob` is a wrapped key (True) or a ciphertext (False), by its magic; anything
+    else is refused (rewrap takes either)."""
+    if blob[:4] == _WRAP_MAGIC:
+        return True
+    if blob[:4] == _CT_MAGIC:
+        return False
+    raise InvalidInputError("input is neither a vhsm wrapped key nor a vhsm ciphertext")
 
 
 def decrypt(

@@ -44,6 +44,8 @@ OPERATIONS = frozenset(
         "decrypt",
         "wrap",
         "unwrap",
+        "datakey",
+        "rewrap",
         "export_public_key",
         "rotate",
         "retire",

@@ -320,6 +320,9 @@ class FrameReader:
 # --- request fields --------------------------------------------------------------------------
 
 MAX_AGE_DAYS = 36500  # rotation policy: 100 years; 0 = no age limit
+# Data keys (wrap, datakey): AES keys are 16-64 bytes; 1 KiB leaves room for key bundles.
+MAX_DATA_KEY = 1024
+MIN_GENERATED_DATA_KEY = 16  # datakey: fewer than 128 random bits is no key
 
 
 def _text(v: object) -> str | None:
@@ -383,6 +386,8 @@ _FIELDS: dict[str, dict[str, _Check]] = {
     "export_public_key": {"version": _whole(0, MAX_INT)},
     "encrypt": {"aad": _text},
     "decrypt": {"aad": _text},
+    "datakey": {"bytes": _whole(MIN_GENERATED_DATA_KEY, MAX_DATA_KEY), "wrapped_only": _flag},
+    "rewrap": {"aad": _text},
     "retire": {"min_version": _whole(1, MAX_INT)},
     "set_state": {"state": _text, "confirm_destroy": _flag},
     "set_policy": _POLICY,

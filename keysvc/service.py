@@ -45,7 +45,8 @@ from keysvc.policy import Policy
 from keysvc.safefs import discard
 
 Reply = tuple[dict[str, Any], bytes]
-MAX_DATA_KEY = 1024
+MAX_DATA_KEY = protocol.MAX_DATA_KEY
+DEFAULT_DATA_KEY = 32  # datakey: an AES-256 key
 _KEY_SHOWN = 256  # a refused request's key name is clipped to this in its audit line
 
 
@@ -356,7 +357,18 @@ def _list(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict
     return {"keys": names}, b"", ""
 
 
-_ANY_OP = ("info", "sign", "verify", "encrypt", "decrypt", "export_public_key", "wrap", "unwrap")
+_ANY_OP = (
+    "info",
+    "sign",
+    "verify",
+    "encrypt",
+    "decrypt",
+    "export_public_key",
+    "wrap",
+    "unwrap",
+    "datakey",
+    "rewrap",
+)
 
 
 def key_info(rec: KeyRecord, now: float | None = None) -> dict[str, Any]:
@@ -381,8 +393,35 @@ def key_info(rec: KeyRecord, now: float | None = None) -> dict[str, Any]:
     }
 
 
+def version_details(rec: KeyRecord) -> list[dict[str, Any]]:
+    """Every version, oldest first: number, creation time, state, and for asymmetric keys the
+    public key's fingerprints. Symmetric keys get none: a digest of secret material would be a
+    test for guesses of it, and a public value is all a fingerprint should identify."""
+    usable = set(rec.usable_versions())
+    out = []
+    for n in sorted(rec.versions):
+        v = rec.versions[n]
+        if v.material is None:
+            state = "destroyed" if rec.state == lifecycle.DESTROYED else "retired"
+        else:
+            state = "current" if n == rec.current else "previous"
+        d: dict[str, Any] = {"version": n, "created": v.created, "state": state}
+        d["usable"] = n in usable
+        if rec.key_type in keytypes.ASYMMETRIC:
+            d["fingerprint"] = d["spki_sha256"] = None
+            if v.material is not None:
+                pub = rec.key_obj(n).public_key()
+                d["fingerprint"] = sshwire.fingerprint(pub)
+                d["spki_sha256"] = hashlib.sha256(keytypes.public_der(pub)).hexdigest()
+        out.append(d)
+    return out
+
+
 def _info(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
-    return {"info": key_info(s.ks.get(req["key"]))}, b"", ""
+    rec = s.ks.get(req["key"])
+    info = key_info(rec)
+    info["version_details"] = version_details(rec)
+    return {"info": info}, b"", ""
 
 
 def _signed_what(req: dict[str, Any], blob: bytes) -> str:
@@ -508,6 +547,47 @@ def _unwrap(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[di
     return {"version": v}, dk, f"Data key unwrapped with v{v}"
 
 
+def _datakey(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    """A new random data key wrapped under the current version (Vault transit
+    datakey/plaintext and datakey/wrapped). Payload: the wrapped key, then the plaintext unless
+    `wrapped_only` (then it never leaves the service). The audit line names sizes only."""
+    rec = _aes(s, req, "apply")
+    n = int(req.get("bytes") or DEFAULT_DATA_KEY)
+    dk = os.urandom(n)
+    w = keytypes.wrap(rec.key_obj(), rec.name, rec.current, dk)
+    version = rec.current
+    s._used(rec)
+    s._maybe_auto_rotate(rec)
+    wrapped_only = bool(req.get("wrapped_only"))
+    what = "wrapped only" if wrapped_only else "plaintext and wrapped"
+    reply = {"version": version, "bytes": n, "wrapped_len": len(w)}
+    return (
+        reply,
+        w if wrapped_only else w + dk,
+        f"Data key of {n} bytes generated ({what}, v{version})",
+    )
+
+
+def _rewrap(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
+    """A wrapped key or ciphertext of this key, re-encrypted under the current version inside
+    the service: the plaintext never reaches the caller (Vault transit rewrap)."""
+    rec = _aes(s, req, "apply")
+    wrapped = keytypes.blob_is_wrapped(blob)
+    old = _old_version(rec, blob, wrapped=wrapped)
+    aad = b"" if wrapped else _aad(req)
+    pt = keytypes.decrypt(rec.key_obj(old), rec.name, blob, aad, wrapped=wrapped)
+    new = rec.current
+    if wrapped:
+        out = keytypes.wrap(rec.key_obj(), rec.name, new, pt)
+    else:
+        out = keytypes.encrypt(rec.key_obj(), rec.name, new, pt, aad)
+    s._used(rec)
+    s._maybe_auto_rotate(rec)
+    kind = "wrapped" if wrapped else "ciphertext"
+    details = f"Rewrapped {'wrapped key' if wrapped else 'ciphertext'} v{old} -> v{new}"
+    return {"version": new, "old_version": old, "kind": kind}, out, details
+
+
 def _rotate(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
     rec = s.ks.get(req["key"])
     if rec.state not in (lifecycle.ACTIVE, lifecycle.PRE_ACTIVE, lifecycle.SUSPENDED):
@@ -607,6 +687,8 @@ OPS: dict[str, OpSpec] = {
     "decrypt": OpSpec(_decrypt, "DECRYPTION"),
     "wrap": OpSpec(_wrap, "ENCRYPTION"),
     "unwrap": OpSpec(_unwrap, "DECRYPTION"),
+    "datakey": OpSpec(_datakey, "ENCRYPTION"),
+    "rewrap": OpSpec(_rewrap, "ENCRYPTION"),
     "rotate": OpSpec(_rotate, "KEY_ROTATED"),
     "retire": OpSpec(_retire, "KEY_MODIFIED"),
     "set_state": OpSpec(_set_state, "KEY_MODIFIED"),
