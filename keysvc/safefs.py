@@ -136,6 +136,24 @@ def rename_over(dir_fd: int, tmp: str, name: str, accept: Callable[[os.stat_resu
     os.fsync(dir_fd)
 
 
+def publish_new(dir_fd: int, tmp: str, name: str) -> None:
+    """Publish temp file `tmp` as `name` (same directory) only if `name` does not exist:
+    link(2) never replaces anything (EEXIST), so a file or link planted after our check is
+    left alone. Where hard links are not supported, `name` is reserved with O_EXCL and the
+    temp file renamed over our own reservation."""
+    try:
+        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE, 0o600, dir_fd=dir_fd)
+        os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    else:
+        os.unlink(tmp, dir_fd=dir_fd)
+    os.fsync(dir_fd)
+
+
 class Dir:
     """An open directory holding key service files; every file in it is reached relative to its
     fd and checked (module docstring). `what` names the directory and `error` is the

@@ -14,7 +14,11 @@ ordinary file (replacing /dev/null by rename used to do just that). The rule, de
 * anything else (a symlink to a regular file, a directory or nothing, a directory, a block
   device, a socket): refused with one line.
 
-Secret outputs (decrypt, unwrap) are 0600. Inputs may be anything readable, FIFOs and
+With `replace=False` (what `vhsm` commands pass unless `--force`), an existing regular file is
+refused instead of replaced, and a new file is published with link(2), which never replaces a
+file created meanwhile. Devices and FIFOs are still written through (`-o /dev/stdout`).
+
+Secret outputs (decrypt, unwrap, data keys) are 0600. Inputs may be anything readable, FIFOs and
 /dev/stdin included (users pipe data), but are read only up to MAX_INPUT bytes.
 """
 
@@ -27,7 +31,7 @@ import sys
 
 from keysvc.errors import InvalidInputError
 from keysvc.protocol import MAX_PAYLOAD
-from keysvc.safefs import kind, read_at_most, rename_over, write_all, write_temp
+from keysvc.safefs import kind, publish_new, read_at_most, rename_over, write_all, write_temp
 
 # The daemon protocol's payload limit: more could not be sent to the daemon, so it is refused
 # before it is all read into memory.
@@ -65,8 +69,9 @@ def _too_large(name: str, limit: int) -> InvalidInputError:
     return InvalidInputError(f"input {name} is larger than the {limit >> 20} MiB limit")
 
 
-def write_output(path: str, data: bytes, *, secret: bool = False) -> None:
-    """Write `data` to the file the user named, by the rule in the module docstring."""
+def write_output(path: str, data: bytes, *, secret: bool = False, replace: bool = True) -> None:
+    """Write `data` to the file the user named, by the rule in the module docstring;
+    `replace=False`: an existing regular file is refused, not replaced."""
     parent, name = os.path.split(path)
     if name in ("", ".", ".."):
         raise InvalidInputError(f"output {path} is a directory; refusing to write it")
@@ -82,7 +87,11 @@ def write_output(path: str, data: bytes, *, secret: bool = False) -> None:
         os.close(dir_fd)
         raise InvalidInputError(f"cannot write {path}: {e.strerror}") from None
     try:
-        if st is None or stat.S_ISREG(st.st_mode):
+        if st is not None and stat.S_ISREG(st.st_mode) and not replace:
+            raise InvalidInputError(f"output {path} already exists (use --force to replace it)")
+        if st is None and not replace:
+            _create(dir_fd, name, path, data, secret)
+        elif st is None or stat.S_ISREG(st.st_mode):
             _replace(dir_fd, name, path, data, st, secret)
         else:
             _write_through(dir_fd, name, path, data, st)
@@ -90,6 +99,20 @@ def write_output(path: str, data: bytes, *, secret: bool = False) -> None:
         raise InvalidInputError(f"cannot write {path}: {e.strerror}") from None
     finally:
         os.close(dir_fd)
+
+
+def _create(dir_fd: int, name: str, path: str, data: bytes, secret: bool) -> None:
+    tmp = write_temp(dir_fd, name, data, 0o600 if secret else 0o644)
+    try:
+        publish_new(dir_fd, tmp, name)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        if isinstance(e, FileExistsError):
+            raise InvalidInputError(
+                f"output {path} already exists (use --force to replace it)"
+            ) from None
+        raise
 
 
 def _replace(
