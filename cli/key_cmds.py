@@ -6,6 +6,7 @@ are shared with the `hsm_enhanced` compat entry point (cli/compat.py) so both pr
 
 from __future__ import annotations
 
+import base64
 import csv
 import getpass
 import io
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
-from cli import sign_formats
+from cli import output, sign_formats
 from cli.display import say
 from cli.errors import fail, guarded
 from cli.protector_cmds import protector
@@ -42,12 +43,9 @@ def read_input(path: str) -> bytes:
 
 def write_output(path: str | None, data: bytes, *, secret: bool = False) -> None:
     """`-o FILE` by the rule of keysvc.userfiles (devices and FIFOs written through, regular
-    files replaced atomically, anything else refused); stdout when none or '-'."""
-    if path is None or path == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
-    userfiles.write_output(path, data, secret=secret)
+    files replaced atomically, anything else refused; in `vhsm` commands an existing file only
+    with --force, cli/output.py); stdout when none or '-'."""
+    output.write_output(path, data, secret=secret)
 
 
 def fmt_time(t: float | None) -> str:
@@ -74,7 +72,13 @@ def do_generate_master_key(
             )
         ]
     )
-    say(f"Master key saved to {path} (mode 0600)", err=True)
+    if output.settings().json:
+        res = {"master_key_file": str(path)}
+        if show_hex:
+            res["hex"] = key.hex()
+        output.emit_json(res)
+        return
+    output.note(f"Master key saved to {path} (mode 0600)", err=True)
     if show_hex:
         # compat.md: one stdout line containing "hex" whose last field is the key
         say(f"Generated master key (hex): {key.hex()}")
@@ -84,18 +88,55 @@ def do_generate(ctx: Context, name: str, key_type: str | None = None, **opts: An
     req: dict[str, Any] = {"op": "generate", "key": name, "type": key_type}
     req.update({k: v for k, v in opts.items() if v is not None})
     reply, _ = ctx.execute(req)
-    say(f"Key {name} generated ({reply['type']}, {reply['state']}, version 1)")
+    if output.settings().json:
+        output.emit_json(
+            {"key": name, "type": reply["type"], "state": reply["state"], "version": 1}
+        )
+        return
+    output.note(f"Key {name} generated ({reply['type']}, {reply['state']}, version 1)")
 
 
 def do_list(ctx: Context) -> None:
     reply, _ = ctx.execute({"op": "list"})
+    if output.settings().json:
+        output.emit_json({"keys": reply["keys"]})
+        return
     for n in reply["keys"]:
         say(n)
+
+
+INFO_FIELDS = (
+    "name",
+    "type",
+    "state",
+    "created",
+    "last_used",
+    "last_rotated",
+    "days_since_rotation",
+    "version",
+    "min_version",
+    "usable_versions",
+    "use_count",
+    "uses_since_rotation",
+    "exportable",
+    "policy",
+    "rotation_due",
+)
+
+
+def info_json(i: dict[str, Any]) -> dict[str, Any]:
+    """`key info --json`: the documented fields (docs/KEYSVC.md), `versions` as objects."""
+    out = {f: i.get(f) for f in INFO_FIELDS}
+    out["versions"] = i.get("version_details") or [{"version": v} for v in i["versions"]]
+    return out
 
 
 def do_info(ctx: Context, name: str) -> None:
     reply, _ = ctx.execute({"op": "info", "key": name})
     i = reply["info"]
+    if output.settings().json:
+        output.emit_json(info_json(i))
+        return
     p = i["policy"]
     lines = [
         f"=== Key Information: {name} ===",
@@ -186,8 +227,14 @@ def do_export_public(
 
 def do_rotate(ctx: Context, name: str) -> None:
     reply, _ = ctx.execute({"op": "rotate", "key": name})
-    say(f"Key rotated successfully: {name}")
-    say(f"New version: {reply['version']}")
+    s = output.settings()
+    if s.json:
+        output.emit_json({"key": name, "version": reply["version"]})
+    elif s.quiet:
+        say(reply["version"])  # the result alone: v=$(vhsm key rotate -q k)
+    else:
+        say(f"Key rotated successfully: {name}")
+        say(f"New version: {reply['version']}")
 
 
 def do_cipher(
@@ -195,16 +242,37 @@ def do_cipher(
 ) -> None:
     data = read_input(infile)
     reply, out = ctx.execute({"op": op, "key": name, "aad": aad}, data)
+    if output.settings().json:
+        res: dict[str, Any] = {"key": name, "version": reply["version"], "bytes": len(out)}
+        if output.to_file(outfile):
+            write_output(outfile, out, secret=op in ("decrypt", "unwrap"))
+            res["output"] = outfile
+        else:  # the data itself, as Vault transit answers: base64 in the object
+            res[CIPHER_JSON_FIELD[op]] = base64.b64encode(out).decode()
+        output.emit_json(res)
+        return
     write_output(outfile, out, secret=op in ("decrypt", "unwrap"))
     if outfile and outfile != "-":
-        say(f"{op}: {len(out)} bytes written to {outfile} (key version {reply['version']})")
+        output.note(f"{op}: {len(out)} bytes written to {outfile} (key version {reply['version']})")
+
+
+# --json without -o: the field holding the output (base64)
+CIPHER_JSON_FIELD = {
+    "encrypt": "ciphertext",
+    "decrypt": "plaintext",
+    "wrap": "wrapped",
+    "unwrap": "plaintext",
+}
 
 
 def do_set_state(ctx: Context, name: str, state: str, confirm_destroy: bool = False) -> None:
     reply, _ = ctx.execute(
         {"op": "set_state", "key": name, "state": state, "confirm_destroy": confirm_destroy}
     )
-    say(f"Key {name} is now {reply['state']}")
+    if output.settings().json:
+        output.emit_json({"key": name, "state": reply["state"]})
+        return
+    output.note(f"Key {name} is now {reply['state']}")
 
 
 def do_set_user(ctx: Context, user: str) -> None:
@@ -233,8 +301,26 @@ def _entries_since(ctx: Context, days: float) -> list[audit.AuditEntry]:
     return [e for e in audit.read_entries(ctx.audit_log) if e.timestamp >= cutoff]
 
 
+def entry_json(e: audit.AuditEntry) -> dict[str, Any]:
+    """One audit entry for `--json` (fields unescaped, as in the CSV export)."""
+    return {
+        "timestamp": e.timestamp,
+        "event": e.event,
+        "key": e.key,
+        "user": e.user,
+        "details": e.details,
+        "success": e.success,
+        "seq": e.seq,
+    }
+
+
 def do_audit_logs(ctx: Context, days: float) -> None:
     entries = _entries_since(ctx, days)
+    if output.settings().json:
+        output.emit_json(
+            {"days": days, "total": len(entries), "entries": [entry_json(e) for e in entries]}
+        )
+        return
     say(f"=== Audit Log (last {days:g} days) ===")
     for e in entries:
         say(
@@ -342,6 +428,7 @@ def key(c: click.Context, **kw: Any) -> None:
     "--force", is_flag=True, help="Replace an existing master key (keys under it are lost)."
 )
 @click.option("--show-hex", is_flag=True, help="Also print the key as hex (for a secret manager).")
+@output.options("json", "quiet")
 @click.pass_context
 @guarded
 def generate_master_key(c: click.Context, use_pass: bool, force: bool, show_hex: bool) -> None:
@@ -394,6 +481,7 @@ def generate(
 
 
 @key.command("list")
+@output.options("json")
 @click.pass_context
 @guarded
 def list_keys(c: click.Context) -> None:
@@ -403,6 +491,7 @@ def list_keys(c: click.Context) -> None:
 
 @key.command("info")
 @click.argument("name")
+@output.options("json")
 @click.pass_context
 @guarded
 def info(c: click.Context, name: str) -> None:
@@ -523,6 +612,7 @@ def _cipher_cmd(op: str, doc: str) -> None:
     @click.option("-i", "--in", "infile", required=True)
     @click.option("-o", "--out", "outfile")
     @click.option("--aad", help="Associated data (must match on decrypt).")
+    @output.options("json", "quiet", "force")
     @click.pass_context
     @guarded
     def cmd(c: click.Context, name: str, infile: str, outfile: str | None, aad: str | None) -> None:
@@ -537,6 +627,7 @@ _cipher_cmd("unwrap", "Unwrap a wrapped data key.")
 
 @key.command("rotate")
 @click.argument("name")
+@output.options("json", "quiet")
 @click.pass_context
 @guarded
 def rotate(c: click.Context, name: str) -> None:
@@ -564,6 +655,7 @@ def retire(c: click.Context, name: str, min_version: int) -> None:
     ),
 )
 @click.option("--confirm-destroy", is_flag=True, help="Required to move a key to DESTROYED.")
+@output.options("json", "quiet")
 @click.pass_context
 @guarded
 def set_state(c: click.Context, name: str, state: str, confirm_destroy: bool) -> None:
@@ -574,6 +666,7 @@ def set_state(c: click.Context, name: str, state: str, confirm_destroy: bool) ->
 @key.command("destroy")
 @click.argument("name")
 @click.option("--confirm-destroy", is_flag=True, help="Required: wipes all key material.")
+@output.options("json", "quiet")
 @click.pass_context
 @guarded
 def destroy(c: click.Context, name: str, confirm_destroy: bool) -> None:
@@ -595,17 +688,24 @@ def policy(
     max_uses: int | None,
     auto_rotate: bool | None,
 ) -> None:
-    """Set the key's rotation policy."""
-    reply, _ = _ctx(c).execute(
-        {
-            "op": "set_policy",
-            "key": name,
-            "max_age_days": max_age_days,
-            "max_uses": max_uses,
-            "auto_rotate": auto_rotate,
-        }
-    )
-    p = reply["policy"]
+    """Set the key's rotation policy (show it when no setting is given)."""
+    if max_age_days is None and max_uses is None and auto_rotate is None:
+        # nothing to set: read it (no KEY_MODIFIED line, no keystore write)
+        p = _ctx(c).execute({"op": "info", "key": name})[0]["info"]["policy"]
+    else:
+        reply, _ = _ctx(c).execute(
+            {
+                "op": "set_policy",
+                "key": name,
+                "max_age_days": max_age_days,
+                "max_uses": max_uses,
+                "auto_rotate": auto_rotate,
+            }
+        )
+        p = reply["policy"]
+    if output.settings().json:
+        output.emit_json({"key": name, **p})
+        return
     say(
         f"Key {name}: max age {p['max_age_days']:g} days, max uses {p['max_uses']}, "
         f"{'automatic' if p['auto'] else 'manual'} rotation"
@@ -667,6 +767,7 @@ def audit_acknowledge(c: click.Context, reason: str) -> None:
 
 @audit_group.command("logs")
 @click.argument("days", type=float, default=7)
+@output.options("json")
 @click.pass_context
 @guarded
 def audit_logs(c: click.Context, days: float) -> None:
@@ -678,6 +779,7 @@ def audit_logs(c: click.Context, days: float) -> None:
 @click.option("--csv", "as_csv", is_flag=True, required=True, help="CSV with a header row.")
 @click.option("--days", type=float, help="Only the last DAYS days.")
 @click.option("-o", "--out", "outfile", help="Output file (default: stdout).")
+@output.options("force")
 @click.pass_context
 @guarded
 def audit_export(c: click.Context, as_csv: bool, days: float | None, outfile: str | None) -> None:
@@ -717,9 +819,13 @@ def user_set(c: click.Context, user: str) -> None:
 
 
 @user_group.command("show")
+@output.options("json")
 @click.pass_context
 @guarded
 def user_show(c: click.Context) -> None:
+    if output.settings().json:
+        output.emit_json({"user": _ctx(c).user})
+        return
     say(_ctx(c).user)
 
 
@@ -814,15 +920,23 @@ def serve(
         fail(f"key service: {e.strerror or e}")
 
 
+STATUS_FIELDS = ("pid", "uptime", "keys", "requests", "batches", "keystore", "audit_log")
+
+
 @keysvc_group.command("status")
 @click.option("--data-dir", envvar="HSM_DATA_DIR", type=click.Path(file_okay=False))
 @click.option("--socket", "socket_path", envvar="HSM_SOCKET", type=click.Path(dir_okay=False))
+@output.options("json")
 @guarded
 def status(data_dir: str | None, socket_path: str | None) -> None:
     """Is the daemon running? (exit 0 and details if so, exit 3 if not)."""
+    as_json = output.settings().json
     client = connect(data_dir, socket_path)
     if client is None:
-        say("key service: not running")
+        if as_json:
+            output.emit_json({"running": False})
+        else:
+            say("key service: not running")
         sys.exit(3)
     with client:
         try:
@@ -831,6 +945,11 @@ def status(data_dir: str | None, socket_path: str | None) -> None:
             fail(f"key service connection failed: {e.strerror or e}")
     if not reply.get("ok"):
         fail(str(reply.get("message")))
+    if as_json:
+        res = {"running": True, "locked": bool(reply.get("locked"))}
+        res.update({f: reply.get(f) for f in STATUS_FIELDS})
+        output.emit_json(res)
+        return
     if reply.get("locked"):
         say(f"key service: running, LOCKED (pid {reply['pid']}): run vhsm keysvc unlock")
         return
@@ -892,6 +1011,16 @@ def scan_hardware(as_json: bool) -> None:
 
 
 def register(vhsm: click.Group) -> None:
+    from cli import transit_cmds
+
+    transit_cmds.register(key)
+    # -o of every `vhsm key` command refuses an existing file unless --force (cli/output.py);
+    # generate and policy print results, so they take --json too
+    for cmd in key.commands.values():
+        if any("-o" in getattr(p, "opts", ()) for p in cmd.params):
+            output.attach(cmd, "force")
+    output.attach(generate, "json", "quiet")
+    output.attach(policy, "json")
     vhsm.add_command(key)
     vhsm.add_command(audit_group)
     vhsm.add_command(user_group)

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from cli import output
 from cli.display import say
 from cli.errors import guarded
 from keysvc import audit, passkeys, paths, pinsource
@@ -102,9 +103,15 @@ def authenticate(
 
 @passkey.command("list")
 @_options
+@output.options("json")
 @guarded
 def list_cmd(data_dir: str | None, audit_log: str | None) -> None:
     """The stored passkeys: name, RP id, counter, attestation."""
+    if output.settings().json:  # public data only: a passkey's private key never leaves it
+        output.emit_json(
+            [{"name": pk.name, **pk.to_json()} for pk in passkeys.list_passkeys(data_dir)]
+        )
+        return
     for pk in passkeys.list_passkeys(data_dir):
         say(f"{pk.name}  {pk.rp_id}  counter {pk.sign_count}  {pk.attestation}")
 
