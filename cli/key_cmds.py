@@ -240,6 +240,7 @@ def do_rotate(ctx: Context, name: str) -> None:
 def do_cipher(
     ctx: Context, op: str, name: str, infile: str, outfile: str | None, aad: str | None
 ) -> None:
+    output.check_new(outfile)  # before the key service is asked (and audits a use)
     data = read_input(infile)
     reply, out = ctx.execute({"op": op, "key": name, "aad": aad}, data)
     if output.settings().json:
@@ -728,11 +729,17 @@ def audit_group(c: click.Context, **kw: Any) -> None:
 
 @audit_group.command("verify")
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@output.options("json")
 @click.pass_context
 @guarded
 def audit_verify(c: click.Context, files: tuple[str, ...]) -> None:
     """Check the chain; name the first bad line. FILES: rotated logs oldest first."""
     res = audit.verify(list(files) or [_ctx(c).audit_log])
+    if output.settings().json:  # exit status as without --json: 1 when it fails
+        output.emit_json(
+            {"ok": res.ok, "entries": res.entries, "last_seq": res.last_seq, "message": res.message}
+        )
+        sys.exit(0 if res.ok else 1)
     if not res.ok:
         fail(f"audit log verification FAILED: {res.message}")
     say(res.message)

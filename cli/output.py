@@ -16,7 +16,6 @@ confirmations, and `-o` overwriting (users' scripts re-run it).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ import click
 
 from cli.display import say
 from keysvc import userfiles
-from keysvc.errors import InvalidInputError
 
 F = TypeVar("F", bound=Callable[..., Any])
 _META = "vhsm.output"
@@ -118,11 +116,12 @@ def write_output(path: str | None, data: bytes, *, secret: bool = False) -> None
 
 
 def check_new(path: str | None) -> None:
-    """Refuse early (before asking the key service for anything) an -o file that exists, in a
-    `vhsm` command without --force; the write checks again (keysvc.userfiles)."""
-    s = settings()
-    if to_file(path) and s.vhsm and not s.force and os.path.lexists(path):  # type: ignore[arg-type]
-        raise InvalidInputError(f"output {path} already exists (use --force to replace it)")
+    """Refuse early, before the key service is asked for anything, an -o file that the write
+    would refuse (an existing one without --force in a `vhsm` command, a symlink to a file,
+    ...); the write checks again (keysvc.userfiles)."""
+    if to_file(path):
+        s = settings()
+        userfiles.check_output(path, replace=s.force or not s.vhsm)  # type: ignore[arg-type]
 
 
 def to_file(path: str | None) -> bool:

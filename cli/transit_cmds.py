@@ -9,6 +9,8 @@ rewrap never sees one.
 from __future__ import annotations
 
 import base64
+import contextlib
+import os
 import sys
 from typing import Any
 
@@ -82,7 +84,13 @@ def datakey(
         output.write_output(wrapped_out, wrapped)
         res["wrapped_file"] = wrapped_out
     if plain and output.to_file(outfile):
-        output.write_output(outfile, plain, secret=True)
+        try:
+            output.write_output(outfile, plain, secret=True)
+        except BaseException:
+            if "wrapped_file" in res:  # a wrapped key without its plaintext file: useless
+                with contextlib.suppress(OSError):
+                    os.unlink(wrapped_out)  # type: ignore[arg-type]
+            raise
         res["plaintext_file"] = outfile
     if as_json:
         if "wrapped_file" not in res:

@@ -101,6 +101,41 @@ def write_output(path: str, data: bytes, *, secret: bool = False, replace: bool 
         os.close(dir_fd)
 
 
+def check_output(path: str, *, replace: bool = True) -> None:
+    """Refuse now what write_output(path, replace=replace) would refuse, without writing: for
+    commands that should fail before they ask the key service for anything (the write checks
+    again, so a change in between is still caught)."""
+    parent, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        raise InvalidInputError(f"output {path} is a directory; refusing to write it")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not os.path.isdir(parent or "."):
+            raise InvalidInputError(f"cannot write {path}: No such file or directory") from None
+        return
+    except OSError as e:
+        raise InvalidInputError(f"cannot write {path}: {e.strerror}") from None
+    if stat.S_ISREG(st.st_mode):
+        if not replace:
+            raise InvalidInputError(f"output {path} already exists (use --force to replace it)")
+        return
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.stat(path)
+        except OSError:
+            raise InvalidInputError(
+                f"output {path} is a symbolic link to a missing file; refusing to write it"
+            ) from None
+        if _std_fd(target) is None and not _writable_through(target.st_mode):
+            raise InvalidInputError(
+                f"output {path} is a symbolic link to {kind(target.st_mode)}; "
+                "refusing to write it (name the file itself)"
+            )
+    elif not _writable_through(st.st_mode):
+        raise _refused(path, st.st_mode)
+
+
 def _create(dir_fd: int, name: str, path: str, data: bytes, secret: bool) -> None:
     tmp = write_temp(dir_fd, name, data, 0o600 if secret else 0o644)
     try:
