@@ -188,7 +188,8 @@ def test_regular_file_replaced_keeping_mode_and_owner(site: Site) -> None:
     os.chmod(out, 0o640)
     os.chown(out, 4242, 4343)
     ino = out.stat().st_ino
-    p = site.cli(("key", "export-public", "k"), str(out))
+    # `vhsm` replaces an existing file only with --force (hsm_enhanced always did)
+    p = site.cli(("key", "export-public", "k", "--force"), str(out))
     assert p.returncode == 0, p.stderr
     st = out.stat()
     assert out.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
@@ -197,7 +198,7 @@ def test_regular_file_replaced_keeping_mode_and_owner(site: Site) -> None:
     plain = site.root / "plain"
     plain.write_bytes(b"x")
     os.chmod(plain, 0o644)
-    assert site.cli(("key", "decrypt", "a", "-i", "ct"), str(plain)).returncode == 0
+    assert site.cli(("key", "decrypt", "a", "-i", "ct", "--force"), str(plain)).returncode == 0
     assert plain.read_bytes() == b"release\n"
     assert stat.S_IMODE(plain.stat().st_mode) == 0o600
     new = site.root / "new-plain"
