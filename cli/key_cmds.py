@@ -639,12 +639,16 @@ def rotate(c: click.Context, name: str) -> None:
 @key.command("retire")
 @click.argument("name")
 @click.option("--min-version", type=int, required=True)
+@output.options("json", "quiet")
 @click.pass_context
 @guarded
 def retire(c: click.Context, name: str, min_version: int) -> None:
     """Retire (and wipe) every version below MIN_VERSION."""
     reply, _ = _ctx(c).execute({"op": "retire", "key": name, "min_version": min_version})
-    say(f"Key {name}: versions below {reply['min_version']} retired")
+    if output.settings().json:
+        output.emit_json({"key": name, "min_version": reply["min_version"]})
+        return
+    output.note(f"Key {name}: versions below {reply['min_version']} retired")
 
 
 @key.command("set-state")

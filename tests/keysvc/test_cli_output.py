@@ -42,6 +42,10 @@ def test_every_json_output_parses(work: Work) -> None:
     dec = _json(work, "key", "decrypt", "a", "-i", "ct", "--json")
     assert set(dec) == {"key", "version", "bytes", "plaintext"}  # type: ignore[arg-type]
     assert "wrapped" in _json(work, "key", "wrap", "a", "-i", "doc", "--json")  # type: ignore[operator]
+    assert _json(work, "key", "retire", "k", "--min-version", "2", "--json") == {
+        "key": "k",
+        "min_version": 2,
+    }
     assert _json(work, "key", "set-state", "k", "SUSPENDED", "--json") == {
         "key": "k",
         "state": "SUSPENDED",
@@ -64,6 +68,8 @@ def test_quiet_leaves_only_the_result(work: Work) -> None:
     assert (p.stdout, p.stderr) == ("", "")
     p = work.vhsm("key", "rotate", "k", "-q")
     assert (p.stdout, p.stderr) == ("2\n", "")
+    p = work.vhsm("key", "retire", "k", "--min-version", "2", "-q")
+    assert (p.stdout, p.stderr) == ("", "")
     p = work.vhsm("key", "set-state", "k", "DEPRECATED", "-q")
     assert (p.stdout, p.stderr) == ("", "")
     work.vhsm("key", "generate", "a", "--type", "aes")
