@@ -15,6 +15,7 @@ import click
 from cli import key_cmds as k
 from cli.display import say
 from cli.errors import fail, run_guarded
+from keysvc import discovery
 from keysvc.client import Context
 
 # command flag -> number of positional arguments it takes
@@ -151,8 +152,13 @@ def _dispatch(command: str, args: list[str], opts: dict[str, str | bool]) -> Non
     data_dir = data_dir if isinstance(data_dir, str) else None
     try:
         if command == "-generate_master_key":
+            # the data dir every command finds (keysvc.discovery): never a second keystore
+            # beside the one a config file names
             k.do_generate_master_key(
-                data_dir, passphrase=None, force=bool(opts.get("-force")), show_hex=True
+                str(discovery.resolve(data_dir).data_dir),
+                passphrase=None,
+                force=bool(opts.get("-force")),
+                show_hex=True,
             )
             return
         if command == "-scan_hardware":
@@ -223,9 +229,7 @@ def _days(args: list[str]) -> float:
 
 
 def _verify_audit(ctx: Context) -> None:
-    from keysvc import audit
-
-    res = audit.verify([ctx.audit_log])
+    res = ctx.audit_verify()  # by the daemon when one answers
     if not res.ok:
         fail(f"audit log verification FAILED: {res.message}")
     say(res.message)

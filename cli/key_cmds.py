@@ -25,8 +25,8 @@ from cli import output, sign_formats
 from cli.display import say
 from cli.errors import fail, guarded
 from cli.protector_cmds import protector
-from keysvc import audit, masterkey, paths, protectorslots, userfiles
-from keysvc.client import Context, connect, raise_for
+from keysvc import audit, discovery, masterkey, paths, protectorslots, userfiles
+from keysvc.client import Context, find_daemon, raise_for, where_looked
 from keysvc.errors import InvalidInputError, KeysvcError, VerificationFailed
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -297,9 +297,8 @@ def check_days(days: float) -> float:
 
 
 def _entries_since(ctx: Context, days: float) -> list[audit.AuditEntry]:
-    check_days(days)
-    cutoff = time.strftime(audit.TS_FORMAT, time.localtime(time.time() - days * 86400))
-    return [e for e in audit.read_entries(ctx.audit_log) if e.timestamp >= cutoff]
+    # through the daemon when one answers (keysvc.client.Context.audit_entries)
+    return ctx.audit_entries(check_days(days))
 
 
 def entry_json(e: audit.AuditEntry) -> dict[str, Any]:
@@ -738,7 +737,8 @@ def audit_group(c: click.Context, **kw: Any) -> None:
 @guarded
 def audit_verify(c: click.Context, files: tuple[str, ...]) -> None:
     """Check the chain; name the first bad line. FILES: rotated logs oldest first."""
-    res = audit.verify(list(files) or [_ctx(c).audit_log])
+    # files named here are read here; the live log is checked by the daemon when one answers
+    res = audit.verify(list(files)) if files else _ctx(c).audit_verify()
     if output.settings().json:  # exit status as without --json: 1 when it fails
         output.emit_json(
             {"ok": res.ok, "entries": res.entries, "last_seq": res.last_seq, "message": res.message}
@@ -796,9 +796,7 @@ def audit_logs(c: click.Context, days: float) -> None:
 def audit_export(c: click.Context, as_csv: bool, days: float | None, outfile: str | None) -> None:
     """Export entries (fields unescaped) as CSV."""
     ctx = _ctx(c)
-    entries = (
-        _entries_since(ctx, days) if days is not None else list(audit.read_entries(ctx.audit_log))
-    )
+    entries = ctx.audit_entries(None if days is None else check_days(days))
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(
@@ -907,14 +905,17 @@ def serve(
     from keysvc.daemon import DaemonConfig
     from keysvc.daemon import serve as run_daemon
 
-    d = paths.data_dir(data_dir).absolute()
+    # the lookup the CLI uses (keysvc.discovery), minus the system-wide sockets: /run is
+    # bound only when asked for (the systemd unit passes --socket /run/vhsm/keysvc.sock)
+    lookup = discovery.resolve(data_dir, socket_path)
+    d = lookup.data_dir.absolute()
     try:
         mode = int(socket_mode, 8)
     except ValueError:
         fail(f"--socket-mode must be octal, got {socket_mode!r}")
     cfg = DaemonConfig(
         data_dir=d,
-        socket=paths.socket_path(socket_path, d).absolute(),
+        socket=lookup.serve_socket().absolute(),
         audit_log=paths.audit_log_path(audit_log, d).absolute(),
         policy=Path(policy_path) if policy_path else None,
         socket_mode=mode,
@@ -942,12 +943,13 @@ STATUS_FIELDS = ("pid", "uptime", "keys", "requests", "batches", "keystore", "au
 def status(data_dir: str | None, socket_path: str | None) -> None:
     """Is the daemon running? (exit 0 and details if so, exit 3 if not)."""
     as_json = output.settings().json
-    client = connect(data_dir, socket_path)
+    lookup = discovery.resolve(data_dir, socket_path)
+    client, tried = find_daemon(lookup)
     if client is None:
         if as_json:
             output.emit_json({"running": False})
         else:
-            say("key service: not running")
+            say(f"key service: not running ({where_looked(lookup, tried)})")
         sys.exit(3)
     with client:
         try:
@@ -984,9 +986,10 @@ def unlock(data_dir: str | None, socket_path: str | None, fido2: bool) -> None:
     """Unlock a daemon that started locked: the passphrase from HSM_MASTER_PASSPHRASE or a
     prompt goes to the daemon over its socket, which tries its passphrase slots. With
     --fido2 the daemon tries its FIDO2 slots with the security key attached to its machine."""
-    client = connect(data_dir, socket_path)
+    lookup = discovery.resolve(data_dir, socket_path)
+    client, tried = find_daemon(lookup)
     if client is None:
-        fail("key service: not running")
+        fail(f"key service: not running ({where_looked(lookup, tried)})")
     with client:
         status_reply, _ = client.call({"op": "status"})
         raise_for(status_reply)

@@ -14,7 +14,7 @@ import click
 from cli import output
 from cli.display import say
 from cli.errors import guarded
-from keysvc import audit, passkeys, paths, pinsource
+from keysvc import audit, discovery, passkeys, paths, pinsource
 
 
 def _pin(source: str | None) -> passkeys.PinSource:
@@ -32,7 +32,7 @@ def _pin(source: str | None) -> passkeys.PinSource:
 
 
 def _where(data_dir: str | None, audit_log: str | None) -> dict[str, Any]:
-    d = paths.data_dir(data_dir)
+    d = discovery.resolve(data_dir).data_dir  # the data dir every command finds
     return {
         "data_dir": d,
         "audit_log": paths.audit_log_path(audit_log, d),
@@ -51,7 +51,7 @@ def _options(fn: Any) -> Any:
         "--data-dir",
         envvar="HSM_DATA_DIR",
         type=click.Path(file_okay=False),
-        help="Where passkeys.json lives (default: cwd).",
+        help="Where passkeys.json lives (default: the key service lookup, docs/KEYSVC.md).",
     )(fn)
 
 
@@ -107,12 +107,11 @@ def authenticate(
 @guarded
 def list_cmd(data_dir: str | None, audit_log: str | None) -> None:
     """The stored passkeys: name, RP id, counter, attestation."""
+    d = _where(data_dir, audit_log)["data_dir"]  # the data dir every command finds
     if output.settings().json:  # public data only: a passkey's private key never leaves it
-        output.emit_json(
-            [{"name": pk.name, **pk.to_json()} for pk in passkeys.list_passkeys(data_dir)]
-        )
+        output.emit_json([{"name": pk.name, **pk.to_json()} for pk in passkeys.list_passkeys(d)])
         return
-    for pk in passkeys.list_passkeys(data_dir):
+    for pk in passkeys.list_passkeys(d):
         say(f"{pk.name}  {pk.rp_id}  counter {pk.sign_count}  {pk.attestation}")
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hmac
+import json
+import math
 import os
 import pwd
 import re
@@ -40,7 +42,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
 from keysvc import auditchain, paths, safefs
-from keysvc.errors import AuditError, AuditIntegrityError, InvalidInputError
+from keysvc.errors import AuditError, AuditIntegrityError, DaemonError, InvalidInputError
 
 EVENTS = frozenset(
     {
@@ -773,11 +775,62 @@ def read_entries(log_path: str | os.PathLike[str]) -> Iterator[AuditEntry]:
     if raw is None:
         return
     with raw as f:
-        for n, line, _ in _log_lines(f):
-            if line and not line.startswith(b"#"):
-                e = parse_line(line.decode("utf-8", "replace"), n)
-                if e is not None:
-                    yield e
+        yield from _entries_in(f)
+
+
+def _entries_in(f: BinaryIO) -> Iterator[AuditEntry]:
+    for n, line, _ in _log_lines(f):
+        if line and not line.startswith(b"#"):
+            e = parse_line(line.decode("utf-8", "replace"), n)
+            if e is not None:
+                yield e
+
+
+def cutoff(days: float) -> str:
+    """The timestamp `days` days ago, as the log writes it ("" before the epoch: everything)."""
+    if not math.isfinite(days) or days < 0:
+        raise InvalidInputError(f"DAYS must be a non-negative number, got {days:g}")
+    now = time.time()
+    if days * 86400 >= now:
+        return ""
+    return time.strftime(TS_FORMAT, time.localtime(now - days * 86400))
+
+
+def entries_since(log_path: str | os.PathLike[str], days: float | None) -> list[AuditEntry]:
+    """Entries of the last `days` days (`audit logs`; None: all of them). A log that is
+    missing while its head exists was rotated away and nothing was written since: no entries.
+    Neither the log nor its head: nothing was ever logged there (most likely the wrong data
+    dir), an error."""
+    since = "" if days is None else cutoff(days)
+    f = _open_log_reader(log_path)
+    if f is None:
+        if read_head(log_path) is None:
+            head = paths.audit_sidecar(Path(log_path), "head")
+            raise AuditError(
+                f"no audit log {log_path} and no head {head.name}: nothing was logged there"
+            )
+        return []
+    with f:
+        return [e for e in _entries_in(f) if e.timestamp >= since]
+
+
+def entries_to_json(entries: Iterable[AuditEntry]) -> bytes:
+    """The daemon's `audit_logs` payload: one array of the 8 fields per entry."""
+    return json.dumps([e.fields() for e in entries], ensure_ascii=True).encode()
+
+
+def entries_from_json(raw: bytes) -> list[AuditEntry]:
+    try:
+        rows = json.loads(raw)
+        out = []
+        for r in rows:
+            if not (isinstance(r, list) and len(r) == 8 and all(isinstance(x, str) for x in r)):
+                raise ValueError
+            ts, ev, key, user, details, ok, seq, chain = r
+            out.append(AuditEntry(0, ts, ev, key, user, details, ok == "SUCCESS", int(seq), chain))
+        return out
+    except (ValueError, TypeError):
+        raise DaemonError("the key service sent a malformed audit_logs reply") from None
 
 
 def entries_after(log_path: str | os.PathLike[str], seq: int) -> list[AuditEntry]:

@@ -33,6 +33,12 @@ class MasterKeyError(KeysvcError):
     code = "master_key"
 
 
+class NoMasterKeyError(MasterKeyError):
+    """No master key anywhere it is looked for (argv, HSM_MASTER_KEY, the data dir's files)."""
+
+    code = "no_master_key"
+
+
 class WrongMasterKeyError(MasterKeyError):
     """The master key given is not the one the keystore was created with."""
 
@@ -102,6 +108,12 @@ class DaemonError(KeysvcError):
     code = "daemon"
 
 
+class ConfigError(KeysvcError):
+    """The config file (keysvc/discovery.py) is unsafe, malformed or holds a wrong value."""
+
+    code = "config"
+
+
 ERRORS_BY_CODE: dict[str, type[KeysvcError]] = {
     cls.code: cls
     for cls in (
@@ -109,6 +121,7 @@ ERRORS_BY_CODE: dict[str, type[KeysvcError]] = {
         AuditError,
         AuditIntegrityError,
         MasterKeyError,
+        NoMasterKeyError,
         WrongMasterKeyError,
         NeedsPersonError,
         LockedError,
@@ -121,5 +134,6 @@ ERRORS_BY_CODE: dict[str, type[KeysvcError]] = {
         VerificationFailed,
         AccessDenied,
         DaemonError,
+        ConfigError,
     )
 }

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from keysvc import paths, safefs
-from keysvc.errors import MasterKeyError, WrongMasterKeyError
+from keysvc.errors import MasterKeyError, NoMasterKeyError, WrongMasterKeyError
 
 KEY_LEN = 32
 MAX_PROTECTED = 64 * 1024  # master.key.protected: small JSON; room for larger protectors
@@ -163,7 +163,13 @@ def resolve(
                     sealed, prot, opener=opener, audit_log=audit_log, user=user
                 )
                 return key, str(prot)
-    raise MasterKeyError(
+            if d.lstat(paths.KEYSTORE_NAME) is not None:
+                # a new master key could never open this keystore: do not suggest one
+                raise NoMasterKeyError(
+                    f"no master key for the keystore in {d.path}: pass -master_key or set "
+                    "HSM_MASTER_KEY"
+                )
+    raise NoMasterKeyError(
         "no master key: pass -master_key, set HSM_MASTER_KEY, or run generate-master-key"
     )
 

@@ -51,6 +51,9 @@ OPERATIONS = frozenset(
         "retire",
         "set_state",
         "set_policy",
+        # only where named: "*" does not grant these (keysvc/service.py, OpSpec.named_only)
+        "audit_logs",
+        "audit_verify",
     }
 )
 # Seconds a group lookup is trusted. getgrouplist() costs ~10 us with /etc/group and can cost
@@ -197,6 +200,12 @@ class Policy:
         if uid == self.owner_uid:
             return True
         return any(r.covers(key, op) and self._applies(r, uid, gid) for r in self.rules)
+
+    def allows_named(self, uid: int, gid: int, op: str) -> bool:
+        """May uid do op, by a rule that names op itself ("*" does not count)?"""
+        if uid == self.owner_uid:
+            return True
+        return any(op in r.operations and self._applies(r, uid, gid) for r in self.rules)
 
     def grants_any(self, uid: int, gid: int) -> bool:
         """Does the policy give uid anything at all? (`list` and `status` need it.)"""

@@ -355,6 +355,13 @@ def _days(v: object) -> str | None:
     return f"must be a number of days from 0 to {MAX_AGE_DAYS} (0 = no age limit)"
 
 
+def _span(v: object) -> str | None:
+    """`audit_logs` days: any finite non-negative number (a huge one means "everything")."""
+    if type(v) in (int, float) and math.isfinite(v) and 0 <= v <= MAX_INT:  # type: ignore[arg-type,operator]
+        return None
+    return "must be a non-negative number of days"
+
+
 def _request_id(v: object) -> str | None:
     return _text(v) if isinstance(v, str) else _whole(-MAX_INT, MAX_INT)(v)
 
@@ -392,6 +399,7 @@ _FIELDS: dict[str, dict[str, _Check]] = {
     "set_state": {"state": _text, "confirm_destroy": _flag},
     "set_policy": _POLICY,
     "unlock": {"kind": _text},
+    "audit_logs": {"days": _span},
 }
 _REQUIRED: dict[str, tuple[str, ...]] = {
     "verify": ("sig_len",),
