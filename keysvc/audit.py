@@ -42,7 +42,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
 from keysvc import auditchain, paths, safefs
-from keysvc.errors import AuditError, AuditIntegrityError, DaemonError, InvalidInputError
+from keysvc.errors import (
+    AuditError,
+    AuditIntegrityError,
+    DaemonError,
+    InvalidInputError,
+    NoAuditLogError,
+)
 
 EVENTS = frozenset(
     {
@@ -806,7 +812,7 @@ def entries_since(log_path: str | os.PathLike[str], days: float | None) -> list[
     if f is None:
         if read_head(log_path) is None:
             head = paths.audit_sidecar(Path(log_path), "head")
-            raise AuditError(
+            raise NoAuditLogError(
                 f"no audit log {log_path} and no head {head.name}: nothing was logged there"
             )
         return []

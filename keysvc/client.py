@@ -23,6 +23,7 @@ from keysvc.errors import (
     ERRORS_BY_CODE,
     DaemonError,
     KeysvcError,
+    NoAuditLogError,
     NoMasterKeyError,
     WrongMasterKeyError,
 )
@@ -207,11 +208,21 @@ class Context:
     def audit_entries(self, days: float | None) -> list[audit.AuditEntry]:
         """Audit entries of the last `days` days (None: all): the daemon's log when one
         answers (its reader need not be able to open the data dir), else the log read here."""
+        if days is not None and days > protocol.MAX_INT:
+            days = None  # longer ago than the epoch: every entry (and a number JSON carries)
         if not self.explicit_audit_log:
             got = self.call_daemon({"op": "audit_logs", "days": days})
             if got is not None:
                 return audit.entries_from_json(got[1])
-        return audit.entries_since(self.audit_log, days)
+        try:
+            return audit.entries_since(self.audit_log, days)
+        except NoAuditLogError as e:
+            if not self.tried:
+                raise
+            # most likely the wrong data dir: say where the daemon was looked for, too
+            raise NoAuditLogError(
+                f"{e}; no key service answered ({where_looked(self.lookup, self.tried)})"
+            ) from None
 
     def audit_verify(self) -> audit.VerifyResult:
         """`audit verify` of the live log: by the daemon when one answers, else here."""

@@ -188,10 +188,9 @@ def resolve(
     explicit_sock = socket or env_sock or None
     # a config that cannot matter is not read (a broken one must not stop such a command)
     config = Config() if explicit_dir and explicit_sock else load_config()
-    cwd = Path.cwd()
     if explicit_dir:
         d, origin = Path(explicit_dir), "explicit"
-    elif has_keystore(cwd):
+    elif has_keystore(cwd := Path.cwd()):
         d, origin = cwd, "cwd"
     elif config.data_dir is not None:
         d, origin = config.data_dir, "config"

@@ -21,6 +21,11 @@ class AuditError(KeysvcError):
     code = "audit"
 
 
+class NoAuditLogError(AuditError):
+    """Neither the audit log nor its head exists: nothing was ever logged there. Same wire
+    code as AuditError (not in ERRORS_BY_CODE): only the CLI tells them apart."""
+
+
 class AuditIntegrityError(KeysvcError):
     """`audit verify` found an edited, inserted, deleted, reordered or truncated line."""
 

@@ -314,6 +314,7 @@ def test_audit_commands_go_through_the_daemon(
 def test_audit_logs_without_log_or_head(keyed: Work, away: Path, env: dict[str, str]) -> None:
     p = keyed.vhsm("audit", "--data-dir", str(away), "logs", cwd=away, env=env, check=False)
     assert p.returncode == 1 and len(_lines(p)) == 1 and "no audit log" in p.stderr
+    assert str(away / ".vhsm-keysvc.sock") in p.stderr  # and where it looked for the daemon
     p = keyed.hsm("-audit_logs", "-data_dir", str(away), cwd=away, env=env, check=False)
     assert p.returncode == 1 and "no audit log" in p.stderr and "Total entries" not in p.stdout
     keyed.log.rename(keyed.path / "hsm_audit.log.1")  # head without log: rotated away
