@@ -98,25 +98,29 @@ def test_found_through_user_config_socket_and_data_dir(
     assert f"keystore: {keyed.path / 'keystore.dat'}" in out
 
 
-def _etc_config_ns(etc: Path, argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-    """Run argv with `etc` mounted on /etc/vhsm in a private mount namespace: the real path
-    the CLI reads, without other users of this machine (parallel test runs) ever seeing it."""
-    created = not os.path.exists("/etc/vhsm")
-    if created:
-        os.mkdir("/etc/vhsm", 0o755)  # an empty mount point: no config for anyone else
+def _ns_run(
+    binds: dict[str, Path], argv: list[str], **kw: object
+) -> subprocess.CompletedProcess[str]:
+    """Run argv with each source directory mounted on its system path (/etc/vhsm, /run/vhsm)
+    in a private mount namespace: the real paths the CLI reads, without other users of this
+    machine (parallel test runs) ever seeing what is mounted there."""
+    created = [t for t in binds if not os.path.exists(t)]
+    for t in created:
+        os.mkdir(t, 0o755)  # an empty mount point: nothing for anyone else
     try:
-        script = 'mount --bind "$0" /etc/vhsm && exec "$@"'
+        mounts = " && ".join(f'mount --bind "{src}" "{t}"' for t, src in binds.items())
         return subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, str(etc)] + argv,
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"']
+            + ["sh", *argv],
             capture_output=True,
             text=True,
             timeout=60,
             **kw,  # type: ignore[call-overload]
         )
     finally:
-        if created:
+        for t in created:
             with contextlib.suppress(OSError):
-                os.rmdir("/etc/vhsm")
+                os.rmdir(t)
 
 
 def test_found_through_system_config(
@@ -128,13 +132,28 @@ def test_found_through_system_config(
     etc = tmp_path / "etc-vhsm"
     etc.mkdir(mode=0o755)
     (etc / "config.toml").write_text(f'socket = "{sock}"\n')
-    p = _etc_config_ns(etc, [VHSM, "key", "list"], cwd=away, env=env)
+    p = _ns_run({"/etc/vhsm": etc}, [VHSM, "key", "list"], cwd=away, env=env)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["served_key"]
     # the user's config comes first, and only the first file that exists is read
     _user_config(env, f'data_dir = "{away}"\n')
-    p = _etc_config_ns(etc, [VHSM, "key", "list"], cwd=away, env=env)
+    p = _ns_run({"/etc/vhsm": etc}, [VHSM, "key", "list"], cwd=away, env=env)
     assert p.returncode == 1 and str(sock) not in p.stderr
+
+
+def test_found_through_run_vhsm(
+    keyed: Work, daemon_factory: type[Daemon], away: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    """/run/vhsm/keysvc.sock, where the systemd unit puts it; and an explicit data dir skips
+    it (that daemon serves another keystore)."""
+    run = tmp_path / "run-vhsm"
+    run.mkdir()
+    daemon_factory(keyed, sock=run / "keysvc.sock").start()
+    p = _ns_run({"/run/vhsm": run}, [VHSM, "key", "list"], cwd=away, env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["served_key"]
+    p = _ns_run({"/run/vhsm": run}, [VHSM, "key", "--data-dir", str(away), "list"], env=env)
+    assert p.returncode == 1 and "/run/vhsm" not in p.stderr, p.stderr
 
 
 def test_found_through_runtime_dir_then_data_dir_socket(
