@@ -32,6 +32,7 @@ $XDG_CONFIG_HOME.
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,22 +158,38 @@ def _same_dir(a: Path, b: Path) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def _private_dir(p: Path) -> bool:
+    """Is `p` (symlinks resolved) a directory of the caller's that nobody else can change:
+    owned by them and not writable by group or others, below directories each owned by root
+    or them and not writable by others (unless sticky, like /tmp)? As OpenSSH's StrictModes."""
+    for i, part in enumerate([p, *p.parents]):
+        try:
+            st = os.lstat(part)
+        except OSError:
+            return False
+        open_to_others = st.st_mode & 0o022 and not (i and st.st_mode & stat.S_ISVTX)
+        if not stat.S_ISDIR(st.st_mode) or open_to_others or not _trusted(st.st_uid):
+            return False
+        if i == 0 and st.st_uid != os.getuid():
+            return False
+    return True
+
+
 def _runtime_socket() -> tuple[Candidate | None, str | None]:
     """$XDG_RUNTIME_DIR's socket, if that directory is the caller's own (the XDG spec: owned
-    by the user, mode 0700). Someone else's (root run with a user's environment) is skipped:
-    its owner could make vhsm send passphrases or data to a daemon of theirs."""
+    by the user, mode 0700). Someone else's (root run with a user's environment), or one
+    another user could swap (a path through their directory), is skipped: its owner could make
+    vhsm send passphrases or data to a daemon of theirs."""
     rt = os.environ.get("XDG_RUNTIME_DIR")
     if not rt:
         return None, None
-    p = Path(rt)
+    if not rt.startswith("/"):
+        return None, f"{Path(rt) / RUNTIME_SOCKET} (skipped: $XDG_RUNTIME_DIR is not absolute)"
+    p = Path(os.path.realpath(rt))  # checked and then used as resolved: no link swapped later
     sock = p / RUNTIME_SOCKET
-    if not p.is_absolute():
-        return None, f"{sock} (skipped: $XDG_RUNTIME_DIR is not an absolute path)"
-    try:
-        st = os.stat(p)
-    except OSError:
+    if not os.path.isdir(p):
         return Candidate(sock, "$XDG_RUNTIME_DIR", system=True), None  # "no socket" later
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+    if not _private_dir(p):
         return None, f"{sock} (skipped: $XDG_RUNTIME_DIR is not yours alone)"
     return Candidate(sock, "$XDG_RUNTIME_DIR", system=True), None
 

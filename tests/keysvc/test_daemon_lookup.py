@@ -169,6 +169,18 @@ def test_found_through_runtime_dir_then_data_dir_socket(
     p = keyed.vhsm("key", "list", cwd=away, env={**env, "XDG_RUNTIME_DIR": str(rt)}, check=False)
     assert p.returncode == 1 and "not yours alone" in p.stderr
     rt.chmod(0o700)
+    # nor one below another user's directory (they could rename it and put theirs there)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    (theirs / "rt").symlink_to(rt)  # resolved: the real directory is checked, and it is fine
+    via = {**env, "XDG_RUNTIME_DIR": str(theirs / "rt")}
+    assert keyed.vhsm("key", "list", cwd=away, env=via).stdout.split() == ["served_key"]
+    os.chown(theirs, 65534, 65534)
+    (theirs / "rt").unlink()
+    rt.rename(theirs / "rt")
+    p = keyed.vhsm("key", "list", cwd=away, env=via, check=False)
+    assert p.returncode == 1 and "not yours alone" in p.stderr
+    (theirs / "rt").rename(rt)
     d.stop()
     # the data dir's socket, with the data dir named explicitly
     daemon_factory(keyed).start()
