@@ -217,7 +217,22 @@ class NsPcsc:
         if line.strip() != b"ready":
             _stop(proc)
             raise RuntimeError(f"virtual card did not come up; see {self.tmp}/card-{port}.log")
+        self._wait_visible(port)
         return Card(proc, port, self.tmp / f"card-{port}.log")
+
+    def _wait_visible(self, port: int) -> None:
+        """Until a client sees the card in its reader: "ready" means pcscd asked for the ATR,
+        and on a loaded machine a client listing devices right after could still find the
+        reader empty (a test failed that way about 1 run in 5 under load)."""
+        reader = f"Virtual PCD 00 {VPCD_PORTS.index(port):02d}"
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            seen = self.run_client({"op": "devices"})["devices"]
+            if any(reader in d for d in seen):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the virtual card in {reader} is not visible to clients")
+            time.sleep(0.1)
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
