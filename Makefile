@@ -96,7 +96,7 @@ apt-install:
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(sort $(INSTALL_APT))"
 
 install: apt-install
-	@case "$$(readlink -f $(PY))" in /root/*|/home/*) \
+	@case "$$(realpath -m $(PY))" in /root/*|/home/*) \
 		echo "error: PY=$(PY) lives in a home directory other users cannot run; use /usr/bin/python3" >&2; \
 		exit 1;; esac
 	umask 022 && $(PY) -m venv $(PREFIX)
