@@ -53,20 +53,20 @@ demo: venv
 	@bash contrib/demo.sh
 
 test: venv
-	$(BIN)/ruff check vhsmfs keysvc cli tests bench $(wildcard bench/*)
-	$(BIN)/ruff format --check vhsmfs keysvc cli tests bench $(wildcard bench/*)
+	$(BIN)/ruff check vhsmfs keysvc cli tests tools bench $(wildcard bench/*)
+	$(BIN)/ruff format --check vhsmfs keysvc cli tests tools bench $(wildcard bench/*)
 	$(BIN)/pytest -q tests
 
 # The whole suite plus the full-size variants (`@pytest.mark.full`, e.g. the backup-consistency
 # test at full size), which pyproject.toml's `-m 'not full'` leaves out of every other run.
 test-all: venv
-	$(BIN)/ruff check vhsmfs keysvc cli tests bench $(wildcard bench/*)
-	$(BIN)/ruff format --check vhsmfs keysvc cli tests bench $(wildcard bench/*)
+	$(BIN)/ruff check vhsmfs keysvc cli tests tools bench $(wildcard bench/*)
+	$(BIN)/ruff format --check vhsmfs keysvc cli tests tools bench $(wildcard bench/*)
 	$(BIN)/pytest -q -m "" tests
 
 lint: venv
-	$(BIN)/ruff check vhsmfs keysvc cli tests bench $(wildcard bench/*)
-	$(BIN)/ruff format --check vhsmfs keysvc cli tests bench $(wildcard bench/*)
+	$(BIN)/ruff check vhsmfs keysvc cli tests tools bench $(wildcard bench/*)
+	$(BIN)/ruff format --check vhsmfs keysvc cli tests tools bench $(wildcard bench/*)
 
 bench: venv
 	$(BIN)/python bench/token_vs_age
