@@ -5,8 +5,9 @@ README "Install"). Completion runs on every <TAB>, so these callbacks never prom
 long and never print: anything that goes wrong gives no candidates.
 
 * Key names come from the running key service, found as the command would find it
-  (keysvc.discovery), through its `list` operation, which names only keys the caller may use. Without a daemon there are none: listing keys in-process would
-  need the master key, which may mean a passphrase prompt or a hardware touch.
+  (keysvc.discovery), through its `list` operation, which names only keys the caller may use.
+  Without a daemon there are none: listing keys in-process would need the master key, which
+  may mean a passphrase prompt or a hardware touch.
 * Token ids are the names of the store's metadata files, read without the key (as
   `vhsm token list` without --key does).
 """
