@@ -69,11 +69,12 @@ def test_commented_rules_are_valid_once_the_accounts_exist(
     path = tmp_path / "policy.toml"
     path.write_text(_uncommented(other_user.pw_name, group))
     policy = Policy.load(path, owner_uid=0)
-    assert len(policy.rules) == 3
+    assert len(policy.rules) == 4
     uid, gid = other_user.pw_uid, other_user.pw_gid
     assert policy.allows(uid, gid, "release_key", "sign")
     assert policy.allows(uid, gid, "token-kek", "unwrap")
     assert policy.allows(uid, gid, "anything", "rotate")  # through the group rule
+    assert policy.allows_named(uid, gid, "audit_logs")  # named: "*" does not grant it
     # and an account that does not exist still stops the load: fail closed on a typo
     path.write_text(_uncommented("no-such-user-vhsm", group))
     try:
