@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import click
 
 from cli import output, sign_formats
+from cli.completion import complete_key_names
 from cli.display import say
 from cli.errors import fail, guarded
 from cli.protector_cmds import protector
@@ -490,7 +491,7 @@ def list_keys(c: click.Context) -> None:
 
 
 @key.command("info")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @output.options("json")
 @click.pass_context
 @guarded
@@ -500,7 +501,7 @@ def info(c: click.Context, name: str) -> None:
 
 
 @key.command("sign")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option("-i", "--in", "infile", required=True, help="File to sign ('-' = stdin).")
 @click.option("-o", "--out", "outfile", help="Signature file (default: stdout).")
 @click.option(
@@ -543,7 +544,7 @@ def sign(
 
 
 @key.command("verify")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option("-i", "--in", "infile", required=True)
 @click.option("-s", "--sig", "sigfile", required=True)
 @click.option(
@@ -571,7 +572,7 @@ def verify(
 
 
 @key.command("export-public")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option("-o", "--out", "outfile")
 @click.option("--version", "version", type=int, help="Key version (default: current).")
 @click.option(
@@ -608,7 +609,7 @@ def export_public(
 
 def _cipher_cmd(op: str, doc: str) -> None:
     @key.command(op, help=doc)
-    @click.argument("name")
+    @click.argument("name", shell_complete=complete_key_names)
     @click.option("-i", "--in", "infile", required=True)
     @click.option("-o", "--out", "outfile")
     @click.option("--aad", help="Associated data (must match on decrypt).")
@@ -626,7 +627,7 @@ _cipher_cmd("unwrap", "Unwrap a wrapped data key.")
 
 
 @key.command("rotate")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @output.options("json", "quiet")
 @click.pass_context
 @guarded
@@ -636,7 +637,7 @@ def rotate(c: click.Context, name: str) -> None:
 
 
 @key.command("retire")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option("--min-version", type=int, required=True)
 @output.options("json", "quiet")
 @click.pass_context
@@ -651,7 +652,7 @@ def retire(c: click.Context, name: str, min_version: int) -> None:
 
 
 @key.command("set-state")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.argument(
     "state",
     type=click.Choice(
@@ -668,7 +669,7 @@ def set_state(c: click.Context, name: str, state: str, confirm_destroy: bool) ->
 
 
 @key.command("destroy")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option("--confirm-destroy", is_flag=True, help="Required: wipes all key material.")
 @output.options("json", "quiet")
 @click.pass_context
@@ -679,7 +680,7 @@ def destroy(c: click.Context, name: str, confirm_destroy: bool) -> None:
 
 
 @key.command("policy")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_key_names)
 @click.option("--max-age-days", type=float)
 @click.option("--max-uses", type=int)
 @click.option("--auto-rotate/--manual-rotate", default=None)

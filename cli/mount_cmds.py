@@ -84,9 +84,14 @@ def mount(
     import logging
 
     from keysvc import hardening
-    from vhsmfs.mount import runner
+    from vhsmfs.mount import fusebuild
 
     with run_guarded():
+        if not fusebuild.available():
+            raise VhsmError(fusebuild.INSTALL_HINT)
+        from vhsmfs.mount import runner
+
+        is_patched, build = fusebuild.describe()
         # Before the key is loaded. The detached parent only starts the child: no mlock there.
         # MCL_ONFAULT: thread stacks and other memory mapped but never touched stay unlocked
         # and not resident (docs/MOUNT.md, "Hardening": +85 MiB peak RSS without it)
@@ -108,13 +113,20 @@ def mount(
                 env=_child_env(key_service),
             )
             say(f"Mounted {store_dir} at {mountpoint} (pid {pid})")
+            if not is_patched:  # the child logs it too, but its log may go nowhere
+                say(f"Note: {build}", err=True)
             return
         logging.basicConfig(
             level=logging.DEBUG if debug else logging.INFO,
             format="%(asctime)s vhsm-mount %(levelname)s %(message)s",
         )
+        mount_log = logging.getLogger("vhsm.mount")
+        if is_patched:
+            mount_log.info("%s", build)
+        else:
+            mount_log.warning("%s", build)
         for w in warnings:
-            logging.getLogger("vhsm.mount").warning("%s", w)
+            mount_log.warning("%s", w)
         try:
             runner.run(
                 store_dir,
@@ -172,9 +184,13 @@ def _child_env(key_service: str | None) -> dict[str, str]:
 @click.option("-z", "--lazy", is_flag=True, help="Detach even if files are still open.")
 def umount(mountpoint: str, lazy: bool) -> None:
     """Unmount a vault; waits until the mount process has published everything."""
-    from vhsmfs.mount import runner
+    from vhsmfs.mount import fusebuild
 
     with run_guarded():
+        if not fusebuild.available():
+            raise VhsmError(fusebuild.INSTALL_HINT)
+        from vhsmfs.mount import runner
+
         pid = runner.unmount(mountpoint, lazy=lazy, notice=lambda m: say(m, err=True))
         if pid is None:
             say(f"Unmounted {mountpoint}")

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from cli.completion import complete_token_ids
 from cli.display import say
 from cli.errors import run_guarded
 from cli.keyopts import ANY_KEY, key_option, provider, store_option
@@ -156,7 +157,7 @@ def _walk_error(e: OSError) -> None:
 
 
 @token.command()
-@click.argument("token_id", metavar="TOKEN")
+@click.argument("token_id", metavar="TOKEN", shell_complete=complete_token_ids)
 @click.argument("outdir", type=click.Path())
 @key_option
 @store_option
@@ -249,7 +250,7 @@ def _fail_if_unreadable(failed: int) -> None:
 
 
 @token.command()
-@click.argument("token_id", metavar="TOKEN")
+@click.argument("token_id", metavar="TOKEN", shell_complete=complete_token_ids)
 @key_option
 @store_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -307,7 +308,7 @@ def info(
 
 
 @token.command()
-@click.argument("token_ids", nargs=-1, metavar="[TOKEN]...")
+@click.argument("token_ids", nargs=-1, metavar="[TOKEN]...", shell_complete=complete_token_ids)
 @key_option
 @store_option
 @click.option(
@@ -368,7 +369,9 @@ def verify(
 
 
 @token.command()
-@click.argument("token_ids", nargs=-1, required=True, metavar="TOKEN...")
+@click.argument(
+    "token_ids", nargs=-1, required=True, metavar="TOKEN...", shell_complete=complete_token_ids
+)
 @store_option
 def delete(token_ids: tuple[str, ...], store_dir: str) -> None:
     """Securely delete tokens: wipe (overwrite, fsync, unlink) chunks, then metadata."""
