@@ -402,7 +402,7 @@ def file_id(content: bytes) -> str | None:
 
 @dataclasses.dataclass
 class Config:
-    copies_per_tool: int = 5
+    copies_per_tool: int = 3  # make test: 12 copies; 15 per tool at full size
     mount_writers: int = 1
     cli_writers: int = 1
     max_size: int = 1 << 20  # files written through the mount
