@@ -152,6 +152,7 @@ def do_info(ctx: Context, name: str) -> None:
         f"Usable Versions: {', '.join(str(v) for v in i['usable_versions']) or 'none'}",
         f"Use Count: {i['use_count']}",
         f"Exportable: {'yes' if i['exportable'] else 'no'}",
+        f"SSH: {'yes' if i.get('ssh') else 'no'}",
         "Rotation Policy: max age "
         + (f"{p['max_age_days']:g} days" if p["max_age_days"] else "unlimited")
         + ", max uses "
@@ -456,6 +457,7 @@ def generate_master_key(c: click.Context, use_pass: bool, force: bool, show_hex:
 @click.option("--max-age-days", type=float, help="Rotation policy: max age (default 90).")
 @click.option("--max-uses", type=int, help="Rotation policy: max uses per version (0 = unlimited).")
 @click.option("--auto-rotate/--manual-rotate", default=None, help="Let the daemon rotate it.")
+@click.option("--ssh", is_flag=True, help="Offer it through `vhsm ssh-agent` (asymmetric only).")
 @click.pass_context
 @guarded
 def generate(
@@ -467,6 +469,7 @@ def generate(
     max_age_days: float | None,
     max_uses: int | None,
     auto_rotate: bool | None,
+    ssh: bool,
 ) -> None:
     """Generate a key (Ed25519 by default)."""
     do_generate(
@@ -478,6 +481,7 @@ def generate(
         max_age_days=max_age_days,
         max_uses=max_uses,
         auto_rotate=auto_rotate,
+        ssh=ssh or None,
     )
 
 
@@ -684,6 +688,7 @@ def destroy(c: click.Context, name: str, confirm_destroy: bool) -> None:
 @click.option("--max-age-days", type=float)
 @click.option("--max-uses", type=int)
 @click.option("--auto-rotate/--manual-rotate", default=None)
+@click.option("--ssh/--no-ssh", default=None, help="Offer it through `vhsm ssh-agent` or not.")
 @click.pass_context
 @guarded
 def policy(
@@ -692,11 +697,14 @@ def policy(
     max_age_days: float | None,
     max_uses: int | None,
     auto_rotate: bool | None,
+    ssh: bool | None,
 ) -> None:
-    """Set the key's rotation policy (show it when no setting is given)."""
-    if max_age_days is None and max_uses is None and auto_rotate is None:
+    """Set the key's rotation policy and whether the ssh-agent offers it (show them when no
+    setting is given)."""
+    if max_age_days is None and max_uses is None and auto_rotate is None and ssh is None:
         # nothing to set: read it (no KEY_MODIFIED line, no keystore write)
-        p = _ctx(c).execute({"op": "info", "key": name})[0]["info"]["policy"]
+        info = _ctx(c).execute({"op": "info", "key": name})[0]["info"]
+        p, marked = info["policy"], bool(info.get("ssh"))
     else:
         reply, _ = _ctx(c).execute(
             {
@@ -705,15 +713,16 @@ def policy(
                 "max_age_days": max_age_days,
                 "max_uses": max_uses,
                 "auto_rotate": auto_rotate,
+                "ssh": ssh,
             }
         )
-        p = reply["policy"]
+        p, marked = reply["policy"], bool(reply["ssh"])
     if output.settings().json:
-        output.emit_json({"key": name, **p})
+        output.emit_json({"key": name, **p})  # (the SSH mark: `key info --json`)
         return
     say(
         f"Key {name}: max age {p['max_age_days']:g} days, max uses {p['max_uses']}, "
-        f"{'automatic' if p['auto'] else 'manual'} rotation"
+        f"{'automatic' if p['auto'] else 'manual'} rotation, SSH {'yes' if marked else 'no'}"
     )
 
 

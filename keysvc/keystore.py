@@ -94,6 +94,8 @@ class KeyRecord:
     current: int = 1
     min_version: int = 1
     exportable: bool = False
+    # offered by `vhsm ssh-agent` (asymmetric keys only); absent in older keystores = False
+    ssh: bool = False
     policy: RotationPolicy = field(default_factory=RotationPolicy)
     versions: dict[int, KeyVersion] = field(default_factory=dict)
 
@@ -248,6 +250,7 @@ class Keystore:
                     current=m["current"],
                     min_version=m["min_version"],
                     exportable=m["exportable"],
+                    ssh=bool(m.get("ssh", False)),
                     policy=RotationPolicy(**m["policy"]),
                 )
                 for v in m["versions"]:
@@ -319,6 +322,7 @@ class Keystore:
                     "current": rec.current,
                     "min_version": rec.min_version,
                     "exportable": rec.exportable,
+                    "ssh": rec.ssh,
                     "policy": asdict(rec.policy),
                     "versions": versions,
                 }

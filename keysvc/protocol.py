@@ -382,8 +382,16 @@ _POLICY: dict[str, _Check] = {
 # Per operation: its own fields (optional unless listed in _REQUIRED). A field that is absent or
 # null means "not given". Unknown fields are ignored (newer clients may send more).
 _FIELDS: dict[str, dict[str, _Check]] = {
-    "generate": {"type": _text, "exportable": _flag, "pre_active": _flag, **_POLICY},
-    "sign": {"hash": _text, "prehashed": _flag},
+    "generate": {
+        "type": _text,
+        "exportable": _flag,
+        "pre_active": _flag,
+        "ssh": _flag,
+        **_POLICY,
+    },
+    # version: sign with an older version still usable (the ssh-agent offers those until they
+    # are retired); ssh: refuse unless the key is marked for SSH (the agent's requests)
+    "sign": {"hash": _text, "prehashed": _flag, "version": _whole(1, MAX_INT), "ssh": _flag},
     "verify": {
         "sig_len": _whole(0, MAX_PAYLOAD),
         "hash": _text,
@@ -397,7 +405,7 @@ _FIELDS: dict[str, dict[str, _Check]] = {
     "rewrap": {"aad": _text},
     "retire": {"min_version": _whole(1, MAX_INT)},
     "set_state": {"state": _text, "confirm_destroy": _flag},
-    "set_policy": _POLICY,
+    "set_policy": {**_POLICY, "ssh": _flag},
     "unlock": {"kind": _text},
     "audit_logs": {"days": _span},
 }

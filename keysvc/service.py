@@ -17,6 +17,7 @@ operation whose audit line is not durable never succeeds (fail-closed).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -325,6 +326,9 @@ def _generate(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[
         raise KeyExistsError(f"key {name} already exists")
     kt = keytypes.normalize(req.get("type") or keytypes.ED25519)
     policy = _policy_from(req, RotationPolicy())
+    ssh = bool(req.get("ssh"))
+    if ssh:
+        _check_ssh_type(name, kt)
     now = time.time()
     state = lifecycle.PRE_ACTIVE if req.get("pre_active") else lifecycle.ACTIVE
     rec = KeyRecord(
@@ -334,13 +338,20 @@ def _generate(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[
         created=now,
         last_rotated=now,
         exportable=bool(req.get("exportable")),
+        ssh=ssh,
         policy=policy,
     )
     rec.versions[1] = KeyVersion(1, now, keytypes.generate(kt))
     s.ks.keys[name] = rec
     s._structural = True
     what = "Key pair generated" if kt in keytypes.ASYMMETRIC else "Secret key generated"
+    what += ", marked for SSH" if ssh else ""
     return {"type": kt, "state": state, "version": 1}, b"", f"{what} ({kt})"
+
+
+def _check_ssh_type(name: str, key_type: str) -> None:
+    if key_type not in keytypes.ASYMMETRIC:
+        raise KeyTypeError(f"key {name} is {key_type}: only asymmetric keys can be used for SSH")
 
 
 def _policy_from(req: dict[str, Any], base: RotationPolicy) -> RotationPolicy:
@@ -394,6 +405,7 @@ def key_info(rec: KeyRecord, now: float | None = None) -> dict[str, Any]:
         "use_count": rec.use_count,
         "uses_since_rotation": rec.uses_since_rotation,
         "exportable": rec.exportable,
+        "ssh": rec.ssh,
         "policy": asdict(rec.policy),
         "rotation_due": rec.rotation_due(now),
     }
@@ -452,12 +464,21 @@ def _sign(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict
     if rec.key_type not in keytypes.SIGNING:
         raise KeyTypeError(f"key {rec.name} is {rec.key_type}: it cannot sign")
     lifecycle.check_use(rec.name, rec.state, "apply")
-    hash_name, prehashed = req.get("hash"), bool(req.get("prehashed"))
-    sig = keytypes.sign(rec.key_type, rec.key_obj(), blob, hash_name, prehashed)
+    if req.get("ssh") and not rec.ssh:
+        raise KeyStateError(f"key {rec.name} is not marked for SSH")
     version = rec.current
+    if req.get("version") is not None:
+        # an older version signs only while it is usable (not retired): the ssh-agent offers
+        # it so that servers still listing the old public key keep working until retirement
+        version = int(req["version"])
+        if version not in rec.usable_versions():
+            raise KeyStateError(f"key {rec.name} has no usable version {version}")
+    hash_name, prehashed = req.get("hash"), bool(req.get("prehashed"))
+    sig = keytypes.sign(rec.key_type, rec.key_obj(version), blob, hash_name, prehashed)
     s._used(rec)
     s._maybe_auto_rotate(rec)
-    return {"version": version}, sig, f"Signed {_signed_what(req, blob)} with v{version}"
+    via = " through ssh-agent" if req.get("ssh") else ""
+    return {"version": version}, sig, f"Signed {_signed_what(req, blob)} with v{version}{via}"
 
 
 def _verify(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
@@ -641,15 +662,51 @@ def _set_state(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple
 
 def _set_policy(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
     rec = s.ks.get(req["key"])
-    rec.policy = _policy_from(req, rec.policy)
+    policy = _policy_from(req, rec.policy)
+    if req.get("ssh"):
+        _check_ssh_type(rec.name, rec.key_type)
+    rec.policy = policy
+    if req.get("ssh") is not None:
+        rec.ssh = bool(req["ssh"])
     s._structural = True
     p = rec.policy
     mode = "automatic" if p.auto else "manual"
     return (
-        {"policy": asdict(p)},
+        {"policy": asdict(p), "ssh": rec.ssh},
         b"",
-        f"Rotation policy: max age {p.max_age_days:g} days, max uses {p.max_uses}, {mode}",
+        f"Rotation policy: max age {p.max_age_days:g} days, max uses {p.max_uses}, {mode}; "
+        f"SSH {'yes' if rec.ssh else 'no'}",
     )
+
+
+def _ssh_identities(
+    s: Service, req: dict[str, Any], blob: bytes, c: Caller
+) -> tuple[dict, bytes, str]:
+    """What `vhsm ssh-agent` offers this caller: every usable version (newest first) of each
+    ACTIVE key marked for SSH that the policy lets the caller sign with. One request per
+    listing, so the agent needs no `info` grant and causes no denials for keys it may not use;
+    public keys only, so not audited (like `list`). Each signature is checked again by `sign`."""
+    out = []
+    for name in sorted(s.ks.keys):
+        rec = s.ks.keys[name]
+        if not rec.ssh or rec.key_type not in keytypes.ASYMMETRIC:
+            continue
+        if rec.state != lifecycle.ACTIVE:
+            continue
+        if s.policy is not None and not s.policy.allows(c.uid, c.gid, name, "sign"):
+            continue
+        for v in rec.usable_versions():
+            pub = sshwire.public_blob(rec.key_obj(v).public_key())
+            out.append(
+                {
+                    "key": name,
+                    "version": v,
+                    "type": rec.key_type,
+                    "created": rec.created,
+                    "blob": base64.b64encode(pub).decode("ascii"),
+                }
+            )
+    return {"identities": out}, b"", ""
 
 
 def _status(s: Service, req: dict[str, Any], blob: bytes, c: Caller) -> tuple[dict, bytes, str]:
@@ -721,6 +778,7 @@ OPS: dict[str, OpSpec] = {
     "retire": OpSpec(_retire, "KEY_MODIFIED"),
     "set_state": OpSpec(_set_state, "KEY_MODIFIED"),
     "set_policy": OpSpec(_set_policy, "KEY_MODIFIED"),
+    "ssh_identities": OpSpec(_ssh_identities, None, needs_key=False),
     "status": OpSpec(_status, None, needs_key=False),
     "audit_logs": OpSpec(_audit_logs, None, needs_key=False, named_only=True),
     "audit_verify": OpSpec(_audit_verify, None, needs_key=False, named_only=True),
