@@ -25,6 +25,9 @@ def _register() -> None:
     from cli import passkey_cmds  # FIDO2 passkeys
 
     passkey_cmds.register(vhsm)
+    from cli import agent_cmds  # `vhsm ssh-agent`
+
+    agent_cmds.register(vhsm)
 
 
 def main() -> None:
