@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from keysvc import keytypes, sshwire
-from keysvc.errors import KeysvcError
+from keysvc.errors import AccessDenied, KeysvcError
 from keysvc.sshwire import SshWireError
 
 MAX_FRAME = 256 * 1024  # a sign request carries a session id or an SSHSIG digest: far below
+MAX_KNOWN = 65536  # public blobs the agent remembers (more: it forgets them and lists again)
 
 # message numbers (draft-miller-ssh-agent section 6.1)
 SSH_AGENT_FAILURE = 5
@@ -204,7 +205,7 @@ class Agent:
     """Answers agent messages. Thread-safe: the server calls `handle` from worker threads.
 
     Signature requests name a key by its public blob. The agent maps blobs to (key, version)
-    from its latest listing, and lists again when a blob is unknown. A stale entry cannot make
+    from the listings it made, and lists again when a blob is unknown. A stale entry cannot make
     a wrong signature: a (key, version) pair's public key never changes (a key name is never
     reused, destroyed keys keep their record), and the daemon checks policy, state, the SSH
     mark and the version's retirement on every signature."""
@@ -218,7 +219,11 @@ class Agent:
     def _list(self) -> list[Identity]:
         ids = self.backend.identities()
         with self._lock:
-            self._by_blob = {i.blob: i for i in ids}
+            # kept, not replaced: a key that left the listing (suspended, unmarked) is still
+            # sent to the daemon, which refuses it and audits the attempt
+            if len(self._by_blob) > MAX_KNOWN:
+                self._by_blob.clear()
+            self._by_blob.update((i.blob, i) for i in ids)
         return ids
 
     def _lookup(self, blob: bytes) -> Identity | None:
@@ -238,7 +243,14 @@ class Agent:
             return FAILURE
         try:
             if isinstance(req, RequestIdentities):
-                return identities_answer([(i.blob, i.comment) for i in self._list()])
+                try:
+                    ids = self._list()
+                except AccessDenied as e:
+                    # the policy grants this user nothing: no keys, as far as ssh is concerned
+                    # (the daemon audited the denial); a daemon that is down stays a failure
+                    self.log(f"key service: {e}")
+                    ids = []
+                return identities_answer([(i.blob, i.comment) for i in ids])
             if isinstance(req, SignRequest):
                 return self._sign(req)
         except KeysvcError as e:
