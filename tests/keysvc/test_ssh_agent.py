@@ -88,10 +88,17 @@ def keys(work: Work, daemon: Daemon) -> Daemon:
 
 
 def start_agent(
-    work: Work, daemon: Daemon, agents: list[Agent], *, default_dir: bool = False, **kw: object
+    work: Work,
+    daemon: Daemon,
+    agents: list[Agent],
+    *,
+    default_dir: bool = False,
+    sock: Path | None = None,
+    **kw: object,
 ) -> Agent:
-    """An agent on <tmp>/agent.sock, or (default_dir) without -a: a fresh dir in $TMPDIR."""
-    a = Agent(work, daemon, None if default_dir else work.path.parent / "agent.sock", **kw)
+    """An agent on `sock` (default <tmp>/agent.sock), or (default_dir) without -a: a fresh
+    private dir in $TMPDIR."""
+    a = Agent(work, daemon, None if default_dir else sock or work.path.parent / "agent.sock", **kw)
     agents.append(a)
     return a
 
@@ -388,7 +395,7 @@ def test_second_user_agent_gets_only_what_policy_grants(
     exe, pythonpath = _interpreter_for_others(shared_dir)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(shared_dir), "PYTHONPATH": pythonpath}
     other = {"user": other_user.pw_uid, "group": other_user.pw_gid, "extra_groups": []}
-    mine = start_agent(work, d, agents)
+    mine = start_agent(work, d, agents, sock=shared_dir / "root-agent.sock")
     team_pub = listed(work, mine)["vhsm:team_key:v1"]
     # the other user's own agent, started through the real CLI entry point
     theirs = Agent.__new__(Agent)
@@ -407,7 +414,7 @@ def test_second_user_agent_gets_only_what_policy_grants(
 
     def as_other(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            list(args), cwd=shared_dir, env={**env, "SSH_AUTH_SOCK": str(asock)},
+            list(args), cwd=shared_dir, env=kw.pop("env", {**env, "SSH_AUTH_SOCK": str(asock)}),
             capture_output=True, text=True, timeout=TIMEOUT, **other, **kw,  # type: ignore[arg-type]
         )  # fmt: skip
 
@@ -420,7 +427,11 @@ def test_second_user_agent_gets_only_what_policy_grants(
     (shared_dir / "doc").write_text("doc")
     p = as_other("ssh-keygen", "-Y", "sign", "-f", "team.pub", "-n", "file", "doc")
     assert p.returncode != 0 and not (shared_dir / "doc.sig").exists()
-    # the owner may not use the other user's agent either way: it accepts only its uid (and root)
+    # nor may it use the owner's agent, even through a socket opened to everyone: an agent
+    # serves only its own uid (and root), as OpenSSH's does
+    os.chmod(mine.sock, 0o666)
+    p = as_other("ssh-add", "-L", env={**env, "SSH_AUTH_SOCK": str(mine.sock)})
+    assert p.returncode != 0 and "team_key" not in p.stdout
     # grant sign on team_* to that user: its agent lists and signs
     policy.write_text(
         f'[[allow]]\nusers = ["{other_user.pw_name}"]\nkeys = ["team_*"]\noperations = ["sign"]\n'
