@@ -55,17 +55,21 @@ class DaemonBackend:
         req["user"] = self.user
         with self._lock:
             conn = self._idle.pop() if self._idle else None
+        if conn is not None:
+            try:
+                reply, out = conn.call(req, payload)
+            except (OSError, DaemonError):
+                # a pooled connection the daemon closed meanwhile (e.g. it restarted): one
+                # more try on a fresh connection
+                conn.close()
+                conn = None
         if conn is None:
-            # the same discovery as the CLI (paths.socket_path via client.connect); the agent
-            # never falls back to in-process work: the daemon is what enforces the policy
-            conn = client.connect(self.data_dir, self.socket_path)
-            if conn is None:
-                raise DaemonError("the key service is not running")
-        try:
-            reply, out = conn.call(req, payload)
-        except (OSError, DaemonError):
-            conn.close()
-            raise DaemonError("key service connection failed") from None
+            conn = self._connect()
+            try:
+                reply, out = conn.call(req, payload)
+            except (OSError, DaemonError):
+                conn.close()
+                raise DaemonError("key service connection failed") from None
         with self._lock:
             if len(self._idle) < POOL_SIZE:
                 self._idle.append(conn)
@@ -74,6 +78,14 @@ class DaemonBackend:
             conn.close()
         client.raise_for(reply)
         return reply, out
+
+    def _connect(self) -> client.DaemonClient:
+        # the same discovery as the CLI (paths.socket_path via client.connect); the agent
+        # never falls back to in-process work: the daemon is what enforces the policy
+        conn = client.connect(self.data_dir, self.socket_path)
+        if conn is None:
+            raise DaemonError("the key service is not running")
+        return conn
 
     def identities(self) -> list[sshagent.Identity]:
         reply, _ = self._call({"op": "ssh_identities"})

@@ -561,6 +561,10 @@ def test_rotation_adds_identity_until_retired(
     work.vhsm("key", "retire", "ed", "--min-version", "2")
     assert "vhsm:ed:v1" not in listed(work, agent)
     assert raw(agent.sock, sign_req(blob_of(v1), b"x")) == [FAIL]
+    # a daemon restart: the agent's pooled connections are dead, its next request reconnects
+    keys.stop()
+    keys.start()
+    assert "vhsm:ed:v2" in listed(work, agent)
 
 
 # --- the protocol module alone (no sockets) -------------------------------------------------------
