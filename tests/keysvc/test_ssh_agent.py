@@ -601,3 +601,60 @@ def test_protocol_module_without_sockets() -> None:
     assert signed[4] == sshagent.SSH_AGENT_SIGN_RESPONSE and fake.signed == [("k", 3, None)]
     for bad in (b"", b"\x11junk", b"\x0d\xff", b"\x1b" + sshwire.string(b"query"), b"\xff"):
         assert agent.handle(bad) == sshagent.FAILURE
+
+
+def test_keystore_from_before_the_ssh_mark_loads_unmarked(tmp_path: Path) -> None:
+    import json
+
+    from keysvc import keystore, keytypes
+
+    mk = os.urandom(32)
+    ks = keystore.Keystore(tmp_path / "keystore.dat", mk)
+    rec = keystore.KeyRecord("old", keytypes.ED25519, "ACTIVE", 1.0, 1.0)
+    rec.versions[1] = keystore.KeyVersion(1, 1.0, keytypes.generate(keytypes.ED25519))
+    ks.keys["old"] = rec
+    doc = json.loads(ks.serialize())
+    k_meta, aad = ks._k_meta, keystore._META_AAD
+    meta = json.loads(
+        k_meta.decrypt(bytes.fromhex(doc["meta"]["nonce"]), bytes.fromhex(doc["meta"]["ct"]), aad)
+    )
+    for m in meta["keys"]:
+        del m["ssh"]  # what an older vhsm wrote
+    nonce = os.urandom(12)
+    ct = k_meta.encrypt(nonce, json.dumps(meta).encode(), aad)
+    doc["meta"] = {"nonce": nonce.hex(), "ct": ct.hex()}
+    (tmp_path / "keystore.dat").write_text(json.dumps(doc))
+    again = keystore.open_keystore(tmp_path, mk)
+    try:
+        assert again.keys["old"].ssh is False
+    finally:
+        again.close()
+
+
+def test_concurrent_clients(work: Work, keys: Daemon, agents: list[Agent]) -> None:
+    import threading
+
+    agent = start_agent(work, keys, agents)
+    blob = blob_of(listed(work, agent)["vhsm:ed:v1"])
+    key = sshwire.load_public_blob(blob)
+    results: list[bool] = []
+
+    def client(i: int) -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(TIMEOUT)
+            s.connect(str(agent.sock))
+            for j in range(25):
+                data = b"client %d message %d" % (i, j)
+                s.sendall(sign_req(blob, data))
+                ans = _read_answer(s)
+                alg, sig = sshwire.parse_signature_blob(sshwire.Reader(ans[1:]).string())
+                key.verify(sig, data)  # raises if wrong
+                results.append(ans[0] == sshagent.SSH_AGENT_SIGN_RESPONSE)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [True] * 200
+    assert len([e for e in work.events("SIGN_OPERATION") if e[5] == "SUCCESS"]) == 200
