@@ -146,6 +146,8 @@ class Server:
                 await self._serve(stream)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client went away
+            except Exception as e:  # one connection must not end the agent
+                self.log(f"connection failed: {type(e).__name__}")
             finally:
                 self.connections -= 1
 

@@ -256,7 +256,7 @@ class Agent:
         except KeysvcError as e:
             self.log(f"key service: {e}")
             return FAILURE
-        except (OSError, SshWireError, ValueError) as e:
+        except Exception as e:  # a bug or an odd reply must not end the agent
             self.log(f"request failed: {type(e).__name__}")
             return FAILURE
         self.log(f"refused: {req.what}")

@@ -601,6 +601,9 @@ def test_protocol_module_without_sockets() -> None:
     assert signed[4] == sshagent.SSH_AGENT_SIGN_RESPONSE and fake.signed == [("k", 3, None)]
     for bad in (b"", b"\x11junk", b"\x0d\xff", b"\x1b" + sshwire.string(b"query"), b"\xff"):
         assert agent.handle(bad) == sshagent.FAILURE
+    # a backend that fails in an unexpected way: a failure answer, not an exception
+    fake.identities = lambda: {}["boom"]  # type: ignore[method-assign]
+    assert agent.handle(b"\x0b") == sshagent.FAILURE
 
 
 def test_keystore_from_before_the_ssh_mark_loads_unmarked(tmp_path: Path) -> None:
