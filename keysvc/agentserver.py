@@ -6,10 +6,11 @@ sees that uid through SO_PEERCRED and applies its policy to it, so one agent per
 user gets exactly the keys the policy grants them. Like OpenSSH's agent, this one accepts
 connections only from its own uid (and root): anyone who can talk to it acts as its user.
 
-Serving: trio, one task per connection. Each message is handled in a worker thread
-(trio.to_thread, at most POOL_SIZE at once) that uses a blocking DaemonClient taken from a small
-pool of daemon connections, so the event loop never blocks and concurrent clients are served
-concurrently without one daemon connection per ssh process.
+Serving: trio, one task per connection. Daemon requests are made on the event loop too, over a
+small pool of daemon connections (at most POOL_SIZE requests in flight), so concurrent clients
+are served concurrently, without a thread hop per message and without one daemon connection
+per ssh process. Only opening a daemon connection runs in a thread: it is done by the CLI's own
+helper (keysvc.client.connect), so the agent finds the daemon exactly as the CLI does.
 """
 
 from __future__ import annotations
@@ -21,23 +22,31 @@ import signal
 import socket
 import struct
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from keysvc import client, sshagent
-from keysvc.errors import DaemonError
+from keysvc import client, protocol, sshagent
+from keysvc.errors import DaemonError, KeysvcError
 
-POOL_SIZE = 16  # concurrent daemon calls; the daemon allows 64 connections per uid
+POOL_SIZE = 16  # daemon requests in flight; the daemon allows 64 connections per uid
 MAX_CONNECTIONS = 256  # agent clients at once; more are closed at once
+DAEMON_TIMEOUT = 60.0  # seconds one daemon request may take
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# what a broken daemon connection raises (the request is then retried once, or failed)
+_BROKEN = (
+    OSError,
+    KeysvcError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+)
 
 
 class DaemonBackend:
-    """sshagent.Backend through the key service daemon (blocking; thread-safe)."""
+    """sshagent.Backend through the key service daemon (async, on the agent's event loop)."""
 
     def __init__(
         self,
@@ -48,64 +57,92 @@ class DaemonBackend:
         self.data_dir = data_dir
         self.socket_path = socket_path
         self.user = user  # the audit user context (.hsm_user), as the CLI sends it
-        self._idle: list[client.DaemonClient] = []
-        self._lock = threading.Lock()
+        self._idle: list[trio.SocketStream] = []
+        self._slots: trio.Semaphore | None = None  # made inside the event loop
 
-    def _call(self, req: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
-        req["user"] = self.user
-        with self._lock:
-            conn = self._idle.pop() if self._idle else None
-        if conn is not None:
-            try:
-                reply, out = conn.call(req, payload)
-            except (OSError, DaemonError):
-                # a pooled connection the daemon closed meanwhile (e.g. it restarted): one
-                # more try on a fresh connection
-                conn.close()
-                conn = None
+    async def _connect(self) -> trio.SocketStream:
+        # the same discovery as the CLI (paths.socket_path via client.connect); the agent
+        # never falls back to in-process work: the daemon is what enforces the policy
+        conn = await trio.to_thread.run_sync(client.connect, self.data_dir, self.socket_path)
         if conn is None:
-            conn = self._connect()
-            try:
-                reply, out = conn.call(req, payload)
-            except (OSError, DaemonError):
-                conn.close()
-                raise DaemonError("key service connection failed") from None
-        with self._lock:
-            if len(self._idle) < POOL_SIZE:
-                self._idle.append(conn)
-                conn = None
-        if conn is not None:
-            conn.close()
+            raise DaemonError("the key service is not running")
+        return trio.SocketStream(trio.socket.from_stdlib_socket(conn.sock))
+
+    @staticmethod
+    async def _roundtrip(stream: trio.SocketStream, frame: bytes) -> tuple[dict[str, Any], bytes]:
+        with trio.fail_after(DAEMON_TIMEOUT):
+            await stream.send_all(frame)
+            buf = bytearray()
+            while True:
+                frames = protocol.split_frames(buf)
+                if frames:  # one request at a time per connection: one reply
+                    return protocol.decode(frames[0], reply=True)
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise DaemonError("the key service closed the connection")
+                buf += data
+
+    async def _call(
+        self, req: dict[str, Any], payload: bytes = b""
+    ) -> tuple[dict[str, Any], bytes]:
+        req["user"] = self.user
+        frame = protocol.encode(req, payload)
+        if self._slots is None:
+            self._slots = trio.Semaphore(POOL_SIZE)
+        async with self._slots:
+            stream = self._idle.pop() if self._idle else None
+            result = None
+            if stream is not None:
+                try:
+                    result = await self._roundtrip(stream, frame)
+                except _BROKEN:
+                    # a pooled connection the daemon closed meanwhile (e.g. it restarted): one
+                    # more try on a fresh connection
+                    await _close(stream)
+                    stream = None
+                except BaseException:
+                    await _close(stream)
+                    raise
+            if stream is None:
+                stream = await self._connect()
+                try:
+                    result = await self._roundtrip(stream, frame)
+                except _BROKEN:
+                    await _close(stream)
+                    raise DaemonError("key service connection failed") from None
+                except BaseException:
+                    await _close(stream)
+                    raise
+            self._idle.append(stream)
+        assert result is not None
+        reply, out = result
         client.raise_for(reply)
         return reply, out
 
-    def _connect(self) -> client.DaemonClient:
-        # the same discovery as the CLI (paths.socket_path via client.connect); the agent
-        # never falls back to in-process work: the daemon is what enforces the policy
-        conn = client.connect(self.data_dir, self.socket_path)
-        if conn is None:
-            raise DaemonError("the key service is not running")
-        return conn
-
-    def identities(self) -> list[sshagent.Identity]:
-        reply, _ = self._call({"op": "ssh_identities"})
+    async def identities(self) -> list[sshagent.Identity]:
+        reply, _ = await self._call({"op": "ssh_identities"})
         return [
             sshagent.Identity(i["key"], int(i["version"]), i["type"], base64.b64decode(i["blob"]))
             for i in reply.get("identities", [])
         ]
 
-    def sign(self, ident: sshagent.Identity, data: bytes, hash_name: str | None) -> bytes:
-        req = {"op": "sign", "key": ident.key, "version": ident.version, "ssh": True}
+    async def sign(self, ident: sshagent.Identity, data: bytes, hash_name: str | None) -> bytes:
+        req: dict[str, Any] = {"op": "sign", "key": ident.key, "version": ident.version}
+        req["ssh"] = True
         if hash_name is not None:
             req["hash"] = hash_name
-        _, sig = self._call(req, data)
+        _, sig = await self._call(req, data)
         return sig
 
-    def close(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for c in idle:
-            c.close()
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for stream in idle:
+            await _close(stream)
+
+
+async def _close(stream: trio.SocketStream) -> None:
+    with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+        await stream.aclose()
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -125,7 +162,6 @@ class Server:
         self.listener = listener
         self.agent = agent
         self.log = log or (lambda _m: None)
-        self.limiter = trio.CapacityLimiter(POOL_SIZE)
         self.connections = 0
         self.allowed_uids = {os.geteuid(), 0}
 
@@ -168,7 +204,7 @@ class Server:
                 buf += data
                 continue
             for m in msgs:
-                answer = await trio.to_thread.run_sync(self.agent.handle, m, limiter=self.limiter)
+                answer = await self.agent.handle(m)
                 await stream.send_all(answer)
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -198,10 +234,14 @@ def serve(
                 print(f"vhsm ssh-agent: {msg}", file=sys.stderr, flush=True)
 
     agent = sshagent.Agent(backend, log)
-    try:
-        trio.run(Server(listener, agent, log).run)
-    finally:
-        backend.close()
+
+    async def main() -> None:
+        try:
+            await Server(listener, agent, log).run()
+        finally:
+            await backend.aclose()
+
+    trio.run(main)
 
 
 def default_socket_dir() -> Path:

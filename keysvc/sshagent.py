@@ -14,7 +14,6 @@ OpenSSH's agent does), a complete frame that does not parse is answered SSH_AGEN
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -192,17 +191,17 @@ class Identity:
 
 
 class Backend(Protocol):
-    """The key service as the agent needs it (blocking calls; KeysvcError on failure)."""
+    """The key service as the agent needs it (async; KeysvcError on failure)."""
 
-    def identities(self) -> list[Identity]: ...
+    async def identities(self) -> list[Identity]: ...
 
-    def sign(self, ident: Identity, data: bytes, hash_name: str | None) -> bytes:
+    async def sign(self, ident: Identity, data: bytes, hash_name: str | None) -> bytes:
         """The raw signature as the daemon's `sign` returns it (ECDSA: DER)."""
         ...
 
 
 class Agent:
-    """Answers agent messages. Thread-safe: the server calls `handle` from worker threads.
+    """Answers agent messages (one event loop: the server awaits `handle` per message).
 
     Signature requests name a key by its public blob. The agent maps blobs to (key, version)
     from the listings it made, and lists again when a blob is unknown. A stale entry cannot make
@@ -213,27 +212,24 @@ class Agent:
     def __init__(self, backend: Backend, log: Callable[[str], None] | None = None) -> None:
         self.backend = backend
         self.log = log or (lambda _msg: None)
-        self._lock = threading.Lock()
         self._by_blob: dict[bytes, Identity] = {}
 
-    def _list(self) -> list[Identity]:
-        ids = self.backend.identities()
-        with self._lock:
-            # kept, not replaced: a key that left the listing (suspended, unmarked) is still
-            # sent to the daemon, which refuses it and audits the attempt
-            if len(self._by_blob) > MAX_KNOWN:
-                self._by_blob.clear()
-            self._by_blob.update((i.blob, i) for i in ids)
+    async def _list(self) -> list[Identity]:
+        ids = await self.backend.identities()
+        # kept, not replaced: a key that left the listing (suspended, unmarked) is still sent
+        # to the daemon, which refuses it and audits the attempt
+        if len(self._by_blob) > MAX_KNOWN:
+            self._by_blob.clear()
+        self._by_blob.update((i.blob, i) for i in ids)
         return ids
 
-    def _lookup(self, blob: bytes) -> Identity | None:
-        with self._lock:
-            hit = self._by_blob.get(blob)
+    async def _lookup(self, blob: bytes) -> Identity | None:
+        hit = self._by_blob.get(blob)
         if hit is None:
-            hit = next((i for i in self._list() if i.blob == blob), None)
+            hit = next((i for i in await self._list() if i.blob == blob), None)
         return hit
 
-    def handle(self, msg: bytes) -> bytes:
+    async def handle(self, msg: bytes) -> bytes:
         """The framed answer to one message. Never raises for bad input or a failing key
         service: those are SSH_AGENT_FAILURE."""
         try:
@@ -244,7 +240,7 @@ class Agent:
         try:
             if isinstance(req, RequestIdentities):
                 try:
-                    ids = self._list()
+                    ids = await self._list()
                 except AccessDenied as e:
                     # the policy grants this user nothing: no keys, as far as ssh is concerned
                     # (the daemon audited the denial); a daemon that is down stays a failure
@@ -252,7 +248,7 @@ class Agent:
                     ids = []
                 return identities_answer([(i.blob, i.comment) for i in ids])
             if isinstance(req, SignRequest):
-                return self._sign(req)
+                return await self._sign(req)
         except KeysvcError as e:
             self.log(f"key service: {e}")
             return FAILURE
@@ -262,8 +258,8 @@ class Agent:
         self.log(f"refused: {req.what}")
         return FAILURE
 
-    def _sign(self, req: SignRequest) -> bytes:
-        ident = self._lookup(req.key_blob)
+    async def _sign(self, req: SignRequest) -> bytes:
+        ident = await self._lookup(req.key_blob)
         if ident is None:
             self.log("sign request for a key this agent does not offer")
             return FAILURE
@@ -272,5 +268,5 @@ class Agent:
             self.log(f"refused ssh-rsa (SHA-1) signature with {ident.comment}")
             return FAILURE
         algorithm, hash_name = choice
-        raw = self.backend.sign(ident, req.data, hash_name)
+        raw = await self.backend.sign(ident, req.data, hash_name)
         return sign_response(sshwire.signature_blob(algorithm, raw))

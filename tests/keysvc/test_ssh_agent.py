@@ -575,15 +575,17 @@ class _FakeBackend:
         self.ids = ids
         self.signed: list[tuple[str, int, str | None]] = []
 
-    def identities(self) -> list[sshagent.Identity]:
+    async def identities(self) -> list[sshagent.Identity]:
         return self.ids
 
-    def sign(self, ident: sshagent.Identity, data: bytes, hash_name: str | None) -> bytes:
+    async def sign(self, ident: sshagent.Identity, data: bytes, hash_name: str | None) -> bytes:
         self.signed.append((ident.key, ident.version, hash_name))
         return b"\x01" * 64
 
 
 def test_protocol_module_without_sockets() -> None:
+    import trio
+
     buf = bytearray(msg(11) + msg(13, b"ab") + b"\x00\x00")
     assert sshagent.split(buf) == [b"\x0b", b"\x0dab"] and buf == b"\x00\x00"
     with pytest.raises(sshagent.FrameTooLarge):
@@ -594,16 +596,24 @@ def test_protocol_module_without_sockets() -> None:
     blob = sshwire.string(b"ssh-ed25519") + sshwire.string(b"k" * 32)
     fake = _FakeBackend([sshagent.Identity("k", 3, "ed25519", blob)])
     agent = sshagent.Agent(fake)
-    answer = agent.handle(b"\x0b")
+
+    def handle(m: bytes) -> bytes:
+        return trio.run(agent.handle, m)
+
+    answer = handle(b"\x0b")
     r = sshwire.Reader(answer[5:])
     assert answer[4] == 12 and r.uint32() == 1 and r.string() == blob and r.text() == "vhsm:k:v3"
-    signed = agent.handle(sign_req(blob, b"data", 0)[4:])
+    signed = handle(sign_req(blob, b"data", 0)[4:])
     assert signed[4] == sshagent.SSH_AGENT_SIGN_RESPONSE and fake.signed == [("k", 3, None)]
     for bad in (b"", b"\x11junk", b"\x0d\xff", b"\x1b" + sshwire.string(b"query"), b"\xff"):
-        assert agent.handle(bad) == sshagent.FAILURE
+        assert handle(bad) == sshagent.FAILURE
+
     # a backend that fails in an unexpected way: a failure answer, not an exception
-    fake.identities = lambda: {}["boom"]  # type: ignore[method-assign]
-    assert agent.handle(b"\x0b") == sshagent.FAILURE
+    async def boom() -> list[sshagent.Identity]:
+        raise KeyError("boom")
+
+    fake.identities = boom  # type: ignore[method-assign]
+    assert handle(b"\x0b") == sshagent.FAILURE
 
 
 def test_keystore_from_before_the_ssh_mark_loads_unmarked(tmp_path: Path) -> None:
