@@ -56,12 +56,12 @@ def _kill(csh: bool) -> None:
     sys.stdout.write(f"echo Agent pid {pid} killed;\n")
 
 
-def _detach(debug: bool) -> None:
+def _detach() -> None:
     """The child's side of the fork: its own session, no terminal, cwd /."""
     os.setsid()
     os.chdir("/")
     fd = os.open(os.devnull, os.O_RDWR)
-    for target in (0, 1) if debug else (0, 1, 2):
+    for target in (0, 1, 2):
         os.dup2(fd, target)
     os.close(fd)
 
@@ -69,7 +69,7 @@ def _detach(debug: bool) -> None:
 @click.command("ssh-agent")
 @click.option("-a", "bind_address", type=click.Path(dir_okay=False), help="Agent socket path.")
 @click.option("-D", "foreground", is_flag=True, help="Stay in the foreground.")
-@click.option("-d", "debug", is_flag=True, help="Foreground, and log requests to stderr.")
+@click.option("-d", "debug", is_flag=True, help="Foreground, and log refusals to stderr.")
 @click.option("-s", "sh", is_flag=True, help="Print sh commands (default unless $SHELL is csh).")
 @click.option("-c", "csh", is_flag=True, help="Print csh commands.")
 @click.option("-k", "kill", is_flag=True, help="Stop the agent named by $SSH_AGENT_PID.")
@@ -135,7 +135,7 @@ def ssh_agent(
             sys.stdout.write(_env_lines(path, pid, csh))
             sys.stdout.flush()
             os._exit(0)
-        _detach(debug)
+        _detach()
     try:
         agentserver.serve(listener, backend, debug=debug)
     finally:
