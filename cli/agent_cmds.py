@@ -19,7 +19,7 @@ import click
 from cli.display import say
 from cli.errors import fail, guarded
 from keysvc import agentserver, sockpath
-from keysvc.client import Context, daemon_running
+from keysvc.client import Context, find_daemon, where_looked
 
 
 def _env_lines(sock: Path, pid: int, csh: bool) -> str:
@@ -104,11 +104,15 @@ def ssh_agent(
         _kill(csh)
         return
     ctx = Context(data_dir=data_dir, socket_path=socket_path)
-    if not daemon_running(ctx.data_dir, socket_path):
+    found, tried = find_daemon(ctx.lookup)  # the CLI's own lookup, so the agent finds the same
+    if found is None:
         say(
-            "Warning: the key service is not running: the agent offers no keys until it does",
+            "Warning: the key service is not running "
+            f"({where_looked(ctx.lookup, tried)}): the agent offers no keys until it does",
             err=True,
         )
+    else:
+        found.close()
     made_dir: Path | None = None
     if bind_address:
         path = Path(bind_address).absolute()
@@ -122,7 +126,7 @@ def ssh_agent(
             os.rmdir(made_dir)
         raise
     listener.listen(128)
-    backend = agentserver.DaemonBackend(ctx.data_dir, socket_path, ctx.user)
+    backend = agentserver.DaemonBackend(ctx.lookup, ctx.user)
     if foreground or debug:
         sys.stdout.write(_env_lines(path, os.getpid(), csh))
         sys.stdout.flush()

@@ -10,7 +10,7 @@ Serving: trio, one task per connection. Daemon requests are made on the event lo
 small pool of daemon connections (at most POOL_SIZE requests in flight), so concurrent clients
 are served concurrently, without a thread hop per message and without one daemon connection
 per ssh process. Only opening a daemon connection runs in a thread: it is done by the CLI's own
-helper (keysvc.client.connect), so the agent finds the daemon exactly as the CLI does.
+helper (keysvc.client.find_daemon), so the agent finds the daemon exactly as the CLI does.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from keysvc import client, protocol, sshagent
+from keysvc import client, discovery, protocol, sshagent
 from keysvc.errors import DaemonError, KeysvcError
 
 POOL_SIZE = 16  # daemon requests in flight; the daemon allows 64 connections per uid
@@ -48,22 +48,16 @@ _BROKEN = (
 class DaemonBackend:
     """sshagent.Backend through the key service daemon (async, on the agent's event loop)."""
 
-    def __init__(
-        self,
-        data_dir: str | os.PathLike[str] | None,
-        socket_path: str | os.PathLike[str] | None,
-        user: str,
-    ) -> None:
-        self.data_dir = data_dir
-        self.socket_path = socket_path
+    def __init__(self, lookup: discovery.Lookup, user: str) -> None:
+        self.lookup = lookup  # where the CLI would look for the daemon (keysvc.discovery)
         self.user = user  # the audit user context (.hsm_user), as the CLI sends it
         self._idle: list[trio.SocketStream] = []
         self._slots: trio.Semaphore | None = None  # made inside the event loop
 
     async def _connect(self) -> trio.SocketStream:
-        # the same discovery as the CLI (paths.socket_path via client.connect); the agent
-        # never falls back to in-process work: the daemon is what enforces the policy
-        conn = await trio.to_thread.run_sync(client.connect, self.data_dir, self.socket_path)
+        # the same discovery as the CLI (client.find_daemon); the agent never falls back to
+        # in-process work: the daemon is what enforces the policy
+        conn, _tried = await trio.to_thread.run_sync(client.find_daemon, self.lookup)
         if conn is None:
             raise DaemonError("the key service is not running")
         return trio.SocketStream(trio.socket.from_stdlib_socket(conn.sock))

@@ -504,7 +504,10 @@ def test_hostile_frames_and_socket_modes(
 
 def test_background_agent_and_kill(work: Work, keys: Daemon, tmp_path: Path) -> None:
     env = {**work.env, "TMPDIR": str(tmp_path), "SHELL": "/bin/sh"}
-    p = work.run(VHSM, "ssh-agent", "--socket", str(keys.sock), env=env)
+    # no --socket: the agent finds the daemon as the CLI does (here: the data dir in the cwd)
+    assert keys.sock == work.path / ".vhsm-keysvc.sock"
+    p = work.run(VHSM, "ssh-agent", env=env)
+    assert "not running" not in p.stderr
     lines = p.stdout.splitlines()
     sock = Path(lines[0].split(";")[0].split("=", 1)[1])
     pid = int(lines[1].split(";")[0].split("=", 1)[1])
