@@ -367,8 +367,11 @@ def test_git_commit_signed_and_verified(work: Work, keys: Daemon, agents: list[A
     assert 'Good "git" signature for release@example.com' in p.stderr
     assert "-----BEGIN SSH SIGNATURE-----" in git("cat-file", "commit", "HEAD").stdout
     # a commit signed by another key does not verify against that allowed_signers file
-    # git takes a literal key when it starts with "ssh-" (ed25519, rsa); "key::" for any type
-    git("config", "user.signingkey", "key::" + listed(work, agent)["vhsm:ec:v1"])
+    # git takes a literal key when it starts with "ssh-" (ed25519, rsa); "key::" for any type;
+    # export-public's OpenSSH line is the one ssh-add -L shows (same comment)
+    ec_line = work.vhsm("key", "export-public", "ec", "--format", "openssh").stdout.strip()
+    assert ec_line == listed(work, agent)["vhsm:ec:v1"] + " vhsm:ec:v1"
+    git("config", "user.signingkey", "key::" + ec_line)
     (repo / "f").write_text("again\n")
     git("commit", "-q", "-a", "-S", "-m", "other key")
     p = work.run("git", "verify-commit", "HEAD", env=env, cwd=repo, check=False)
