@@ -22,6 +22,11 @@ log = logging.getLogger("vhsm.mount")
 
 QUIET_GAP = 0.05  # seconds without requests before queued wipes run
 WIPE_MAX_DELAY = 5.0  # ... but no later than this after the unlink
+# A prompt queue (the tombstone renames of unlinked files) runs each job this long after it was
+# queued, so that the jobs of a burst (rm -rf) run together: waking the thread for every
+# unlink made each wake-up contend with the event loop for the GIL and the second CPU (7657
+# files: 2.1 s with a wake-up per file, 1.6 s with no renames at all).
+PROMPT_BATCH = 0.02
 
 
 class WipeQueue:
@@ -90,7 +95,12 @@ class WipeQueue:
     def _wait_quiet(self, queued: float) -> None:
         """Wait until the mount has been quiet for a moment, or WIPE_MAX_DELAY has passed since
         the wipe was queued, or someone waits for all wipes."""
-        while not (self._urgent or self._prompt):
+        if self._prompt:
+            delay = queued + PROMPT_BATCH - time.monotonic()
+            if delay > 0 and not self._urgent:
+                time.sleep(delay)  # later jobs of the burst are due by then: no wait for them
+            return
+        while not self._urgent:
             now = time.monotonic()
             if now - self._last_request() >= QUIET_GAP or now - queued >= WIPE_MAX_DELAY:
                 return
